@@ -1,0 +1,187 @@
+"""binfmt_misc's text formats: the register string we write and the entry files we read. Pure."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+# The kernel refuses register strings over this length (fs/binfmt_misc.c MAX_REGISTER_LENGTH).
+MAX_REGISTER_LENGTH = 1920
+# Kernels before 5.1 copy the interpreter into a 128-byte buffer; we keep to that everywhere.
+MAX_INTERPRETER_LENGTH = 127
+MAX_MAGIC_LENGTH = 128  # BINPRM_BUF_SIZE on old kernels; offset + size must fit in it
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}$")
+
+
+class Flag(StrEnum):
+    """Registration flags, in the order the kernel prints them."""
+
+    PRESERVE_ARGV0 = "P"
+    OPEN_BINARY = "O"
+    CREDENTIALS = "C"
+    FIX_BINARY = "F"
+
+
+FLAG_ORDER = "POCF"
+
+
+class FormatError(ValueError):
+    """A value that cannot go into, or did not come out of, binfmt_misc as expected."""
+
+
+def normalize_flags(flags: str) -> str:
+    """Flags in kernel order; C implies O, as the kernel itself records it."""
+    unknown = set(flags) - set(FLAG_ORDER)
+    if unknown:
+        raise FormatError(f"unknown binfmt flag(s) {''.join(sorted(unknown))!r}; allowed: POCF")
+    wanted = set(flags) | ({"O"} if "C" in flags else set())
+    return "".join(f for f in FLAG_ORDER if f in wanted)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What we ask the kernel to register (a magic-type entry at offset 0)."""
+
+    name: str
+    magic: bytes
+    mask: bytes
+    interpreter: str
+    flags: str
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        validate_interpreter(self.interpreter)
+        if not self.magic or len(self.magic) > MAX_MAGIC_LENGTH:
+            raise FormatError(f"{self.name}: magic must be 1..{MAX_MAGIC_LENGTH} bytes")
+        if len(self.mask) != len(self.magic):
+            raise FormatError(f"{self.name}: mask and magic differ in length")
+        object.__setattr__(self, "flags", normalize_flags(self.flags))
+
+    def register_string(self) -> str:
+        """The line written to `register`; every magic/mask byte hex-escaped, so no ':' leaks."""
+        line = ":".join(
+            [
+                "",
+                self.name,
+                "M",
+                "0",
+                _hex(self.magic),
+                _hex(self.mask),
+                self.interpreter,
+                self.flags,
+            ]
+        )
+        if len(line) > MAX_REGISTER_LENGTH:
+            raise FormatError(f"{self.name}: register string is {len(line)} bytes, over the limit")
+        return line
+
+
+def _hex(data: bytes) -> str:
+    return "".join(f"\\x{b:02x}" for b in data)
+
+
+def validate_name(name: str) -> None:
+    """Entry names become file names under binfmt_misc: no '/', no dot-names, no separators."""
+    if not NAME_RE.match(name) or name in {".", ".."} or name in {"register", "status"}:
+        raise FormatError(f"invalid binfmt_misc entry name {name!r}")
+
+
+def validate_interpreter(path: str) -> None:
+    """An absolute path with none of the register string's separators, within the kernel limit."""
+    if not path.startswith("/"):
+        raise FormatError(f"interpreter {path!r} must be an absolute path")
+    if any(c in path for c in ":\n\x00") or "\\x" in path:
+        raise FormatError(f"interpreter {path!r} contains ':', a newline, NUL or '\\x'")
+    if len(path.encode()) > MAX_INTERPRETER_LENGTH:
+        raise FormatError(
+            f"interpreter path is {len(path.encode())} bytes; binfmt_misc takes at most "
+            f"{MAX_INTERPRETER_LENGTH}: choose a shorter install directory"
+        )
+
+
+def parse_register_string(line: str) -> Registration:
+    """The inverse of `Registration.register_string` for magic entries at offset 0."""
+    fields = line.rstrip("\n").split(line[:1] or ":")
+    if len(fields) != 8 or fields[0] != "" or fields[2] != "M":
+        raise FormatError(f"not a magic register string: {line!r}")
+    if fields[3] not in {"", "0"}:
+        raise FormatError(f"only offset 0 is supported: {line!r}")
+    return Registration(fields[1], _unhex(fields[4]), _unhex(fields[5]), fields[6], fields[7])
+
+
+def _unhex(text: str) -> bytes:
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        if text.startswith("\\x", i) and len(text) >= i + 4:
+            try:
+                out.append(int(text[i + 2 : i + 4], 16))
+            except ValueError:
+                raise FormatError(f"bad escape in {text!r}") from None
+            i += 4
+        else:
+            out.append(ord(text[i]) & 0xFF)
+            i += 1
+    return bytes(out)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """An entry as the kernel shows it under binfmt_misc/<name>."""
+
+    name: str
+    enabled: bool
+    interpreter: str
+    flags: str
+    offset: int = 0
+    magic: bytes = b""
+    mask: bytes = b""
+    extension: str | None = None
+
+    def matches(self, reg: Registration) -> bool:
+        """Whether this entry is exactly `reg`, as the kernel stores it (magic masked)."""
+        return (
+            self.extension is None
+            and self.offset == 0
+            and self.interpreter == reg.interpreter
+            and self.flags == reg.flags
+            and self.mask == reg.mask
+            and self.magic == bytes(m & k for m, k in zip(reg.magic, reg.mask, strict=True))
+        )
+
+    def claims(self, magic: bytes, mask: bytes) -> bool:
+        """Whether this entry would catch files whose header is `magic` under `mask`."""
+        if self.extension is not None or not self.magic:
+            return False
+        header = magic[self.offset :]
+        if len(header) < len(self.magic):
+            return False
+        own_mask = self.mask or bytes([0xFF] * len(self.magic))
+        return all((h & k) == m for h, k, m in zip(header, own_mask, self.magic, strict=False))
+
+
+def parse_entry(name: str, text: str) -> Entry:
+    """Parse the text of binfmt_misc/<name>; raises FormatError on anything unexpected."""
+    lines = text.splitlines()
+    if not lines or lines[0] not in {"enabled", "disabled"}:
+        raise FormatError(f"{name}: first line must be enabled/disabled, got {lines[:1]!r}")
+    fields: dict[str, str] = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(" ")
+        fields[key.rstrip(":")] = value.strip()
+    if "interpreter" not in fields:
+        raise FormatError(f"{name}: no interpreter line")
+    try:
+        return Entry(
+            name=name,
+            enabled=lines[0] == "enabled",
+            interpreter=fields["interpreter"],
+            flags=normalize_flags(fields.get("flags", "")),
+            offset=int(fields.get("offset", "0")),
+            magic=bytes.fromhex(fields.get("magic", "")),
+            mask=bytes.fromhex(fields.get("mask", "")),
+            extension=fields.get("extension"),
+        )
+    except ValueError as exc:
+        raise FormatError(f"{name}: {exc}") from None

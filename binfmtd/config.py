@@ -1,0 +1,281 @@
+"""YAML configuration -> frozen dataclasses. Errors name the file, the key and the line.
+
+The schema is the dataclasses themselves: each field's type says what the YAML value must be,
+its default is the default, and an unknown key is an error (a typo must not be ignored on a
+root daemon). Pure apart from `load`, which reads the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from binfmtd import arch as archmod
+from binfmtd.binfmt import FormatError, normalize_flags
+from binfmtd.buildkit import BuildkitConfig
+
+DEFAULT_PATH = "/etc/binfmtd/binfmtd.yaml"
+
+
+class SourceKind(StrEnum):
+    """Where static QEMU binaries come from."""
+
+    AUTO = "auto"
+    DIRECTORY = "directory"
+    DEB = "deb"
+
+
+class ConflictPolicy(StrEnum):
+    """What to do with an existing entry binfmtd did not make."""
+
+    LEAVE = "leave"
+    ADOPT = "adopt"
+    REPLACE = "replace"
+
+
+class LogFormat(StrEnum):
+    """How log events are rendered."""
+
+    AUTO = "auto"
+    CONSOLE = "console"
+    JSON = "json"
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """The configured source of emulators."""
+
+    kind: SourceKind = SourceKind.AUTO
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How verification probes run."""
+
+    timeout_s: float = 10.0
+    parallelism: int = 8
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The Unix socket API."""
+
+    socket: str = "/run/binfmtd/binfmtd.sock"
+    group: str | None = "binfmtd"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Logging."""
+
+    level: str = "info"
+    format: LogFormat = LogFormat.AUTO
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration."""
+
+    binfmt_misc: str = "/proc/sys/fs/binfmt_misc"
+    install_dir: str = "/var/lib/binfmtd/qemu"
+    state_file: str = "/var/lib/binfmtd/state.json"
+    arches: tuple[str, ...] = ("all",)
+    exclude: tuple[str, ...] = ()
+    flags: str = "FPC"
+    conflict_policy: ConflictPolicy = ConflictPolicy.LEAVE
+    reconcile_interval_s: float = 1.0
+    remove_on_stop: bool = False
+    lock_file: str = "/run/binfmtd/binfmtd.lock"
+    source: SourceConfig = field(default_factory=SourceConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    buildkit: BuildkitConfig = field(default_factory=BuildkitConfig)
+    config_file: str = "<defaults>"
+
+    def selected(self, native: tuple[str, ...]) -> tuple[str, ...]:
+        """The catalog names to provision: configured, minus excluded, minus host-native."""
+        names = [a.name for a in archmod.CATALOG] if "all" in self.arches else list(self.arches)
+        return tuple(n for n in names if n not in self.exclude and n not in native)
+
+
+_SANDBOX_PATHS = {
+    "install_dir": "/var/lib/binfmtd-sandbox/qemu",
+    "state_file": "/var/lib/binfmtd-sandbox/state.json",
+    "lock_file": "/run/binfmtd-sandbox/binfmtd.lock",
+}
+
+
+def for_sandbox(cfg: Config) -> Config:
+    """Paths left at their defaults move aside, so a sandbox never touches the host daemon's."""
+    defaults = Config()
+    moved = {k: v for k, v in _SANDBOX_PATHS.items() if getattr(cfg, k) == getattr(defaults, k)}
+    api = cfg.api
+    if api.socket == defaults.api.socket:
+        api = dataclasses.replace(api, socket="/run/binfmtd-sandbox/binfmtd.sock")
+    return dataclasses.replace(
+        cfg,
+        api=api,
+        install_dir=moved.get("install_dir", cfg.install_dir),
+        state_file=moved.get("state_file", cfg.state_file),
+        lock_file=moved.get("lock_file", cfg.lock_file),
+    )
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased for the operator."""
+
+
+_LIMITS: dict[str, tuple[float, float]] = {
+    "reconcile_interval_s": (0.05, 3600),
+    "timeout_s": (0.1, 600),
+    "parallelism": (1, 64),
+}
+
+
+def load(path: str | None, *, require_safe_mode: bool = False) -> Config:
+    """Read and validate the YAML at `path` (None: all defaults)."""
+    if path is None:
+        return Config()
+    try:
+        if require_safe_mode:
+            _check_file_safe(path)
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: configuration is not UTF-8 text") from None
+    return parse(text, path)
+
+
+def _check_file_safe(path: str) -> None:
+    """A root daemon must not read a config that others can write."""
+    st = os.stat(path)
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_uid != 0:
+        raise ConfigError(
+            f"{path}: refusing a configuration writable by others or not owned by root "
+            f"(mode {stat.filemode(st.st_mode)}, uid {st.st_uid}); run: chown root: {path} && "
+            f"chmod 644 {path}"
+        )
+
+
+def parse(text: str, path: str = "<string>") -> Config:
+    """Validate YAML text into a Config."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if node is None:
+        return dataclasses.replace(Config(), config_file=path)
+    cfg: Config = _build(Config, node, path, "")
+    cfg = dataclasses.replace(cfg, config_file=path)
+    _check_semantics(cfg, path)
+    return cfg
+
+
+def _where(path: str, node: yaml.Node, key: str) -> str:
+    return f"{path}:{node.start_mark.line + 1}: {key or '<top>'}"
+
+
+def _build(cls: type[Any], node: yaml.Node, path: str, prefix: str) -> Any:
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{_where(path, node, prefix)}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.name != "config_file"}
+    values: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        dotted = f"{prefix}{key}"
+        if key not in fields or key in values:
+            problem = "duplicate key" if key in values else "unknown key"
+            raise ConfigError(f"{_where(path, key_node, dotted)}: {problem}")
+        values[key] = _convert(hints[key], value_node, path, dotted)
+    return cls(**values)
+
+
+def _convert(hint: Any, node: yaml.Node, path: str, key: str) -> Any:
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _build(hint, node, path, key + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if _is_null(node):
+            return None
+        return _convert(next(a for a in args if a is not type(None)), node, path, key)
+    if origin is tuple:
+        if not isinstance(node, yaml.SequenceNode):
+            raise ConfigError(f"{_where(path, node, key)}: expected a list")
+        return tuple(_convert(args[0], item, path, key) for item in node.value)
+    return _scalar(hint, node, path, key)
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _scalar(hint: Any, node: yaml.Node, path: str, key: str) -> Any:
+    if not isinstance(node, yaml.ScalarNode) or _is_null(node):
+        raise ConfigError(f"{_where(path, node, key)}: expected a {_type_name(hint)}")
+    value = _construct(node)
+    if isinstance(hint, type) and issubclass(hint, StrEnum):
+        try:
+            return hint(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in hint)
+            raise ConfigError(
+                f"{_where(path, node, key)}: {value!r} is not one of: {allowed}"
+            ) from None
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(hint, False)
+    if not ok:
+        raise ConfigError(
+            f"{_where(path, node, key)}: expected a {_type_name(hint)}, got {value!r}"
+        )
+    short = key.rsplit(".", 1)[-1]
+    if short in _LIMITS and not _LIMITS[short][0] <= value <= _LIMITS[short][1]:
+        low, high = _LIMITS[short]
+        raise ConfigError(f"{_where(path, node, key)}: must be between {low} and {high}")
+    return float(value) if hint is float else value
+
+
+def _construct(node: yaml.ScalarNode) -> Any:
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    finally:
+        loader.dispose()
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def _check_semantics(cfg: Config, path: str) -> None:
+    for name in (*cfg.arches, *cfg.exclude):
+        if name != "all" and name not in archmod.BY_NAME:
+            raise ConfigError(f"{path}: arches: unknown architecture {name!r}")
+    try:
+        flags = normalize_flags(cfg.flags)
+    except FormatError as exc:
+        raise ConfigError(f"{path}: flags: {exc}") from None
+    if "F" not in flags:
+        raise ConfigError(f"{path}: flags: must include F (fix-binary); got {cfg.flags!r}")
+    for key in ("binfmt_misc", "install_dir", "state_file", "lock_file"):
+        if not os.path.isabs(getattr(cfg, key)):
+            raise ConfigError(f"{path}: {key}: must be an absolute path")
+    if cfg.source.kind is not SourceKind.AUTO and not cfg.source.path:
+        raise ConfigError(f"{path}: source.path: required when source.kind is {cfg.source.kind}")

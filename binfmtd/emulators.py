@@ -1,0 +1,357 @@
+"""Installing static QEMU emulators: sources, checks, atomic writes, checksums, the state file.
+
+An emulator reaches its final path only by rename(2) of a temp file that was fully written,
+fsynced, checked (ELF, static, host machine) and checksummed; so a registered interpreter is
+never partial. The state file is written the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import lzma
+import os
+import stat
+import tarfile
+import tempfile
+import typing
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO
+
+from binfmtd import elf
+from binfmtd.config import SourceConfig, SourceKind
+from binfmtd.run import run
+
+AUTO_DIRS = ("/usr/bin", "/usr/local/bin")
+CHUNK = 1 << 20
+TEMP_PREFIX = ".binfmtd-tmp-"
+
+
+class InstallError(RuntimeError):
+    """An emulator that could not be installed, and why."""
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What the state file records for one installed emulator."""
+
+    arch: str
+    path: str
+    sha256: str
+    version: str | None
+    source: str
+    source_id: str
+    installed_at: float
+
+
+# ---------------------------------------------------------------- sources
+
+
+class Source:
+    """Where emulator bytes come from: a directory or a qemu-user-static .deb."""
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.cfg = cfg
+        self.kind = cfg.kind
+        self.path = cfg.path or self._auto_dir()
+        self._deb_index: dict[str, tarfile.TarInfo] | None = None
+
+    @staticmethod
+    def _auto_dir() -> str:
+        for candidate in AUTO_DIRS:
+            if any(Path(candidate).glob("qemu-*-static")):
+                return candidate
+        raise InstallError(
+            "no static QEMU found in /usr/bin or /usr/local/bin: install Debian's "
+            "qemu-user-static, or set source.kind: deb with source.path: <file.deb>"
+        )
+
+    def describe(self) -> str:
+        """A short label for logs and the state file."""
+        return f"{self.kind.value}:{self.path}"
+
+    def check_available(self) -> None:
+        """Raise InstallError unless the source exists at all."""
+        if not os.path.exists(self.path):
+            raise InstallError(f"emulator source {self.path} does not exist")
+
+    def identity(self, arch: str) -> str:
+        """A cheap fingerprint of the source file (device, inode, size, mtime): no hashing."""
+        path = self.path if self.kind is SourceKind.DEB else self._file_for(arch)
+        st = os.stat(path)
+        return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+    def _file_for(self, arch: str) -> str:
+        for name in (f"qemu-{arch}-static", f"qemu-{arch}"):
+            candidate = os.path.join(self.path, name)
+            if os.path.lexists(candidate):
+                return candidate
+        raise InstallError(f"source {self.path} has no qemu-{arch}-static")
+
+    def streams(self, arches: list[str]) -> Iterator[tuple[str, IO[bytes]]]:
+        """(arch, readable stream) for each wanted arch found; one pass over a .deb."""
+        if self.kind is SourceKind.DEB:
+            yield from self._deb_streams(arches)
+            return
+        for arch in arches:
+            try:
+                candidate = self._file_for(arch)
+                fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except InstallError:
+                continue
+            except OSError as exc:
+                raise InstallError(f"{self.path}/qemu-{arch}-static: {exc.strerror}") from None
+            _require_regular(fd, candidate)
+            with os.fdopen(fd, "rb") as stream:
+                yield arch, stream
+
+    def _deb_streams(self, arches: list[str]) -> Iterator[tuple[str, IO[bytes]]]:
+        wanted = {f"usr/bin/qemu-{a}-static": a for a in arches}
+        with open_deb_data(self.path) as tar:
+            for member in tar:
+                arch = wanted.get(member.name.removeprefix("./"))
+                if arch is None or not member.isreg():
+                    continue
+                stream = tar.extractfile(member)
+                if stream is not None:
+                    yield arch, stream
+
+
+def _require_regular(fd: int, path: str) -> None:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InstallError(f"{path} is not a regular file")
+
+
+@contextlib.contextmanager
+def open_deb_data(deb: str) -> Iterator[tarfile.TarFile]:
+    """The data.tar member of a .deb (an ar archive), opened without dpkg."""
+    try:
+        handle = open(deb, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise InstallError(f"{deb}: {exc.strerror}") from None
+    with handle:
+        if handle.read(8) != b"!<arch>\n":
+            raise InstallError(f"{deb} is not a .deb (ar) archive")
+        while header := handle.read(60):
+            if len(header) < 60:
+                break
+            name = header[:16].decode("ascii", "replace").strip().rstrip("/")
+            size = int(header[48:58].decode("ascii").strip() or 0)
+            if name.startswith("data.tar"):
+                yield _open_tar(handle, name, size, deb)
+                return
+            handle.seek(size + (size & 1), os.SEEK_CUR)
+    raise InstallError(f"{deb} has no data.tar member")
+
+
+def _open_tar(handle: IO[bytes], name: str, size: int, deb: str) -> tarfile.TarFile:
+    window = _Window(handle, handle.tell(), size)
+    stream = typing.cast(IO[bytes], io.BufferedReader(window, CHUNK))  # type: ignore[type-var]
+    if name.endswith(".xz"):
+        return tarfile.open(fileobj=lzma.LZMAFile(stream), mode="r|")
+    if name.endswith(".gz"):
+        return tarfile.open(fileobj=stream, mode="r|gz")
+    if name == "data.tar":
+        return tarfile.open(fileobj=stream, mode="r|")
+    raise InstallError(f"{deb}: unsupported compression {name} (xz, gz or none)")
+
+
+class _Window(io.RawIOBase):
+    """A read-only view of `size` bytes of `handle` starting at `start`."""
+
+    def __init__(self, handle: IO[bytes], start: int, size: int) -> None:
+        self.handle, self.left = handle, size
+        handle.seek(start)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
+        want = min(len(buffer), self.left)
+        data = self.handle.read(want)
+        buffer[: len(data)] = data
+        self.left -= len(data)
+        return len(data)
+
+
+# ---------------------------------------------------------------- install directory safety
+
+
+def check_trusted_path(path: str) -> None:
+    """Refuse a path whose file or any parent directory a non-root user could change.
+
+    With the C flag an interpreter runs with the credentials of setuid programs, so whoever can
+    replace it owns the host. A sticky directory (like /tmp) is accepted as a parent: there only
+    the owner of an entry can rename or remove it, and the entries below it are checked too.
+    """
+    current = Path(path)
+    for part in [current, *current.parents]:
+        try:
+            st = os.lstat(part)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            raise InstallError(f"{part} is a symbolic link; binfmtd needs real directories")
+        sticky = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if st.st_uid != 0 or (writable and not sticky):
+            raise InstallError(
+                f"{part} is writable by a non-root user (owner uid {st.st_uid}, mode "
+                f"{stat.filemode(st.st_mode)}); with the C flag that is a root hole: "
+                f"run `chown root: {part} && chmod go-w {part}`"
+            )
+
+
+def ensure_install_dir(path: str) -> None:
+    """Create the install directory (0755, root) and check it and its parents."""
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    check_trusted_path(path)
+    clean_temp_files(path)
+
+
+def clean_temp_files(path: str) -> list[str]:
+    """Remove temp files a killed install left behind; they were never registered."""
+    removed = []
+    for name in os.listdir(path):
+        if name.startswith(TEMP_PREFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(path, name))
+            removed.append(name)
+    return removed
+
+
+# ---------------------------------------------------------------- checks of installed files
+
+
+def sha256_of(path: str) -> str | None:
+    """sha256 of a root-owned regular file with a single link, else None (not trusted)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_nlink != 1:
+            return None
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return None
+        digest = hashlib.sha256()
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def qemu_version(path: str) -> str | None:
+    """The first line of `qemu-X --version`, e.g. "qemu-aarch64 version 7.2.19 (Debian ...)"."""
+    result = run([path, "--version"], timeout=10, check=False)
+    if result.returncode != 0 or result.timed_out:
+        return None
+    line = result.stdout.decode(errors="replace").splitlines()[:1]
+    return line[0].strip() if line else None
+
+
+# ---------------------------------------------------------------- the atomic install
+
+
+def install_stream(
+    stream: IO[bytes], arch: str, dest_dir: str, host_machine: int | None
+) -> tuple[str, str]:
+    """Copy, check and checksum one emulator, then rename it to `dest_dir/qemu-<arch>`.
+
+    Returns (path, sha256). Nothing reaches the final name unless every check passed.
+    """
+    dest = os.path.join(dest_dir, f"qemu-{arch}")
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=dest_dir)
+    try:
+        digest, size = _copy(stream, fd)
+        _check_written(fd, size, host_machine, arch)
+        os.fchown(fd, 0, 0)
+        os.fchmod(fd, 0o755)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, dest)
+        fsync_dir(dest_dir)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return dest, digest
+
+
+def _copy(stream: IO[bytes], fd: int) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := stream.read(CHUNK):
+        digest.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            try:
+                written = os.write(fd, view)
+            except OSError as exc:
+                raise InstallError(f"writing the emulator failed: {exc.strerror}") from None
+            view = view[written:]
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _check_written(fd: int, size: int, host_machine: int | None, arch: str) -> None:
+    head = os.pread(fd, elf.HEADER_READ, 0)
+    try:
+        info = elf.parse_header(head)
+        table = os.pread(fd, info.phentsize * info.phnum, info.phoff)
+        elf.check_static_emulator(head, table, size, host_machine)
+    except elf.ElfError as exc:
+        raise InstallError(f"qemu-{arch} from the source is unusable: {exc}") from None
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- the state file
+
+
+def write_state(path: str, installed: dict[str, Installed]) -> None:
+    """Replace the state file atomically (temp, fsync, rename, fsync dir)."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    body = json.dumps(
+        {"version": 1, "emulators": {k: asdict(v) for k, v in sorted(installed.items())}},
+        indent=2,
+    ).encode()
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
+    try:
+        os.write(fd, body)
+        os.fchmod(fd, 0o644)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def read_state(path: str) -> dict[str, Installed]:
+    """The recorded emulators; a missing or unreadable file means none are trusted."""
+    try:
+        with open(path, "rb") as handle:
+            data = json.load(handle)
+        return {k: Installed(**v) for k, v in data["emulators"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}

@@ -1,0 +1,436 @@
+"""One reconcile pass: observe, plan, execute, verify. Used by --oneshot and by the daemon loop.
+
+The engine holds the in-memory truth (what is installed, what each probe said) and turns it into
+per-arch status rows. Expected per-arch failures are values in those rows, never exceptions that
+stop the loop.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from binfmtd import arch as archmod
+from binfmtd import emulators, plan, probe
+from binfmtd.binfmt import Entry, Registration, normalize_flags
+from binfmtd.config import Config
+from binfmtd.emulators import Installed, InstallError, Source
+from binfmtd.kernel import BinfmtMisc, KernelError
+from binfmtd.probe import ProbeResult
+
+
+@dataclass(frozen=True)
+class ArchStatus:
+    """What status shows for one arch."""
+
+    arch: str
+    platforms: tuple[str, ...]
+    state: str
+    registered: bool
+    enabled: bool
+    flags: str
+    interpreter: str | None
+    sha256: str | None
+    qemu_version: str | None
+    probe: ProbeResult | None
+    error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON shape of the status API."""
+        result = self.probe
+        return {
+            "arch": self.arch,
+            "platforms": list(self.platforms),
+            "state": self.state,
+            "registered": self.registered,
+            "enabled": self.enabled,
+            "flags": self.flags,
+            "interpreter": self.interpreter,
+            "sha256": self.sha256,
+            "qemu_version": self.qemu_version,
+            "probe": None
+            if result is None
+            else {
+                "ok": result.ok,
+                "at": result.at,
+                "duration_ms": round(result.duration_ms, 1),
+                "error": result.error,
+            },
+            "error": self.error,
+        }
+
+
+@dataclass
+class TickReport:
+    """What one pass did, for the summary log line and the caller."""
+
+    actions: list[plan.Action] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    verified: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    durations_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything was repaired or re-verified."""
+        return bool(self.actions or self.verified or self.failed)
+
+
+class Engine:
+    """Desired state for every selected arch, kept true in one binfmt_misc instance."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        log: Any,
+        clock: Callable[[], float] = time.time,
+        host_machine: str | None = None,
+    ) -> None:
+        self.log = log
+        self.clock = clock
+        self.machine = host_machine or platform.machine()
+        self.kernel = BinfmtMisc(cfg.binfmt_misc)
+        self.installed: dict[str, Installed] = {}
+        self.file_ids: dict[str, str] = {}
+        self.probes: dict[str, ProbeResult] = {}
+        self.errors: dict[str, str] = {}
+        self.conflicts: dict[str, str] = {}
+        self.entries: dict[str, Entry] = {}
+        self.operator_disabled: set[str] = set()
+        self.native: tuple[str, ...] = ()
+        self.cfg = cfg
+        self.apply_config(cfg)
+
+    # ------------------------------------------------------------ configuration
+
+    def apply_config(self, cfg: Config) -> None:
+        """Adopt a (new) configuration; the next pass applies only the difference."""
+        self.cfg = cfg
+        self.kernel = BinfmtMisc(cfg.binfmt_misc)
+        self.source = Source(cfg.source) if _source_ok(cfg) else None
+        self.flags = normalize_flags(cfg.flags)
+        self.installed = emulators.read_state(cfg.state_file)
+
+    def detect_native(self) -> tuple[str, ...]:
+        """Host-native arches: never registered. 32-bit compat is proven by running a probe."""
+        always = archmod.native_arches(self.machine, compat32=False)
+        compat = tuple(a for a in archmod.compat_candidates(self.machine) if self._runs_natively(a))
+        self.native = always + compat
+        return self.native
+
+    def _runs_natively(self, arch: str) -> bool:
+        target = archmod.BY_NAME[arch]
+        snapshot = self.kernel.snapshot()
+        if any(e.claims(target.magic, target.mask) for e in snapshot.entries.values()):
+            return _kernel_config_has("CONFIG_IA32_EMULATION") if arch == "i386" else False
+        return probe.run_probe_direct(arch, self.cfg.probe.timeout_s)
+
+    @property
+    def selected(self) -> tuple[str, ...]:
+        """The arches binfmtd provisions."""
+        return self.cfg.selected(self.native)
+
+    def registration(self, arch: str) -> Registration:
+        """The entry binfmtd wants for `arch`."""
+        row = archmod.BY_NAME[arch]
+        path = os.path.join(self.cfg.install_dir, f"qemu-{arch}")
+        return Registration(row.entry_name, row.magic, row.mask, path, self.flags)
+
+    # ------------------------------------------------------------ one pass
+
+    def observe(self) -> plan.Observed:
+        """Read binfmt_misc and check installed interpreters (stat; hash only on change)."""
+        snapshot = self.kernel.snapshot()
+        self.entries = dict(snapshot.entries)
+        ok = {arch: self._interpreter_intact(arch) for arch in self.selected}
+        return plan.Observed(self.entries, ok)
+
+    def _interpreter_intact(self, arch: str) -> bool:
+        record = self.installed.get(arch)
+        if record is None:
+            return False
+        if self.source is not None and self._source_moved(arch, record):
+            return False
+        ident = _file_id(record.path)
+        if ident is not None and ident == self.file_ids.get(arch):
+            return True
+        if emulators.sha256_of(record.path) != record.sha256:
+            return False
+        self.file_ids[arch] = ident or ""
+        return True
+
+    def _source_moved(self, arch: str, record: Installed) -> bool:
+        assert self.source is not None
+        try:
+            return self.source.identity(arch) != record.source_id
+        except (OSError, InstallError):
+            return False  # source gone: keep what works, report it elsewhere
+
+    def tick(self, verify_also: Iterable[str] = ()) -> TickReport:
+        """Observe, plan, execute, then probe every arch that changed (and `verify_also`)."""
+        report = TickReport()
+        started = time.monotonic()
+        self.conflicts = {}
+        observed = self.observe()
+        desired = {
+            a: plan.Desired(a, self.registration(a), a not in self.operator_disabled)
+            for a in self.selected
+        }
+        actions = plan.plan(desired, observed, self.cfg.install_dir, self.cfg.conflict_policy)
+        report.durations_ms["observe"] = _ms(started)
+        touched = self.execute(actions, report)
+        if actions:
+            self.entries = dict(self.kernel.snapshot().entries)
+        stale = {a for a in self.selected if a not in self.probes and self._probe_due(a)}
+        to_verify = sorted((touched | stale | set(verify_also)) & set(self.selected))
+        started = time.monotonic()
+        self.verify(to_verify, report)
+        report.durations_ms["verify"] = _ms(started)
+        return report
+
+    def _probe_due(self, arch: str) -> bool:
+        entry = self.entries.get(self.registration(arch).name)
+        return entry is not None and entry.enabled
+
+    def execute(self, actions: list[plan.Action], report: TickReport) -> set[str]:
+        """Run the plan; a failing arch records its error and skips its remaining steps."""
+        report.actions = [a for a in actions if not isinstance(a, plan.Conflict)]
+        started = time.monotonic()
+        self._install([a.arch for a in actions if isinstance(a, plan.Install)], report)
+        report.durations_ms["install"] = _ms(started)
+        started = time.monotonic()
+        touched: set[str] = set()
+        for action in actions:
+            arch = action.arch
+            if arch is not None and arch in report.errors:
+                continue
+            self._apply(action, report)
+            if arch is not None and not isinstance(action, plan.Conflict):
+                touched.add(arch)
+                self.probes.pop(arch, None)
+        report.durations_ms["register"] = _ms(started)
+        return touched
+
+    def _apply(self, action: plan.Action, report: TickReport) -> None:
+        try:
+            if isinstance(action, plan.Register):
+                self.kernel.register(action.reg)
+            elif isinstance(action, plan.Remove):
+                self.kernel.remove(action.name)
+            elif isinstance(action, plan.SetEnabled):
+                self.kernel.set_enabled(action.name, action.enabled)
+            elif isinstance(action, plan.Conflict):
+                self.conflicts[action.arch] = (
+                    f"entry {action.name} ({action.interpreter}) was made by another tool and is "
+                    f"left alone: {action.reason}; set conflict_policy: replace to take it over"
+                )
+                return
+        except (KernelError, OSError) as exc:
+            report.errors[str(action.arch or getattr(action, "name", "?"))] = str(exc)
+            if action.arch:
+                self.errors[action.arch] = str(exc)
+            self.log.warning(
+                "action_failed", arch=action.arch, action=_describe(action), error=str(exc)
+            )
+            return
+        if action.arch:
+            self.errors.pop(action.arch, None)
+        self.log.info(
+            "entry_" + _past(action),
+            arch=action.arch,
+            reason=action.reason,
+            **_action_fields(action),
+        )
+
+    def _install(self, arches: list[str], report: TickReport) -> None:
+        if not arches:
+            return
+        if self.source is None:
+            self._fail_install(
+                arches, report, f"emulator source unavailable: {self._source_problem()}"
+            )
+            return
+        host = archmod.host_elf_machine(self.machine)
+        pending = set(arches)
+        try:
+            emulators.ensure_install_dir(self.cfg.install_dir)
+            for arch, stream in self.source.streams(arches):
+                pending.discard(arch)
+                self._install_one(arch, stream, host, report)
+        except (InstallError, OSError) as exc:
+            self._fail_install(sorted(pending), report, str(exc))
+            return
+        self._fail_install(
+            sorted(pending), report, f"source {self.source.path} has no qemu-ARCH-static"
+        )
+        self._save_state()
+
+    def _install_one(self, arch: str, stream: Any, host: int | None, report: TickReport) -> None:
+        assert self.source is not None
+        try:
+            source_id = self.source.identity(arch)
+            path, digest = emulators.install_stream(stream, arch, self.cfg.install_dir, host)
+        except (InstallError, OSError) as exc:
+            self._fail_install([arch], report, str(exc))
+            return
+        self.installed[arch] = Installed(
+            arch,
+            path,
+            digest,
+            emulators.qemu_version(path),
+            self.source.describe(),
+            source_id,
+            self.clock(),
+        )
+        self.file_ids[arch] = _file_id(path) or ""
+        self.log.info("emulator_installed", arch=arch, interpreter=path, sha256=digest)
+
+    def _fail_install(self, arches: list[str], report: TickReport, why: str) -> None:
+        for arch in arches:
+            text = why.replace("ARCH", arch)
+            report.errors[arch] = text
+            self.errors[arch] = text
+            self.log.warning("install_failed", arch=arch, error=text)
+
+    def _source_problem(self) -> str:
+        try:
+            Source(self.cfg.source).check_available()
+        except InstallError as exc:
+            return str(exc)
+        return "unknown"
+
+    def _save_state(self) -> None:
+        emulators.write_state(self.cfg.state_file, self.installed)
+
+    def verify(self, arches: Iterable[str], report: TickReport | None = None) -> None:
+        """Probe `arches` in parallel and record the results."""
+        names = list(arches)
+        results = probe.run_probes(
+            names, self.cfg.probe.timeout_s, self.cfg.probe.parallelism, self.clock
+        )
+        for arch, result in results.items():
+            self.probes[arch] = result
+            if report is not None:
+                (report.verified if result.ok else report.failed).append(arch)
+            if result.ok:
+                self.log.info("probe_passed", arch=arch, duration_ms=round(result.duration_ms, 1))
+            else:
+                self.log.warning("probe_failed", arch=arch, error=result.error)
+
+    def remove_own_entries(self) -> list[str]:
+        """Remove every entry binfmtd owns (never others', never `status`)."""
+        removed = []
+        for name, entry in self.kernel.snapshot().entries.items():
+            if plan.is_owned(entry, self.cfg.install_dir):
+                self.kernel.remove(name)
+                removed.append(name)
+        return removed
+
+    # ------------------------------------------------------------ status
+
+    def statuses(self) -> list[ArchStatus]:
+        """A status row for every selected arch, from memory."""
+        return [self.status_of(a) for a in self.selected]
+
+    def status_of(self, arch: str) -> ArchStatus:
+        """One arch's row; `verified` only when the last probe after the last change passed."""
+        row = archmod.BY_NAME[arch]
+        entry = self.entries.get(row.entry_name)
+        record = self.installed.get(arch)
+        result = self.probes.get(arch)
+        owned = entry is not None and plan.is_owned(entry, self.cfg.install_dir)
+        return ArchStatus(
+            arch=arch,
+            platforms=row.platforms,
+            state=_state(
+                arch in self.operator_disabled, entry, owned, result, self.errors.get(arch)
+            ),
+            registered=entry is not None,
+            enabled=bool(entry and entry.enabled),
+            flags=entry.flags if entry else "",
+            interpreter=entry.interpreter if entry else None,
+            sha256=record.sha256 if record and owned else None,
+            qemu_version=record.version if record and owned else None,
+            probe=result,
+            error=self.errors.get(arch)
+            or self.conflicts.get(arch)
+            or (result.error if result and not result.ok else None),
+        )
+
+    def verified_platforms(self) -> list[str]:
+        """Native platforms first, then the emulated ones whose probe passed."""
+        native = archmod.platforms_of(list(self.native))
+        emulated = [s.arch for s in self.statuses() if s.state in {"verified", "foreign-verified"}]
+        return native + [p for p in archmod.platforms_of(emulated) if p not in native]
+
+
+def _state(
+    disabled: bool, entry: Entry | None, owned: bool, result: ProbeResult | None, error: str | None
+) -> str:
+    if disabled:
+        return "disabled"
+    if entry is None:
+        return "error" if error else "missing"
+    if not entry.enabled:
+        return "disabled"
+    if result is None:
+        return "unverified"
+    if not result.ok:
+        return "failed"
+    return "verified" if owned else "foreign-verified"
+
+
+def _source_ok(cfg: Config) -> bool:
+    try:
+        Source(cfg.source)
+    except InstallError:
+        return False
+    return True
+
+
+def _file_id(path: str) -> str | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_mode}:{st.st_uid}"
+
+
+def _kernel_config_has(option: str) -> bool:
+    path = f"/boot/config-{platform.release()}"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return any(line.strip() == f"{option}=y" for line in handle)
+    except OSError:
+        return True  # x86_64 distribution kernels enable it; the probe settles it later
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)
+
+
+def _past(action: plan.Action) -> str:
+    if isinstance(action, plan.SetEnabled):
+        return "enabled" if action.enabled else "disabled"
+    return {plan.Register: "registered", plan.Remove: "removed"}.get(type(action), "changed")
+
+
+def _describe(action: plan.Action) -> str:
+    return type(action).__name__.lower()
+
+
+def _action_fields(action: plan.Action) -> dict[str, Any]:
+    if isinstance(action, plan.Register):
+        return {
+            "entry": action.reg.name,
+            "flags": action.reg.flags,
+            "interpreter": action.reg.interpreter,
+        }
+    return {"entry": getattr(action, "name", None)}
+
+
+__all__ = ["ArchStatus", "Engine", "TickReport", "replace"]

@@ -1,0 +1,156 @@
+"""The only module that touches binfmt_misc. Every method takes paths under `root`.
+
+Errors are turned into `KernelError` with a hint the operator can act on, at this boundary.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from binfmtd.binfmt import Entry, FormatError, Registration, parse_entry
+
+_HINTS = {
+    errno.ENOENT: "is binfmt_misc mounted there, and does the interpreter exist?",
+    errno.EEXIST: "an entry with that name exists already: remove it first",
+    errno.EINVAL: "the kernel rejected the line (bad field, or a flag this kernel lacks)",
+    errno.EACCES: "permission denied: binfmtd must run as root (in its user namespace)",
+    errno.EPERM: "operation not permitted: binfmtd must run as root (in its user namespace)",
+    errno.ENOEXEC: "the interpreter is not an executable this kernel can load",
+    errno.ENOSPC: "no space left",
+    errno.ENOTDIR: "is binfmt_misc mounted there?",
+    errno.ENODEV: "binfmt_misc is not available in this kernel: load the binfmt_misc module",
+}
+
+
+class KernelError(OSError):
+    """A binfmt_misc operation that failed, with the errno and a hint."""
+
+    def __init__(self, action: str, err: int, detail: str = "") -> None:
+        hint = _HINTS.get(err, os.strerror(err))
+        text = f"{action} failed: {errno.errorcode.get(err, str(err))} ({hint})"
+        super().__init__(err, text + (f"; {detail}" if detail else ""))
+        self.action = action
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything read from an instance in one pass: parsed entries and unreadable ones."""
+
+    enabled: bool
+    entries: dict[str, Entry]
+    broken: dict[str, str]
+
+
+class BinfmtMisc:
+    """One binfmt_misc instance, found at `root`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def is_mounted(self) -> bool:
+        """Whether a binfmt_misc filesystem (not an automount point) sits at root."""
+        return mount_type(self.root) == "binfmt_misc"
+
+    def mount(self) -> None:
+        """Mount binfmt_misc at root (the directory must exist)."""
+        from binfmtd import ns
+
+        try:
+            ns.mount("binfmt_misc", str(self.root), "binfmt_misc")
+        except OSError as exc:
+            raise KernelError(f"mount binfmt_misc on {self.root}", exc.errno or 0) from None
+
+    def status_enabled(self) -> bool:
+        """Whether the instance as a whole is enabled."""
+        return self._read("status").strip() == "enabled"
+
+    def snapshot(self) -> Snapshot:
+        """Read every entry; a malformed or vanished one is reported, not raised."""
+        enabled = self.status_enabled()
+        entries: dict[str, Entry] = {}
+        broken: dict[str, str] = {}
+        for name in self._names():
+            try:
+                entries[name] = parse_entry(name, self._read(name))
+            except FileNotFoundError:
+                continue
+            except (FormatError, OSError) as exc:
+                broken[name] = str(exc)
+        return Snapshot(enabled, entries, broken)
+
+    def read(self, name: str) -> Entry | None:
+        """One entry, or None when it does not exist."""
+        try:
+            return parse_entry(name, self._read(name))
+        except FileNotFoundError:
+            return None
+
+    def register(self, reg: Registration) -> None:
+        """Write `reg` to register in a single write(2)."""
+        self._write("register", reg.register_string(), f"register {reg.name}")
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        """Enable or disable one entry."""
+        self._write(name, "1" if enabled else "0", f"{'enable' if enabled else 'disable'} {name}")
+
+    def remove(self, name: str) -> None:
+        """Remove one entry (-1 to the entry, never to `status`)."""
+        if name in {"status", "register"} or "/" in name:
+            raise ValueError(f"refusing to remove {name!r}")
+        self._write(name, "-1", f"remove {name}")
+
+    def _names(self) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.root) if n not in {"register", "status"})
+        except OSError as exc:
+            raise KernelError(f"list {self.root}", exc.errno or 0) from None
+
+    def _read(self, name: str) -> str:
+        try:
+            with open(self.root / name, encoding="latin-1") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            if name == "status":
+                raise KernelError(f"read {self.root}/status", errno.ENOENT) from None
+            raise
+
+    def _write(self, name: str, text: str, action: str) -> None:
+        data = text.encode("latin-1")
+        try:
+            fd = os.open(self.root / name, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise KernelError(action, exc.errno or 0) from None
+        try:
+            written = os.write(fd, data)
+        except OSError as exc:
+            detail = f"line: {text!r}" if exc.errno == errno.EINVAL else ""
+            raise KernelError(action, exc.errno or 0, detail) from None
+        finally:
+            os.close(fd)
+        if written != len(data):
+            raise KernelError(action, errno.EIO, f"short write {written}/{len(data)}")
+
+
+def mount_type(path: Path) -> str | None:
+    """The filesystem type mounted exactly at `path` (the last mount wins), per mountinfo."""
+    target = os.path.realpath(path)
+    found: str | None = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+            for line in handle:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) > 4 and _unescape(fields[4]) == target:
+                    found = right.split()[0] if right else None
+    except OSError:
+        return None
+    return found
+
+
+def _unescape(text: str) -> str:
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        text = text.replace(code, char)
+    return text

@@ -1,0 +1,1 @@
+"""Probe executables for the QEMU linux-user targets (package data)."""

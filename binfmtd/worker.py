@@ -1,0 +1,392 @@
+"""Drives a real buildkitd process from the pure lifecycle in `binfmtd.supervision`.
+
+`WorkerSupervisor.tick()` is non-blocking (one ListWorkers call at most, with a short timeout):
+it reaps the child, checks health every `health_interval_s`, feeds the events to `step()` and
+carries out the actions. `stop()` blocks for at most `grace_s` plus the SIGKILL. The status is an
+immutable value replaced whole, so `snapshot()` may be read from another thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Callable
+from typing import IO, Any
+
+import structlog
+from structlog.typing import FilteringBoundLogger
+
+from binfmtd.buildkit import (
+    BuildkitConfig,
+    WorkerUnreachable,
+    buildx_command,
+    list_workers,
+    normalize_platform,
+    platform_diff,
+    render_config,
+)
+from binfmtd.run import SAFE_PATH, minimal_env
+from binfmtd.supervision import (
+    Action,
+    Event,
+    Exited,
+    Healthy,
+    Kill,
+    PlatformsChanged,
+    ResetRequested,
+    RestartRequested,
+    Spawn,
+    SpawnFailed,
+    Started,
+    StopRequested,
+    SupervisorPolicy,
+    Terminate,
+    Tick,
+    Unhealthy,
+    WorkerState,
+    WorkerStatus,
+    step,
+)
+
+STARTING_HEALTH_INTERVAL_S = 0.2
+READER_JOIN_S = 0.5  # a grandchild holding the pipe open must not stall the loop
+
+
+def policy_of(config: BuildkitConfig) -> SupervisorPolicy:
+    """The lifecycle limits named in the configuration."""
+    return SupervisorPolicy(
+        start_timeout_s=config.start_timeout_s,
+        backoff_initial_s=config.backoff_initial_s,
+        backoff_max_s=config.backoff_max_s,
+        max_failures=config.max_failures,
+        debounce_s=config.debounce_s,
+        grace_s=config.grace_s,
+        stable_s=config.stable_s,
+    )
+
+
+def resolve_binary(path: str) -> str | None:
+    """An executable path for `path`: as given if it has a slash, else looked up in SAFE_PATH."""
+    if "/" not in path:
+        return shutil.which(path, path=SAFE_PATH)
+    return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+
+
+def buildkitd_argv(binary: str, config: BuildkitConfig, gid: int | None) -> list[str]:
+    """The buildkitd command line; `root` and the platforms travel in the TOML."""
+    argv = [binary, "--config", config.config_path, "--addr", f"unix://{config.socket}"]
+    if gid is not None:
+        argv += ["--group", str(gid)]
+    return argv + list(config.extra_args)
+
+
+def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
+    """Replace `path` with `text` so readers see the old or the new file, never a torn one."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_base_config(path: str | None) -> dict[str, Any]:
+    """The user's buildkitd.toml to merge ours into; a readable error names the file."""
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ValueError(f"cannot read buildkit base_config {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"buildkit base_config {path} is not valid TOML: {exc}") from exc
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _forward_lines(stream: IO[bytes], name: str, pid: int, log: FilteringBoundLogger) -> None:
+    """Copy the child's output into the log, one `worker_output` event per line."""
+    with stream:
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                log.info("worker_output", stream=name, pid=pid, line=line)
+
+
+class WorkerSupervisor:
+    """One buildkitd child, kept in line with the verified platform set.
+
+    `clock` must be the clock the daemon passes to `tick()` as `now` (time.monotonic by default);
+    `stop()`, `reset()` and `snapshot()` read it themselves.
+    """
+
+    def __init__(
+        self,
+        config: BuildkitConfig,
+        clock: Callable[[], float] = time.monotonic,
+        logger: FilteringBoundLogger | None = None,
+        *,
+        name: str = "binfmtd",
+    ) -> None:
+        self._config = config
+        self._policy = policy_of(config)
+        self._clock = clock
+        self._log: FilteringBoundLogger = logger or structlog.get_logger("binfmtd.worker")
+        self._name = name
+        self._status = WorkerStatus()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._readers: tuple[threading.Thread, ...] = ()
+        self._last_health: float | None = None
+
+    @property
+    def status(self) -> WorkerStatus:
+        """The current lifecycle status."""
+        return self._status
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def tick(self, now: float, desired_platforms: tuple[str, ...]) -> None:
+        """Advance the lifecycle: follow `desired_platforms`, reap, health-check, act."""
+        desired = tuple(sorted({normalize_platform(p) for p in desired_platforms}))
+        if desired != self._status.desired_platforms:
+            self._feed(PlatformsChanged(desired), now)
+        self._reap(now)
+        self._check_health(now)
+        self._feed(Tick(), now)
+
+    def stop(self) -> None:
+        """SIGTERM, up to `grace_s` for running builds, then SIGKILL; returns once it is gone."""
+        self._reap(self._clock())
+        self._feed(StopRequested(), self._clock())
+        proc = self._proc
+        if proc is not None:
+            try:
+                proc.wait(timeout=self._config.grace_s)
+            except subprocess.TimeoutExpired:
+                self._apply(Kill(), self._clock())
+                proc.wait()
+        self._reap(self._clock())
+
+    def reset(self) -> None:
+        """Leave FATAL and forget failures (on config reload)."""
+        self._feed(ResetRequested(), self._clock())
+
+    def restart(self) -> None:
+        """Restart a running worker, with the usual grace for running builds."""
+        self._feed(RestartRequested(), self._clock())
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready view for the status API and `binfmtctl`."""
+        status, now = self._status, self._clock()
+        advertised = status.advertised_platforms
+        diff = platform_diff(status.desired_platforms, advertised) if advertised else None
+        return {
+            "state": status.state.value,
+            "pid": status.pid,
+            "uptime_s": None if status.healthy_at is None else round(now - status.healthy_at, 1),
+            "restarts": status.restarts,
+            "failures": status.failures,
+            "intended_platforms": list(status.desired_platforms),
+            "running_platforms": list(status.running_platforms),
+            "advertised_platforms": list(advertised),
+            "differences": None if diff is None else diff.as_dict(),
+            "next_start_in_s": _seconds_until(status.next_start_at, now),
+            "last_error": status.last_error,
+            "socket": self._config.socket,
+            "buildx_command": buildx_command(
+                self._name, self._config.socket, status.desired_platforms
+            ),
+        }
+
+    # --- events in -----------------------------------------------------------------------------
+
+    def _feed(self, event: Event, now: float) -> None:
+        before = self._status
+        self._status, actions = step(before, event, now, self._policy)
+        self._log_change(before, self._status, now)
+        for action in actions:
+            follow_up = self._apply(action, now)
+            if follow_up is not None:
+                self._feed(follow_up, now)
+
+    def _reap(self, now: float) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is None:
+            return
+        self._proc = None
+        for reader in self._readers:
+            reader.join(READER_JOIN_S)
+        self._readers = ()
+        _remove(self._config.socket)
+        self._log.info("worker_exited", pid=proc.pid, returncode=proc.returncode)
+        self._feed(Exited(proc.returncode), now)
+
+    def _check_health(self, now: float) -> None:
+        status = self._status
+        if status.pid is None or status.state not in (WorkerState.STARTING, WorkerState.RUNNING):
+            return
+        interval = self._config.health_interval_s
+        if status.state is WorkerState.STARTING:
+            interval = min(interval, STARTING_HEALTH_INTERVAL_S)
+            if not os.path.exists(self._config.socket):
+                return
+        if self._last_health is not None and now - self._last_health < interval:
+            return
+        self._last_health = now
+        self._feed(self._probe(), now)
+
+    def _probe(self) -> Event:
+        timeout = max(0.5, min(2.0, self._config.health_interval_s))
+        try:
+            records = list_workers(self._config.socket, timeout)
+        except WorkerUnreachable as exc:
+            return Unhealthy(str(exc))
+        platforms = dict.fromkeys(p for record in records for p in record.platforms)
+        return Healthy(tuple(platforms))
+
+    # --- actions out ---------------------------------------------------------------------------
+
+    def _apply(self, action: Action, now: float) -> Event | None:
+        match action:
+            case Spawn(platforms):
+                return self._spawn(platforms)
+            case Terminate(grace_s):
+                self._signal(signal.SIGTERM, group=False, grace_s=grace_s)
+            case Kill():
+                self._signal(signal.SIGKILL, group=True)
+        return None
+
+    def _signal(self, signum: signal.Signals, *, group: bool, **keys: Any) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            # The child leads its own process group, so its pid is the group id; while it is
+            # unreaped that id cannot be reused.
+            if group:
+                os.killpg(proc.pid, signum)
+            else:
+                os.kill(proc.pid, signum)
+        self._log.info("worker_signalled", pid=proc.pid, signal=signum.name, **keys)
+
+    def _spawn(self, platforms: tuple[str, ...]) -> Event:
+        config = self._config
+        binary = resolve_binary(config.path)
+        if binary is None:
+            error = (
+                f"buildkitd not found: {config.path!r} is not an executable"
+                f" (PATH searched: {SAFE_PATH}); install BuildKit or set buildkit.path"
+            )
+            return SpawnFailed(error, permanent=True)
+        try:
+            self._prepare(platforms)
+        except (OSError, ValueError) as exc:
+            return SpawnFailed(f"cannot prepare buildkitd: {exc}", permanent=True)
+        argv = buildkitd_argv(binary, config, self._socket_gid())
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=minimal_env(),
+                close_fds=True,
+                process_group=0,
+            )
+        except OSError as exc:
+            permanent = isinstance(exc, FileNotFoundError | PermissionError)
+            return SpawnFailed(f"cannot run {binary}: {exc.strerror}", permanent=permanent)
+        self._adopt(proc)
+        self._log.info("worker_spawned", pid=proc.pid, argv=argv, platforms=list(platforms))
+        return Started(proc.pid)
+
+    def _prepare(self, platforms: tuple[str, ...]) -> None:
+        config = self._config
+        base = load_base_config(config.base_config)
+        os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.dirname(config.socket) or ".", exist_ok=True)
+        text = render_config(
+            base, platforms, containerd=config.containerd_worker, root=config.state_dir
+        )
+        write_atomic(config.config_path, text)
+        _remove(config.socket)
+
+    def _adopt(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
+        self._last_health = None
+        streams = (("stdout", proc.stdout), ("stderr", proc.stderr))
+        self._readers = tuple(
+            threading.Thread(
+                target=_forward_lines,
+                args=(stream, name, proc.pid, self._log),
+                name=f"buildkitd-{name}",
+                daemon=True,
+            )
+            for name, stream in streams
+            if stream is not None
+        )
+        for reader in self._readers:
+            reader.start()
+
+    def _socket_gid(self) -> int | None:
+        group = self._config.socket_group
+        if group is None:
+            return None
+        if group.isdigit():
+            return int(group)
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            self._log.warning("socket_group_missing", group=group, socket=self._config.socket)
+            return None
+
+    # --- logging -------------------------------------------------------------------------------
+
+    def _log_change(self, before: WorkerStatus, after: WorkerStatus, now: float) -> None:
+        if before.state is not after.state:
+            level = self._log.warning if after.state in _ALARMING else self._log.info
+            level(
+                "worker_state_changed",
+                previous=before.state.value,
+                state=after.state.value,
+                pid=after.pid if after.pid is not None else before.pid,
+                failures=after.failures,
+                retry_in_s=_seconds_until(after.next_start_at, now),
+                last_error=after.last_error,
+            )
+        elif after.last_error != before.last_error and after.last_error is not None:
+            self._log.warning(
+                "worker_check_failed", state=after.state.value, error=after.last_error
+            )
+
+
+_ALARMING = frozenset({WorkerState.BACKOFF, WorkerState.FATAL})
+
+
+def _seconds_until(moment: float | None, now: float) -> float | None:
+    return None if moment is None else round(max(moment - now, 0.0), 1)
