@@ -151,7 +151,7 @@ def open_deb_data(deb: str) -> Iterator[tarfile.TarFile]:
 
 def _open_tar(handle: IO[bytes], name: str, size: int, deb: str) -> tarfile.TarFile:
     window = _Window(handle, handle.tell(), size)
-    stream = typing.cast(IO[bytes], io.BufferedReader(window, CHUNK))  # type: ignore[type-var]
+    stream = typing.cast(IO[bytes], io.BufferedReader(window, CHUNK))
     if name.endswith(".xz"):
         return tarfile.open(fileobj=lzma.LZMAFile(stream), mode="r|")
     if name.endswith(".gz"):
