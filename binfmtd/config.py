@@ -94,6 +94,7 @@ class Config:
     flags: str = "FPC"
     conflict_policy: ConflictPolicy = ConflictPolicy.LEAVE
     reconcile_interval_s: float = 1.0
+    reverify_interval_s: float = 600.0
     remove_on_stop: bool = False
     lock_file: str = "/run/binfmtd/binfmtd.lock"
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -138,6 +139,7 @@ class ConfigError(ValueError):
 
 _LIMITS: dict[str, tuple[float, float]] = {
     "reconcile_interval_s": (0.05, 3600),
+    "reverify_interval_s": (1, 86400),
     "timeout_s": (0.1, 600),
     "parallelism": (1, 64),
 }

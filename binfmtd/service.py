@@ -1,0 +1,458 @@
+"""The long-running daemon: the tick loop (observe, plan, execute, verify, publish, notify).
+
+One thread owns the engine: the loop below. The API server runs in its own thread and only
+reads pre-rendered snapshots; mutations are queued to the loop and answered when done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from binfmtd import __version__, config, log, preflight
+from binfmtd.engine import Engine, TickReport
+from binfmtd.kernel import KernelError
+from binfmtd.notify import Notifier
+from binfmtd.preflight import Exit, PreflightError
+
+RETRY_FAILED_S = 30.0
+
+
+class ApiError(Exception):
+    """A request the daemon refuses, with the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class _Command:
+    action: str
+    arg: dict[str, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict[str, Any] | None = None
+    error: ApiError | None = None
+
+
+class Published:
+    """Immutable views of the daemon's state, swapped atomically after each tick."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.status: dict[str, Any] = {}
+        self.platforms: dict[str, Any] = {"platforms": [], "native": [], "emulated": []}
+        self.binfmt: dict[str, Any] = {"supported": [], "emulators": []}
+        self.worker: dict[str, Any] | None = None
+        self.encoded: dict[str, bytes] = {}
+        self.last_tick = 0.0
+        self.ready = False
+
+    def swap(
+        self,
+        status: dict[str, Any],
+        platforms: dict[str, Any],
+        binfmt: dict[str, Any],
+        worker: dict[str, Any] | None,
+    ) -> None:
+        """Replace every view at once (each is a fresh object, so readers never see a mix)."""
+        encoded = {
+            "status": json.dumps(status).encode(),
+            "platforms": json.dumps(platforms).encode(),
+            "binfmt": json.dumps(binfmt).encode(),
+            "worker": json.dumps(worker).encode(),
+        }
+        self.status, self.platforms, self.binfmt, self.worker = status, platforms, binfmt, worker
+        self.encoded = encoded
+        self.version += 1
+
+
+class Daemon:
+    """Everything the running daemon holds."""
+
+    def __init__(
+        self,
+        cfg: config.Config,
+        *,
+        sandbox: bool,
+        config_path: str | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.sandbox = sandbox
+        self.config_path = config_path
+        self.clock = clock
+        self.log = log.get("binfmtd.daemon")
+        self.engine = Engine(cfg, log.get("binfmtd.engine"), clock)
+        self.notifier = Notifier()
+        self.published = Published()
+        self.commands: queue.Queue[_Command] = queue.Queue()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.reload_requested = False
+        self.started_at = clock()
+        self.last_reconcile: float | None = None
+        self.worker: Any = None
+        self.server: Any = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def run(self) -> int:
+        """Preflight, first provision, READY=1, then the loop until SIGTERM."""
+        preflight.run_all(self.engine.kernel)
+        self._install_signals()
+        self.engine.detect_native()
+        self._start_worker()
+        self._tick()
+        self._start_server()
+        self.published.ready = True
+        self.notifier.ready(self._summary())
+        self.log.info("daemon_ready", summary=self._summary(), sandbox=self.sandbox)
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+        return Exit.OK
+
+    def _loop(self) -> None:
+        interval = self.cfg.reconcile_interval_s
+        next_tick = time.monotonic() + interval
+        while not self.stopping:
+            self.wake.wait(timeout=max(0.0, min(next_tick - time.monotonic(), 0.5)))
+            self.wake.clear()
+            if self.reload_requested:
+                self._reload()
+            self._run_commands()
+            if self.worker is not None:
+                self.worker.tick(time.monotonic(), tuple(self.engine.verified_platforms()))
+            if time.monotonic() >= next_tick:
+                self._tick()
+                next_tick = time.monotonic() + interval
+            self.notifier.watchdog()
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping()
+        self.log.info("daemon_stopping", remove_on_stop=self.cfg.remove_on_stop)
+        if self.server is not None:
+            self.server.close()
+        if self.worker is not None:
+            self.worker.stop()
+        if self.cfg.remove_on_stop:
+            with contextlib.suppress(KernelError, OSError):
+                removed = self.engine.remove_own_entries()
+                self.log.info("entries_removed_on_stop", entries=removed)
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop(self, _sig: int, _frame: object) -> None:
+        self.stopping = True
+        self.wake.set()
+
+    def _on_hup(self, _sig: int, _frame: object) -> None:
+        self.reload_requested = True
+        self.wake.set()
+
+    # ------------------------------------------------------------ the tick
+
+    def _tick(self, verify_also: tuple[str, ...] = ()) -> TickReport:
+        started = time.monotonic()
+        try:
+            report = self.engine.tick(verify_also=(*verify_also, *self._due_for_probe()))
+        except KernelError as exc:
+            report = self._recover_mount(exc)
+        self.last_reconcile = self.clock()
+        self._publish()
+        if report.changed or report.errors:
+            self.log.info(
+                "reconcile_finished",
+                repaired=[_describe(a) for a in report.actions],
+                verified=report.verified,
+                failed=report.failed,
+                errors=report.errors,
+                duration_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+            self.notifier.status(self._summary())
+        return report
+
+    def _recover_mount(self, exc: KernelError) -> TickReport:
+        """binfmt_misc vanished under us (unmounted): mount it again, then reconcile."""
+        self.log.warning("binfmt_misc_unavailable", error=str(exc))
+        self.engine.entries = {}
+        self.engine.probes.clear()
+        try:
+            preflight.ensure_mounted(self.engine.kernel)
+            self.log.info("binfmt_misc_remounted", path=str(self.engine.kernel.root))
+            return self.engine.tick()
+        except (PreflightError, KernelError) as again:
+            self.log.error("binfmt_misc_remount_failed", error=str(again))
+            return TickReport(errors={"binfmt_misc": str(again)})
+
+    def _due_for_probe(self) -> tuple[str, ...]:
+        now = self.clock()
+        due = []
+        for arch, result in self.engine.probes.items():
+            age = now - result.at
+            if (not result.ok and age >= RETRY_FAILED_S) or age >= self.cfg.reverify_interval_s:
+                due.append(arch)
+        return tuple(due)
+
+    # ------------------------------------------------------------ publishing
+
+    def _publish(self) -> None:
+        statuses = [s.to_json() for s in self.engine.statuses()]
+        native_platforms = self._native_platforms()
+        verified = self.engine.verified_platforms()
+        emulated = [p for p in verified if p not in native_platforms]
+        worker = self.worker.snapshot() if self.worker is not None else None
+        status = {
+            "daemon": {
+                "version": __version__,
+                "pid": os.getpid(),
+                "started_at": self.started_at,
+                "sandbox": self.sandbox,
+                "binfmt_misc": self.cfg.binfmt_misc,
+                "ready": self.published.ready,
+                "last_reconcile": self.last_reconcile,
+                "config": self.cfg.config_file,
+                "reconcile_interval_s": self.cfg.reconcile_interval_s,
+            },
+            "arches": statuses,
+            "native": native_platforms,
+            "worker": worker,
+        }
+        platforms = {"platforms": verified, "native": native_platforms, "emulated": emulated}
+        binfmt = {
+            "supported": verified,
+            "emulators": sorted(
+                s["arch"] and f"qemu-{s['arch']}" for s in statuses if s["registered"]
+            ),
+        }
+        self.published.last_tick = time.monotonic()
+        self.published.swap(status, platforms, binfmt, worker)
+
+    def _native_platforms(self) -> list[str]:
+        from binfmtd.arch import platforms_of
+
+        return platforms_of(list(self.engine.native))
+
+    def _summary(self) -> str:
+        rows = self.engine.statuses()
+        ok = sum(1 for r in rows if r.state == "verified")
+        bad = [r.arch for r in rows if r.state not in {"verified", "disabled"}]
+        text = f"{ok}/{len(rows)} architectures verified"
+        return text + (f"; not working: {', '.join(bad)}" if bad else "")
+
+    # ------------------------------------------------------------ commands from the API
+
+    def submit(self, action: str, arg: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
+        """Queue a mutation for the loop thread and wait for its answer."""
+        command = _Command(action, arg)
+        self.commands.put(command)
+        self.wake.set()
+        if not command.done.wait(timeout):
+            raise ApiError(504, f"{action} did not finish within {timeout:g} s")
+        if command.error is not None:
+            raise command.error
+        return command.result or {}
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                command.result = self._execute(command.action, command.arg)
+            except ApiError as exc:
+                command.error = exc
+            except Exception as exc:  # a bad request must never stop the loop
+                self.log.exception("command_failed", action=command.action)
+                command.error = ApiError(500, f"{command.action} failed: {exc}")
+            finally:
+                command.done.set()
+
+    def _execute(self, action: str, arg: dict[str, Any]) -> dict[str, Any]:
+        selected = set(self.engine.selected)
+        if action == "verify":
+            arches = list(arg.get("arches") or sorted(selected))
+            unknown = [a for a in arches if a not in selected]
+            if unknown:
+                raise ApiError(404, f"not configured: {', '.join(unknown)}")
+            report = self._tick(verify_also=tuple(arches))
+            return {"verified": report.verified, "failed": report.failed}
+        if action == "reconcile":
+            report = self._tick()
+            return {"actions": [_describe(a) for a in report.actions], "errors": report.errors}
+        if action in {"enable", "disable"}:
+            return self._set_enabled(str(arg.get("arch", "")), action == "enable", selected)
+        if action == "reload":
+            return self._reload()
+        raise ApiError(404, f"unknown action {action!r}")
+
+    def _set_enabled(self, arch: str, enable: bool, selected: set[str]) -> dict[str, Any]:
+        if arch not in selected:
+            raise ApiError(404, f"architecture {arch!r} is not configured")
+        if enable:
+            self.engine.operator_disabled.discard(arch)
+        else:
+            self.engine.operator_disabled.add(arch)
+        self._tick()
+        return {"arch": arch, "state": self.engine.status_of(arch).state}
+
+    # ------------------------------------------------------------ reload
+
+    def _reload(self) -> dict[str, Any]:
+        """Re-read the configuration; on any problem keep running on the old one and say so."""
+        self.reload_requested = False
+        self.notifier.reloading()
+        try:
+            new = config.load(self.config_path, require_safe_mode=_needs_safe_mode())
+            if self.sandbox:
+                new = config.for_sandbox(new)
+        except config.ConfigError as exc:
+            self.log.error("reload_failed", error=str(exc), keeping=self.cfg.config_file)
+            self.notifier.ready(f"reload failed, running on the old configuration: {exc}")
+            raise ApiError(
+                422, f"reload failed, still running on the old configuration: {exc}"
+            ) from None
+        changed = _changed_keys(self.cfg, new)
+        self.cfg = new
+        self.engine.apply_config(new)
+        if self.worker is not None and "buildkit" in changed:
+            self.worker.reset()
+        self._tick()
+        self.log.info("config_reloaded", changed=changed)
+        self.notifier.ready(self._summary())
+        return {"reloaded": True, "changed": changed}
+
+    # ------------------------------------------------------------ parts
+
+    def _start_server(self) -> None:
+        from binfmtd.server import ApiServer
+
+        self.server = ApiServer(self.cfg.api.socket, self.cfg.api.group, DaemonApi(self))
+        self.server.start()
+
+    def _start_worker(self) -> None:
+        if not self.cfg.buildkit.enabled:
+            return
+        from binfmtd.worker import WorkerSupervisor
+
+        self.worker = WorkerSupervisor(
+            self.cfg.buildkit, clock=time.monotonic, logger=log.get("binfmtd.worker")
+        )
+
+
+class DaemonApi:
+    """What the API server may ask of the daemon: snapshots, and queued mutations."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def version(self) -> int:
+        """Changes whenever any published view changes."""
+        return self.daemon.published.version
+
+    def status(self) -> dict[str, Any]:
+        """The full status, from memory."""
+        return self.daemon.published.status
+
+    def platforms(self) -> dict[str, Any]:
+        """Verified platforms, native first."""
+        return self.daemon.published.platforms
+
+    def platforms_binfmt(self) -> dict[str, Any]:
+        """The JSON shape tonistiigi/binfmt prints."""
+        return self.daemon.published.binfmt
+
+    def worker(self) -> dict[str, Any]:
+        """The BuildKit worker's state."""
+        return self.daemon.published.worker or {"enabled": False}
+
+    def health(self) -> dict[str, Any]:
+        """Liveness: ready, and how long since the loop last published."""
+        published = self.daemon.published
+        age = time.monotonic() - published.last_tick if published.last_tick else -1.0
+        limit = max(5.0, 3 * self.daemon.cfg.reconcile_interval_s)
+        return {
+            "ok": published.ready and 0 <= age < limit,
+            "ready": published.ready,
+            "last_tick_age_s": round(age, 3),
+        }
+
+    def mutate(self, action: str, arg: dict[str, Any]) -> dict[str, Any]:
+        """Queue a mutation to the loop thread and wait for the answer."""
+        return self.daemon.submit(action, arg)
+
+
+def _describe(action: object) -> str:
+    name = getattr(action, "name", None) or getattr(action, "arch", "")
+    return f"{type(action).__name__.lower()} {name}".strip()
+
+
+def _changed_keys(old: config.Config, new: config.Config) -> list[str]:
+    import dataclasses
+
+    return [
+        f.name
+        for f in dataclasses.fields(old)
+        if f.name != "config_file" and getattr(old, f.name) != getattr(new, f.name)
+    ]
+
+
+def _needs_safe_mode() -> bool:
+    from binfmtd import ns
+
+    return os.geteuid() == 0 and not ns.in_user_namespace()
+
+
+class _Lock:
+    """One daemon per lock file: a second one is refused, clearly."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+
+    def acquire(self) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise PreflightError(
+                Exit.ALREADY_RUNNING,
+                f"another binfmtd (pid {holder}) holds {self.path}; stop it first "
+                "(`systemctl stop binfmtd`) or give this one another lock_file",
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def serve(cfg: config.Config, *, sandbox: bool, config_path: str | None) -> int:
+    """Run the daemon until SIGTERM."""
+    lock = _Lock(cfg.lock_file)
+    lock.acquire()
+    try:
+        return Daemon(cfg, sandbox=sandbox, config_path=config_path).run()
+    finally:
+        lock.release()

@@ -1,0 +1,195 @@
+"""Shared fixtures: the real foreign parts in the cache, private binfmt_misc sandboxes, configs.
+
+Nothing here ever touches the host's global binfmt_misc: everything that registers runs in a
+new user + mount namespace with its own instance, and a session guard proves the host's state
+(mounted or not, which entries) is the same after the suite as before it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+GLOBAL_BINFMT = "/proc/sys/fs/binfmt_misc"
+BINFMTD = str(REPO / ".venv" / "bin" / "binfmtd")
+PYTHON = sys.executable
+
+
+@dataclass(frozen=True)
+class Cache:
+    """Where `./scripts/setup` put the real foreign parts."""
+
+    root: Path
+    qemu_dir: Path
+    qemu_deb: Path
+    binfmt_d: Path
+    busybox_root: Path
+
+    def busybox(self, debarch: str) -> Path:
+        """The static busybox for a Debian architecture name (arm64, armhf, ...)."""
+        return self.busybox_root / debarch / "bin" / "busybox"
+
+
+def _find_cache() -> Cache:
+    root = Path(os.environ.get("BINFMTD_CACHE", REPO / "cache"))
+    debs = sorted((root / "debs").glob("qemu-user-static_*.deb"))
+    cache = Cache(
+        root=root,
+        qemu_dir=root / "qemu" / "usr" / "bin",
+        qemu_deb=debs[0] if debs else root / "debs" / "qemu-user-static_MISSING.deb",
+        binfmt_d=root / "qemu" / "usr" / "lib" / "binfmt.d",
+        busybox_root=root / "busybox",
+    )
+    needed = [
+        cache.qemu_deb,
+        cache.qemu_dir / "qemu-aarch64-static",
+        cache.binfmt_d / "qemu-aarch64.conf",
+        cache.busybox("arm64"),
+    ]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        pytest.fail(
+            f"the test cache at {root} is incomplete (missing {', '.join(missing)}): "
+            "run ./scripts/setup (or point BINFMTD_CACHE at a prepared cache)",
+            pytrace=False,
+        )
+    return cache
+
+
+@pytest.fixture(scope="session")
+def cache() -> Cache:
+    """The prepared cache; the suite fails (never skips) when it is missing."""
+    return _find_cache()
+
+
+@pytest.fixture(scope="session")
+def qemu_dir(cache: Cache) -> Path:
+    """The unpacked qemu-user-static binaries (usr/bin of the .deb)."""
+    return cache.qemu_dir
+
+
+@pytest.fixture(scope="session")
+def qemu_deb(cache: Cache) -> Path:
+    """Debian's qemu-user-static .deb."""
+    return cache.qemu_deb
+
+
+@pytest.fixture(scope="session")
+def busybox(cache: Cache) -> Callable[[str], Path]:
+    """busybox(debarch) -> the static busybox of that Debian architecture."""
+
+    def find(debarch: str) -> Path:
+        path = cache.busybox(debarch)
+        if not path.is_file():
+            pytest.fail(f"{path} is missing: run ./scripts/setup", pytrace=False)
+        return path
+
+    return find
+
+
+# ---------------------------------------------------------------- the host guard
+
+
+def _global_binfmt_state() -> tuple[str | None, dict[str, str]]:
+    """(filesystem type mounted at the global path per mountinfo, entry texts if mounted)."""
+    fstype = None
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        for line in handle:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) > 4 and fields[4] == GLOBAL_BINFMT:
+                fstype = right.split()[0] if right else None
+    entries: dict[str, str] = {}
+    if fstype == "binfmt_misc":
+        for name in sorted(os.listdir(GLOBAL_BINFMT)):
+            if name != "register":
+                entries[name] = Path(GLOBAL_BINFMT, name).read_text(encoding="latin-1")
+    return fstype, entries
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_binfmt_untouched() -> Iterator[None]:
+    """Records the host's global binfmt_misc and asserts the suite left it exactly as it was."""
+    before = _global_binfmt_state()
+    yield
+    after = _global_binfmt_state()
+    assert after == before, (
+        f"the suite changed the host's global binfmt_misc: before {before!r}, after {after!r}"
+    )
+
+
+# ---------------------------------------------------------------- sandboxes and configs
+
+SANDBOX_PRELUDE = f"""set -euo pipefail
+mount --make-rprivate /
+mount -t binfmt_misc binfmt_misc {GLOBAL_BINFMT}
+"""
+
+SandboxSh = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+@pytest.fixture
+def sandbox_sh(cache: Cache) -> SandboxSh:
+    """sandbox_sh(script, timeout=120, env=None): bash in a new userns+mountns, private binfmt_misc.
+
+    The script sees $REPO, $CACHE, $QEMU_DIR, $QEMU_DEB, $BINFMTD and $PYTHON, runs with
+    `set -euo pipefail`, and finds a fresh binfmt_misc instance at /proc/sys/fs/binfmt_misc.
+    """
+
+    def run(
+        script: str, timeout: float = 120, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        full_env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "LC_ALL": "C.UTF-8",
+            "HOME": "/root",
+            "REPO": str(REPO),
+            "CACHE": str(cache.root),
+            "QEMU_DIR": str(cache.qemu_dir),
+            "QEMU_DEB": str(cache.qemu_deb),
+            "BINFMTD": BINFMTD,
+            "PYTHON": PYTHON,
+            **(env or {}),
+        }
+        return subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", SANDBOX_PRELUDE + script],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+
+    return run
+
+
+def write_config(tmp_dir: Path, **overrides: Any) -> Path:
+    """A YAML config with every path under `tmp_dir`, the cache's qemu directory as source.
+
+    `overrides` replace top-level keys (a dict value replaces the whole section). The install
+    directory's parents must be root-owned and not group/world-writable (pytest's tmp_path is).
+    """
+    cache = _find_cache()
+    body: dict[str, Any] = {
+        "install_dir": str(tmp_dir / "qemu"),
+        "state_file": str(tmp_dir / "state" / "state.json"),
+        "lock_file": str(tmp_dir / "run" / "binfmtd.lock"),
+        "source": {"kind": "directory", "path": str(cache.qemu_dir)},
+        "log": {"level": "warning"},
+        "api": {"socket": str(tmp_dir / "run" / "binfmtd.sock"), "group": None},
+    }
+    body.update(overrides)
+    path = tmp_dir / "binfmtd.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
+    path.chmod(0o644)
+    return path
