@@ -38,7 +38,6 @@ class ConflictPolicy(StrEnum):
     """What to do with an existing entry binfmtd did not make."""
 
     LEAVE = "leave"
-    ADOPT = "adopt"
     REPLACE = "replace"
 
 
@@ -124,9 +123,18 @@ def for_sandbox(cfg: Config) -> Config:
     api = cfg.api
     if api.socket == defaults.api.socket:
         api = dataclasses.replace(api, socket="/run/binfmtd-sandbox/binfmtd.sock")
+    kit = cfg.buildkit
+    if kit.socket == defaults.buildkit.socket:
+        kit = dataclasses.replace(
+            kit,
+            socket="/run/binfmtd-sandbox/buildkitd.sock",
+            config_path="/run/binfmtd-sandbox/buildkitd.toml",
+            state_dir="/var/lib/binfmtd-sandbox/buildkit",
+        )
     return dataclasses.replace(
         cfg,
         api=api,
+        buildkit=kit,
         install_dir=moved.get("install_dir", cfg.install_dir),
         state_file=moved.get("state_file", cfg.state_file),
         lock_file=moved.get("lock_file", cfg.lock_file),
@@ -191,7 +199,7 @@ def _where(path: str, node: yaml.Node, key: str) -> str:
 
 def _build(cls: type[Any], node: yaml.Node, path: str, prefix: str) -> Any:
     if not isinstance(node, yaml.MappingNode):
-        raise ConfigError(f"{_where(path, node, prefix)}: expected a mapping")
+        raise ConfigError(f"{_where(path, node, prefix.rstrip('.'))}: expected a mapping")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.name != "config_file"}
     values: dict[str, Any] = {}
@@ -228,7 +236,11 @@ def _is_null(node: yaml.Node) -> bool:
 def _scalar(hint: Any, node: yaml.Node, path: str, key: str) -> Any:
     if not isinstance(node, yaml.ScalarNode) or _is_null(node):
         raise ConfigError(f"{_where(path, node, key)}: expected a {_type_name(hint)}")
-    value = _construct(node)
+    try:
+        value = _construct(node)
+    except (yaml.YAMLError, ValueError, TypeError) as exc:
+        problem = str(exc).splitlines()[0]
+        raise ConfigError(f"{_where(path, node, key)}: cannot read the value: {problem}") from None
     if isinstance(hint, type) and issubclass(hint, StrEnum):
         try:
             return hint(value)

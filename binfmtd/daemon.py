@@ -105,6 +105,7 @@ def oneshot(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
     """Preflight, install, register, verify; print the table; exit 1 if any arch failed."""
     from binfmtd import preflight
     from binfmtd.engine import Engine
+    from binfmtd.plan import describe
 
     logger = log.get("binfmtd.oneshot")
     engine = Engine(cfg, logger)
@@ -122,6 +123,7 @@ def oneshot(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
                 {
                     "sandbox": sandbox,
                     "durations_ms": {**report.durations_ms, "total": total},
+                    "actions": [describe(a) for a in report.actions],
                     "native": engine.native,
                     "platforms": engine.verified_platforms(),
                     "arches": [s.to_json() for s in statuses],

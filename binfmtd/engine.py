@@ -257,6 +257,7 @@ class Engine:
         host = archmod.host_elf_machine(self.machine)
         pending = set(arches)
         try:
+            self.source.check_available()
             emulators.ensure_install_dir(self.cfg.install_dir)
             for arch, stream in self.source.streams(arches):
                 pending.discard(arch)

@@ -105,16 +105,17 @@ def _plan_arch(
     shadows = _shadowing(want, observed.entries, install_dir)
     for other in shadows:
         out.append(_foreign(arch, other, policy, "claims the same binaries under another name"))
+    entry = observed.entries.get(reg.name)
+    if entry is not None and not is_owned(entry, install_dir) and policy is ConflictPolicy.LEAVE:
+        # Nothing will be registered for this arch, so nothing is installed for it either.
+        return [*out, _foreign(arch, entry, policy, "entry made by another tool")]
     reinstall = not observed.interpreter_ok.get(arch, False)
     if reinstall:
         out.append(Install(arch, "interpreter missing or changed on disk"))
-    entry = observed.entries.get(reg.name)
     if entry is None:
         return [*out, Register(arch, reg, "entry missing"), *_disable_after(want, reg)]
     if not is_owned(entry, install_dir):
         out.append(_foreign(arch, entry, policy, "entry made by another tool"))
-        if policy is ConflictPolicy.LEAVE:
-            return out
         return [*out, Register(arch, reg, "replacing a foreign entry"), *_disable_after(want, reg)]
     if reinstall or not entry.matches(reg):
         why = "interpreter reinstalled" if reinstall else _difference(entry, reg)
@@ -156,3 +157,10 @@ def _difference(entry: Entry, reg: Registration) -> str:
     if entry.flags != reg.flags:
         return f"flags changed to {entry.flags or '(none)'}"
     return "magic or mask changed"
+
+
+def describe(action: Action) -> str:
+    """A short human label such as "register qemu-aarch64"."""
+    name = getattr(action, "name", None) or getattr(action, "reg", None) or action.arch
+    label = name.name if isinstance(name, Registration) else name
+    return f"{type(action).__name__.lower()} {label}"

@@ -22,18 +22,11 @@ from binfmtd import __version__, config, log, preflight
 from binfmtd.engine import Engine, TickReport
 from binfmtd.kernel import KernelError
 from binfmtd.notify import Notifier
+from binfmtd.plan import describe
 from binfmtd.preflight import Exit, PreflightError
+from binfmtd.server import ApiError, ApiServer
 
 RETRY_FAILED_S = 30.0
-
-
-class ApiError(Exception):
-    """A request the daemon refuses, with the HTTP status to answer."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass
@@ -178,7 +171,7 @@ class Daemon:
         if report.changed or report.errors:
             self.log.info(
                 "reconcile_finished",
-                repaired=[_describe(a) for a in report.actions],
+                repaired=[describe(a) for a in report.actions],
                 verified=report.verified,
                 failed=report.failed,
                 errors=report.errors,
@@ -295,7 +288,7 @@ class Daemon:
             return {"verified": report.verified, "failed": report.failed}
         if action == "reconcile":
             report = self._tick()
-            return {"actions": [_describe(a) for a in report.actions], "errors": report.errors}
+            return {"actions": [describe(a) for a in report.actions], "errors": report.errors}
         if action in {"enable", "disable"}:
             return self._set_enabled(str(arg.get("arch", "")), action == "enable", selected)
         if action == "reload":
@@ -331,8 +324,11 @@ class Daemon:
         changed = _changed_keys(self.cfg, new)
         self.cfg = new
         self.engine.apply_config(new)
-        if self.worker is not None and "buildkit" in changed:
-            self.worker.reset()
+        if "buildkit" in changed:
+            if self.worker is not None:
+                self.worker.stop()
+                self.worker = None
+            self._start_worker()
         self._tick()
         self.log.info("config_reloaded", changed=changed)
         self.notifier.ready(self._summary())
@@ -341,8 +337,6 @@ class Daemon:
     # ------------------------------------------------------------ parts
 
     def _start_server(self) -> None:
-        from binfmtd.server import ApiServer
-
         self.server = ApiServer(self.cfg.api.socket, self.cfg.api.group, DaemonApi(self))
         self.server.start()
 
@@ -396,11 +390,6 @@ class DaemonApi:
     def mutate(self, action: str, arg: dict[str, Any]) -> dict[str, Any]:
         """Queue a mutation to the loop thread and wait for the answer."""
         return self.daemon.submit(action, arg)
-
-
-def _describe(action: object) -> str:
-    name = getattr(action, "name", None) or getattr(action, "arch", "")
-    return f"{type(action).__name__.lower()} {name}".strip()
 
 
 def _changed_keys(old: config.Config, new: config.Config) -> list[str]:

@@ -161,7 +161,15 @@ def sandbox_sh(cache: Cache) -> SandboxSh:
             **(env or {}),
         }
         return subprocess.run(
-            ["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", SANDBOX_PRELUDE + script],
+            [
+                "unshare",
+                "--user",
+                "--map-root-user",
+                "--mount",
+                "bash",
+                "-c",
+                SANDBOX_PRELUDE + script,
+            ],
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -27,7 +27,7 @@ def decode(field: str) -> bytes:
 
 
 def debian_definitions(binfmt_d: Path) -> dict[str, tuple[bytes, bytes]]:
-    """name -> (magic, mask) from Debian's qemu-*.conf files (`:name:M::magic:mask:interp:flags`)."""
+    """name -> (magic, mask) from Debian's qemu-*.conf (`:name:M::magic:mask:interp:flags`)."""
     found = {}
     for conf in sorted(binfmt_d.glob("qemu-*.conf")):
         line = conf.read_text(encoding="latin-1").strip()

@@ -1,0 +1,291 @@
+"""Configuration: defaults, every option, errors that name file, line and key; safe mode."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from binfmtd import config
+from binfmtd.buildkit import BuildkitConfig
+from binfmtd.config import (
+    ApiConfig,
+    Config,
+    ConfigError,
+    ConflictPolicy,
+    LogConfig,
+    LogFormat,
+    ProbeConfig,
+    SourceConfig,
+    SourceKind,
+)
+
+FULL = """\
+binfmt_misc: /mnt/binfmt
+install_dir: /opt/binfmtd/qemu
+state_file: /opt/binfmtd/state.json
+arches: [aarch64, riscv64, s390x]
+exclude: [s390x]
+flags: F
+conflict_policy: replace
+reconcile_interval_s: 2.5
+reverify_interval_s: 120
+remove_on_stop: true
+lock_file: /run/x/binfmtd.lock
+source:
+  kind: deb
+  path: /srv/qemu-user-static.deb
+probe:
+  timeout_s: 3
+  parallelism: 2
+api:
+  socket: /run/x/binfmtd.sock
+  group: builders
+log:
+  level: debug
+  format: json
+buildkit:
+  enabled: true
+  path: /usr/local/bin/buildkitd
+  socket: /run/x/buildkitd.sock
+  state_dir: /var/lib/x/buildkit
+  config_path: /run/x/buildkitd.toml
+  base_config: /etc/x/buildkitd.toml
+  extra_args: [--debug, --oci-worker-gc=false]
+  containerd_worker: true
+  socket_group: ~
+  grace_s: 5
+  debounce_s: 0.5
+  backoff_initial_s: 0.25
+  backoff_max_s: 10
+  max_failures: 3
+  start_timeout_s: 12
+  health_interval_s: 1
+  stable_s: 30
+"""
+
+
+def error_of(text: str, path: str = "/etc/binfmtd/x.yaml") -> str:
+    """The ConfigError message `text` produces."""
+    with pytest.raises(ConfigError) as info:
+        config.parse(text, path)
+    return str(info.value)
+
+
+def test_defaults() -> None:
+    """No file, an empty file and an all-comment file all give the documented defaults."""
+    cfg = config.load(None)
+    assert cfg == Config()
+    assert cfg.binfmt_misc == "/proc/sys/fs/binfmt_misc"
+    assert cfg.install_dir == "/var/lib/binfmtd/qemu"
+    assert cfg.arches == ("all",) and cfg.exclude == ()
+    assert cfg.flags == "FPC" and cfg.conflict_policy is ConflictPolicy.LEAVE
+    assert cfg.source == SourceConfig(SourceKind.AUTO, None)
+    assert cfg.log == LogConfig("info", LogFormat.AUTO)
+    assert config.parse("", "e.yaml") == dataclasses.replace(Config(), config_file="e.yaml")
+    assert config.parse("# nothing\n", "c.yaml").install_dir == cfg.install_dir
+
+
+def test_every_option_in_a_full_yaml() -> None:
+    """A file setting every option yields exactly those values, with the right types."""
+    cfg = config.parse(FULL, "/etc/binfmtd/full.yaml")
+    expected = Config(
+        binfmt_misc="/mnt/binfmt",
+        install_dir="/opt/binfmtd/qemu",
+        state_file="/opt/binfmtd/state.json",
+        arches=("aarch64", "riscv64", "s390x"),
+        exclude=("s390x",),
+        flags="F",
+        conflict_policy=ConflictPolicy.REPLACE,
+        reconcile_interval_s=2.5,
+        reverify_interval_s=120.0,
+        remove_on_stop=True,
+        lock_file="/run/x/binfmtd.lock",
+        source=SourceConfig(SourceKind.DEB, "/srv/qemu-user-static.deb"),
+        probe=ProbeConfig(timeout_s=3.0, parallelism=2),
+        api=ApiConfig("/run/x/binfmtd.sock", "builders"),
+        log=LogConfig("debug", LogFormat.JSON),
+        buildkit=BuildkitConfig(
+            enabled=True,
+            path="/usr/local/bin/buildkitd",
+            socket="/run/x/buildkitd.sock",
+            state_dir="/var/lib/x/buildkit",
+            config_path="/run/x/buildkitd.toml",
+            base_config="/etc/x/buildkitd.toml",
+            extra_args=("--debug", "--oci-worker-gc=false"),
+            containerd_worker=True,
+            socket_group=None,
+            grace_s=5.0,
+            debounce_s=0.5,
+            backoff_initial_s=0.25,
+            backoff_max_s=10.0,
+            max_failures=3,
+            start_timeout_s=12.0,
+            health_interval_s=1.0,
+            stable_s=30.0,
+        ),
+        config_file="/etc/binfmtd/full.yaml",
+    )
+    assert cfg == expected
+    assert isinstance(cfg.probe.timeout_s, float) and isinstance(cfg.probe.parallelism, int)
+    assert cfg.selected(native=("riscv64",)) == ("aarch64",)
+
+
+def test_full_yaml_covers_every_option() -> None:
+    """The full example names every field of every section (a new option needs a test)."""
+    data = yaml.safe_load(FULL)
+
+    def missing(cls: type[Any], section: dict[str, Any], prefix: str) -> set[str]:
+        names = {f.name for f in dataclasses.fields(cls) if f.name != "config_file"}
+        out = {prefix + n for n in names - set(section)}
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.type) or f.name in {"source", "probe", "api", "log"}:
+                sub = type(getattr(cls(), f.name))
+                out |= missing(sub, section.get(f.name, {}), prefix + f.name + ".")
+        return out
+
+    assert missing(Config, data, "") == set()
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "detail"),
+    [
+        ("install_dir: /x\nbogus: 1\n", 2, "bogus", "unknown key"),
+        ("probe:\n  timeout_s: 1\n  tiemout_s: 2\n", 3, "probe.tiemout_s", "unknown key"),
+        ("flags: F\nflags: FP\n", 2, "flags", "duplicate key"),
+        ("probe:\n  parallelism: many\n", 2, "probe.parallelism", "expected a int"),
+        ("probe:\n  parallelism: 2.5\n", 2, "probe.parallelism", "expected a int"),
+        ("remove_on_stop: 'yes'\n", 1, "remove_on_stop", "expected a bool"),
+        ("reconcile_interval_s: true\n", 1, "reconcile_interval_s", "expected a float"),
+        ("install_dir: 5\n", 1, "install_dir", "expected a str"),
+        ("install_dir: ~\n", 1, "install_dir", "expected a str"),
+        ("arches: aarch64\n", 1, "arches", "expected a list"),
+        ("arches: [aarch64, [x]]\n", 1, "arches", "expected a str"),
+        ("source: directory\n", 1, "source", "expected a mapping"),
+        ("\n\nconflict_policy: maybe\n", 3, "conflict_policy", "'maybe' is not one of"),
+        ("source:\n  kind: tarball\n", 2, "source.kind", "is not one of: auto, directory, deb"),
+        ("log:\n  format: xml\n", 2, "log.format", "is not one of"),
+        ("probe:\n  parallelism: 0\n", 2, "probe.parallelism", "between 1 and 64"),
+        ("probe:\n  timeout_s: 601\n", 2, "probe.timeout_s", "between 0.1 and 600"),
+        ("probe:\n  timeout_s: .nan\n", 2, "probe.timeout_s", "between"),
+        ("reconcile_interval_s: 0.001\n", 1, "reconcile_interval_s", "between"),
+        ("- a\n- b\n", 1, "<top>", "expected a mapping"),
+    ],
+)
+def test_errors_name_file_line_and_key(text: str, line: int, key: str, detail: str) -> None:
+    """Unknown keys, wrong types, bad enums and out-of-range values say `file:LINE: key: why`."""
+    message = error_of(text)
+    assert message.startswith(f"/etc/binfmtd/x.yaml:{line}: {key}: "), message
+    assert detail in message
+
+
+def test_invalid_yaml_names_the_file_and_position() -> None:
+    """A YAML syntax error names the file and where the parser stopped."""
+    message = error_of("install_dir: [unclosed\n")
+    assert message.startswith("/etc/binfmtd/x.yaml: not valid YAML")
+    assert "line" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "detail"),
+    [
+        ("arches: [aarch64, arm64]\n", "arches: unknown architecture 'arm64'"),
+        ("exclude: [sparc128]\n", "unknown architecture 'sparc128'"),
+        ("flags: PC\n", "flags: must include F"),
+        ("flags: FZ\n", "flags: unknown binfmt flag"),
+        ("install_dir: var/lib/q\n", "install_dir: must be an absolute path"),
+        ("source:\n  kind: directory\n", "source.path: required"),
+    ],
+)
+def test_semantic_errors_name_file_and_key(text: str, detail: str) -> None:
+    """Unknown arch names, flags without F, relative paths and a source without a path."""
+    message = error_of(text)
+    assert message.startswith("/etc/binfmtd/x.yaml"), message
+    assert detail in message, message
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["flags: !foo F\n", "probe:\n  parallelism: !!int many\n", "install_dir: !!binary AAAA\n"],
+)
+def test_odd_tags_are_config_errors(text: str) -> None:
+    """Explicit YAML tags that cannot be constructed are reported as configuration errors."""
+    assert error_of(text).startswith("/etc/binfmtd/x.yaml:")
+
+
+yamlish = st.text(
+    st.sampled_from(list("abcdefgiklmnoprstuvxyz_019 :-[]{},'\"\n!#&*~.|>?%@`\t")), max_size=120
+)
+keyed = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [f.name for f in dataclasses.fields(Config)]
+            + ["probe:\n  timeout_s", "source:\n  kind", "buildkit:\n  grace_s", "api:\n  group"]
+        ),
+        yamlish,
+    ),
+    max_size=5,
+).map(lambda pairs: "".join(f"{k}: {v}\n" for k, v in pairs))
+
+
+@given(yamlish | keyed)
+def test_random_yamlish_text_only_raises_config_error(text: str) -> None:
+    """Whatever the text, parse returns a Config or raises ConfigError, nothing else."""
+    with contextlib.suppress(ConfigError):
+        assert isinstance(config.parse(text, "fuzz.yaml"), Config)
+
+
+def test_load_reports_unreadable_and_non_utf8(tmp_path: Path) -> None:
+    """A missing file or non-UTF-8 bytes become ConfigErrors naming the file."""
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read configuration"):
+        config.load(str(tmp_path / "nope.yaml"))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"install_dir: /caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        config.load(str(latin))
+
+
+@pytest.mark.parametrize(("mode", "uid"), [(0o664, 0), (0o646, 0), (0o644, 1000)])
+def test_unsafe_config_refused_in_safe_mode(tmp_path: Path, mode: int, uid: int) -> None:
+    """require_safe_mode refuses a config writable by group/others or not owned by root."""
+    path = tmp_path / "binfmtd.yaml"
+    path.write_text("flags: FPC\n", encoding="utf-8")
+    os.chown(path, uid, 0)
+    path.chmod(mode)
+    with pytest.raises(ConfigError, match="refusing a configuration") as info:
+        config.load(str(path), require_safe_mode=True)
+    assert f"chown root: {path}" in str(info.value)
+    assert config.load(str(path)).flags == "FPC"  # without safe mode it is read
+
+
+def test_safe_config_accepted_in_safe_mode(tmp_path: Path) -> None:
+    """A root-owned 0644 config passes safe mode."""
+    path = tmp_path / "binfmtd.yaml"
+    path.write_text("arches: [s390x]\n", encoding="utf-8")
+    path.chmod(0o644)
+    assert config.load(str(path), require_safe_mode=True).arches == ("s390x",)
+
+
+def test_selected_honours_all_exclude_and_native() -> None:
+    """`all` expands to the catalog; excluded and native arches drop out."""
+    cfg = config.parse("exclude: [cris, hexagon]\n")
+    chosen = cfg.selected(native=("x86_64", "i386"))
+    assert len(chosen) == 35 - 4
+    assert not {"cris", "hexagon", "x86_64", "i386"} & set(chosen)
+
+
+def test_for_sandbox_moves_only_default_paths() -> None:
+    """--sandbox moves default install/state/lock/socket paths aside and keeps explicit ones."""
+    moved = config.for_sandbox(Config())
+    assert moved.install_dir == "/var/lib/binfmtd-sandbox/qemu"
+    assert moved.api.socket == "/run/binfmtd-sandbox/binfmtd.sock"
+    kept = config.for_sandbox(Config(install_dir="/srv/q"))
+    assert kept.install_dir == "/srv/q"
+    assert kept.state_file == "/var/lib/binfmtd-sandbox/state.json"
