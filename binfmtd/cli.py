@@ -407,58 +407,93 @@ def _default_socket() -> str:
     return DEFAULT_SOCKET
 
 
+def _status_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="the raw status JSON")
+    parser.add_argument("--offline", action="store_true", help="read binfmt_misc, not the daemon")
+    parser.add_argument("--binfmt-misc", default="/proc/sys/fs/binfmt_misc", help="for --offline")
+
+
+def _platforms_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="native and emulated, as JSON")
+    parser.add_argument("--format", choices=["binfmt"], help="tonistiigi/binfmt's JSON shape")
+
+
+def _verify_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("arches", nargs="*", metavar="ARCH", help="default: every configured one")
+    _json_arg(parser)
+
+
+def _arch_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("arch", metavar="ARCH")
+
+
+def _json_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="the raw JSON")
+
+
+def _exec_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+
+
+def _no_args(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+# name: (help, arguments, handler, default timeout in seconds). Only the chosen command's
+# parser is built: building all of them costs more start-up time than the request itself.
+COMMANDS = {
+    "status": ("architectures, state and last verification", _status_args, cmd_status, 10.0),
+    "platforms": ("comma-separated, for buildx --platform", _platforms_args, cmd_platforms, 10.0),
+    "check": ("exit 0 only if all are registered with F and verified", _no_args, cmd_check, 10.0),
+    "verify": ("run the probes now (all, or the named arches)", _verify_args, cmd_verify, 300.0),
+    "reconcile": ("run a reconcile pass now", _no_args, cmd_mutate, 300.0),
+    "enable": ("enable an architecture's binfmt_misc entry", _arch_arg, cmd_mutate, 300.0),
+    "disable": ("disable an architecture's binfmt_misc entry", _arch_arg, cmd_mutate, 300.0),
+    "reload": ("re-read the configuration", _no_args, cmd_mutate, 300.0),
+    "worker": ("the BuildKit worker's state and buildx command", _json_arg, cmd_worker, 10.0),
+    "exec": ("run CMD where the daemon's emulators are registered", _exec_args, cmd_exec, 10.0),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The whole command line."""
+    """Global options and the command name; the command's own options are parsed after."""
+    listing = "\n".join(f"  {name:10s} {entry[0]}" for name, entry in COMMANDS.items())
     parser = argparse.ArgumentParser(
         prog="binfmtctl",
+        usage="binfmtctl [--socket PATH] [--timeout S] COMMAND [ARGS...]",
         description="Query and control binfmtd, the QEMU binfmt_misc registration daemon.",
-        epilog=__doc__.split("\n\n")[1],
+        epilog=f"commands (binfmtctl COMMAND --help for more):\n{listing}\n\n"
+        + __doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--socket", default=_default_socket(), help="binfmtd's API socket (env BINFMTD_SOCKET)"
+        "--socket",
+        default=_default_socket(),
+        metavar="PATH",
+        help=f"binfmtd's API socket (default {DEFAULT_SOCKET}; env BINFMTD_SOCKET)",
     )
-    parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for an answer")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    status = sub.add_parser("status", help="architectures, their state and last verification")
-    status.add_argument("--json", action="store_true", help="the raw status JSON")
-    status.add_argument("--offline", action="store_true", help="read binfmt_misc, not the daemon")
-    status.add_argument("--binfmt-misc", default="/proc/sys/fs/binfmt_misc", help="for --offline")
-    status.set_defaults(func=cmd_status, wait=10.0)
-    platforms = sub.add_parser("platforms", help="comma-separated platforms for buildx --platform")
-    platforms.add_argument("--json", action="store_true", help="native and emulated, as JSON")
-    platforms.add_argument("--format", choices=["binfmt"], help="tonistiigi/binfmt's JSON shape")
-    platforms.set_defaults(func=cmd_platforms, wait=10.0)
-    sub.add_parser(
-        "check", help="exit 0 only if every arch is registered with F and verified"
-    ).set_defaults(func=cmd_check, wait=10.0)
-    verify = sub.add_parser("verify", help="run the probes now (all, or the named arches)")
-    verify.add_argument("arches", nargs="*", metavar="ARCH")
-    verify.add_argument("--json", action="store_true", help="the daemon's answer as JSON")
-    verify.set_defaults(func=cmd_verify, wait=300.0)
-    for name, text in (
-        ("reconcile", "run a reconcile pass now"),
-        ("reload", "re-read the configuration"),
-    ):
-        sub.add_parser(name, help=text).set_defaults(func=cmd_mutate, wait=300.0)
-    for name in ("enable", "disable"):
-        action = sub.add_parser(name, help=f"{name} one architecture's binfmt_misc entry")
-        action.add_argument("arch", metavar="ARCH")
-        action.set_defaults(func=cmd_mutate, wait=300.0)
-    worker = sub.add_parser("worker", help="the BuildKit worker's state and buildx command")
-    worker.add_argument("--json", action="store_true", help="the raw worker JSON")
-    worker.set_defaults(func=cmd_worker, wait=10.0)
-    run = sub.add_parser("exec", help="run CMD where the daemon's emulators are registered")
-    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
-    run.set_defaults(func=cmd_exec, wait=10.0)
+    parser.add_argument(
+        "--timeout", type=float, metavar="S", help="seconds to wait (10; 300 for mutations)"
+    )
+    parser.add_argument("command", choices=COMMANDS, metavar="COMMAND", help=argparse.SUPPRESS)
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Both parsing stages; argparse's SystemExit (usage errors, --help) passes through."""
+    args = build_parser().parse_args(argv)
+    text, add_arguments, handler, wait = COMMANDS[args.command]
+    sub = argparse.ArgumentParser(prog=f"binfmtctl {args.command}", description=text)
+    add_arguments(sub)
+    sub.set_defaults(func=handler, wait=wait)
+    return sub.parse_args(args.rest, namespace=args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run binfmtctl; returns the exit code (see the module docstring)."""
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parse(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
     if args.timeout is None:

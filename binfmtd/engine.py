@@ -208,7 +208,8 @@ class Engine:
             arch = action.arch
             if arch is not None and arch in report.errors:
                 continue
-            self._apply(action, report)
+            if not isinstance(action, plan.Install):  # installs ran as one batch above
+                self._apply(action, report)
             if arch is not None and not isinstance(action, plan.Conflict):
                 touched.add(arch)
                 self.probes.pop(arch, None)

@@ -96,6 +96,7 @@ class Daemon:
         self.started_at = clock()
         self.last_reconcile: float | None = None
         self.worker: Any = None
+        self._worker_key: tuple[Any, ...] = ()
         self.server: Any = None
 
     # ------------------------------------------------------------ lifecycle
@@ -126,12 +127,22 @@ class Daemon:
             if self.reload_requested:
                 self._reload()
             self._run_commands()
-            if self.worker is not None:
-                self.worker.tick(time.monotonic(), tuple(self.engine.verified_platforms()))
             if time.monotonic() >= next_tick:
                 self._tick()
                 next_tick = time.monotonic() + interval
+            self._tick_worker()
             self.notifier.watchdog()
+
+    def _tick_worker(self) -> None:
+        """Let the supervisor follow the verified set; publish when what it shows changed."""
+        if self.worker is None:
+            return
+        self.worker.tick(time.monotonic(), tuple(self.engine.verified_platforms()))
+        status = self.worker.status
+        key = (status.state, status.pid, status.advertised_platforms, status.last_error)
+        if key != self._worker_key:
+            self._worker_key = key
+            self._publish()
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
@@ -348,6 +359,7 @@ class Daemon:
         self.worker = WorkerSupervisor(
             self.cfg.buildkit, clock=time.monotonic, logger=log.get("binfmtd.worker")
         )
+        self.worker.reap_orphan()
 
 
 class DaemonApi:

@@ -21,6 +21,7 @@ import tomllib
 from collections.abc import Callable
 from typing import IO, Any
 
+import psutil
 import structlog
 from structlog.typing import FilteringBoundLogger
 
@@ -322,8 +323,40 @@ class WorkerSupervisor:
             permanent = isinstance(exc, FileNotFoundError | PermissionError)
             return SpawnFailed(f"cannot run {binary}: {exc.strerror}", permanent=permanent)
         self._adopt(proc)
+        _write_pidfile(self.pidfile, proc.pid)
         self._log.info("worker_spawned", pid=proc.pid, argv=argv, platforms=list(platforms))
         return Started(proc.pid)
+
+    @property
+    def pidfile(self) -> str:
+        """Where the running worker's pid is kept, so a restarted daemon can reap an orphan."""
+        return os.path.join(self._config.state_dir, "buildkitd.binfmtd.pid")
+
+    def reap_orphan(self) -> int | None:
+        """Stop a worker left running by a daemon that died (kill -9, OOM): it holds the lock.
+
+        Only a process whose command line carries our worker socket is touched; psutil reads
+        that without racing on /proc parsing of our own.
+        """
+        try:
+            with open(self.pidfile, encoding="ascii") as handle:
+                pid = int(handle.read().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            proc = psutil.Process(pid)
+            if f"unix://{self._config.socket}" not in proc.cmdline():
+                return None
+            proc.terminate()
+            try:
+                proc.wait(timeout=self._config.grace_s)
+            except psutil.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return None
+        self._log.warning("worker_orphan_reaped", pid=pid)
+        return pid
 
     def _prepare(self, platforms: tuple[str, ...]) -> None:
         config = self._config
@@ -390,3 +423,8 @@ _ALARMING = frozenset({WorkerState.BACKOFF, WorkerState.FATAL})
 
 def _seconds_until(moment: float | None, now: float) -> float | None:
     return None if moment is None else round(max(moment - now, 0.0), 1)
+
+
+def _write_pidfile(path: str, pid: int) -> None:
+    with contextlib.suppress(OSError):
+        write_atomic(path, f"{pid}\n")

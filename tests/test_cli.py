@@ -1,0 +1,516 @@
+"""binfmtctl against a real ApiServer on a real Unix socket, with a fake daemon behind it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from binfmtd import cli
+from binfmtd.server import ApiError, ApiServer
+
+REPO = Path(__file__).resolve().parent.parent
+NOW = 1_700_000_000.0
+SYSTEM_PYTHON = "/usr/bin/python3"  # stdlib only, and readable by nobody
+
+
+def arch(name: str, state: str = "verified", **changes: Any) -> dict[str, Any]:
+    """One arch entry of the status JSON."""
+    entry: dict[str, Any] = {
+        "arch": name,
+        "platforms": [f"linux/{name}"],
+        "state": state,
+        "registered": True,
+        "enabled": True,
+        "flags": "POCF",
+        "interpreter": f"/var/lib/binfmtd/qemu/qemu-{name}",
+        "sha256": "ab" * 32,
+        "qemu_version": "8.2.2",
+        "probe": {"ok": state == "verified", "at": NOW - 42, "duration_ms": 12.5, "error": None},
+        "error": None,
+    }
+    entry.update(changes)
+    return entry
+
+
+def status_doc(
+    *arches: dict[str, Any], ready: bool = True, sandbox: bool = False
+) -> dict[str, Any]:
+    """A status document shaped like the daemon's."""
+    return {
+        "daemon": {
+            "version": "0.1.0",
+            "pid": 4242,
+            "started_at": NOW - 3600,
+            "sandbox": sandbox,
+            "binfmt_misc": "/proc/sys/fs/binfmt_misc",
+            "ready": ready,
+            "last_reconcile": NOW - 3,
+            "config": "/etc/binfmtd/binfmtd.yaml",
+        },
+        "arches": list(arches),
+        "native": ["linux/amd64", "linux/386"],
+        "worker": None,
+    }
+
+
+GOOD = status_doc(arch("aarch64", platforms=["linux/arm64"]), arch("riscv64"))
+WORKER: dict[str, Any] = {
+    "state": "running",
+    "pid": 99,
+    "restarts": 0,
+    "intended_platforms": ["linux/amd64", "linux/arm64"],
+    "differences": None,
+    "buildx_command": "docker buildx create --name binfmtd --driver remote unix:///run/b.sock",
+}
+
+
+class FakeDaemon:
+    """The Api, with a status document tests can swap."""
+
+    def __init__(self) -> None:
+        self.doc = GOOD
+        self.ver = 1
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def version(self) -> int:
+        return self.ver
+
+    def set_status(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.ver += 1
+
+    def status(self) -> dict[str, Any]:
+        return self.doc
+
+    def platforms(self) -> dict[str, Any]:
+        emulated = ["linux/arm64", "linux/riscv64"]
+        native = ["linux/amd64", "linux/386"]
+        return {"platforms": native + emulated, "native": native, "emulated": emulated}
+
+    def platforms_binfmt(self) -> dict[str, Any]:
+        return {"supported": self.platforms()["platforms"], "emulators": ["qemu-aarch64"]}
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": True, "ready": True, "last_tick_age_s": 0.2}
+
+    def worker(self) -> dict[str, Any]:
+        return WORKER
+
+    def mutate(self, action: str, arg: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append((str(action), arg))
+        if arg.get("arch") == "nope":
+            raise ApiError(404, "architecture 'nope' is not configured")
+        if action == "verify":
+            arches = arg.get("arches") or ["aarch64", "riscv64"]
+            return {
+                "verified": [a for a in arches if a != "mips"],
+                "failed": ["mips"] * ("mips" in arches),
+            }
+        if action == "reconcile":
+            return {"actions": ["register aarch64"], "errors": {}}
+        if action == "reload":
+            return {"reloaded": True, "changed": ["arches"]}
+        return {"arch": arg["arch"], "state": "disabled" if action == "disable" else "verified"}
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    """A short private directory under /tmp, traversable by anyone."""
+    path = tempfile.mkdtemp(dir="/tmp", prefix="bc")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon() -> FakeDaemon:
+    """The fake daemon behind the server."""
+    return FakeDaemon()
+
+
+@pytest.fixture
+def sock(sockdir: str, daemon: FakeDaemon) -> Iterator[str]:
+    """A running ApiServer's socket path (mode 0666 so the nobody tests can connect)."""
+    with ApiServer(os.path.join(sockdir, "api.sock"), None, daemon, mode=0o666) as srv:
+        yield srv.path
+
+
+def run(sock: str, *argv: str) -> int:
+    """main() with --socket."""
+    return cli.main(["--socket", sock, *argv])
+
+
+# --- pure rendering --------------------------------------------------------------------------
+
+
+def test_status_page_is_an_aligned_table() -> None:
+    """The human status page: a daemon line, native platforms, and aligned columns."""
+    doc = status_doc(
+        arch("aarch64", platforms=["linux/arm64"]),
+        arch("arm", platforms=["linux/arm/v6", "linux/arm/v7"], probe=None, state="unverified"),
+        arch("riscv64", "failed", probe={"ok": False, "at": NOW - 600, "error": "exit 139"}),
+    )
+    assert cli.render_status(doc, NOW) == STATUS_PAGE
+
+
+STATUS_PAGE = """\
+binfmtd 0.1.0, pid 4242, ready, last reconcile 3s ago
+config /etc/binfmtd/binfmtd.yaml, binfmt_misc /proc/sys/fs/binfmt_misc
+native: linux/amd64, linux/386
+
+ARCH     PLATFORMS                  STATE       FLAGS  INTERPRETER                         VERIFIED
+aarch64  linux/arm64                verified    POCF   /var/lib/binfmtd/qemu/qemu-aarch64  42s ago
+arm      linux/arm/v6,linux/arm/v7  unverified  POCF   /var/lib/binfmtd/qemu/qemu-arm      never
+riscv64  linux/riscv64              failed      POCF   /var/lib/binfmtd/qemu/qemu-riscv64  failed 10m ago
+arm: not verified (state unverified)
+riscv64: not verified (state failed): exit 139"""  # noqa: E501
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(-5, "0s"), (0, "0s"), (59.9, "59s"), (60, "1m"), (3599, "59m"), (3600, "1h"), (90000, "1d")],
+)
+def test_age(seconds: float, text: str) -> None:
+    """Ages are short and never negative."""
+    assert cli.age(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        (arch("a"), None),
+        (arch("a", registered=False, state="missing"), "not registered"),
+        (arch("a", enabled=False, state="disabled"), "registered but disabled"),
+        (arch("a", flags="POC"), "registered without the F flag (flags POC)"),
+        (
+            arch("a", "foreign", error="owned by qemu-user-static"),
+            "not verified (state foreign): owned by qemu-user-static",
+        ),
+    ],
+)
+def test_arch_problem(entry: dict[str, Any], problem: str | None) -> None:
+    """Each way an arch falls short is named."""
+    assert cli.arch_problem(entry) == problem
+
+
+def test_exec_argv() -> None:
+    """A sandboxed daemon is entered with nsenter (user + mount, root inside); others are not."""
+    assert cli.exec_argv({"sandbox": False, "pid": 7}, ["make"]) == ["make"]
+    assert cli.exec_argv({"sandbox": True, "pid": 7}, ["make", "-j"]) == [
+        *("nsenter", "--target", "7", "--user", "--mount", "--", "make", "-j")
+    ]
+
+
+# --- against the server ----------------------------------------------------------------------
+
+
+def test_status_table(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`status` prints the header and one row per arch, exit 0."""
+    assert run(sock, "status") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("binfmtd 0.1.0, pid 4242, ready")
+    assert lines[4].split() == ["ARCH", "PLATFORMS", "STATE", "FLAGS", "INTERPRETER", "VERIFIED"]
+    assert lines[5].split()[:4] == ["aarch64", "linux/arm64", "verified", "POCF"]
+    assert len(lines) == 7
+
+
+def test_status_json(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`status --json` prints the daemon's document unchanged."""
+    assert run(sock, "status", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == GOOD
+
+
+def test_platforms_exactly_comma_separated(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`platforms` prints one line ready for `buildx build --platform`."""
+    assert run(sock, "platforms") == 0
+    assert capsys.readouterr().out == "linux/amd64,linux/386,linux/arm64,linux/riscv64\n"
+
+
+def test_platforms_json_and_binfmt(
+    sock: str, daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`platforms --json` and `--format binfmt` print the two JSON shapes."""
+    assert run(sock, "platforms", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == daemon.platforms()
+    assert run(sock, "platforms", "--format", "binfmt") == 0
+    assert json.loads(capsys.readouterr().out) == daemon.platforms_binfmt()
+
+
+def test_check_ok(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`check` exits 0 when every arch is registered with F and verified."""
+    assert run(sock, "check") == 0
+    assert capsys.readouterr().out.startswith("ok: 2 architectures")
+
+
+def test_check_names_what_is_wrong(
+    sock: str, daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check` exits 1 and prints one line per arch that falls short."""
+    daemon.set_status(
+        status_doc(arch("aarch64"), arch("s390x", flags="PO"), arch("ppc64le", "failed"))
+    )
+    assert run(sock, "check") == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "s390x: registered without the F flag (flags PO)",
+        "ppc64le: not verified (state failed)",
+    ]
+
+
+def test_check_fails_before_ready(
+    sock: str, daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check` fails while the daemon has not finished its first pass."""
+    daemon.set_status(status_doc(arch("aarch64"), ready=False))
+    assert run(sock, "check") == 1
+    assert "not ready" in capsys.readouterr().out
+
+
+def test_verify(sock: str, daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> None:
+    """`verify ARCH...` sends the names; any failure makes exit 1."""
+    assert run(sock, "verify", "aarch64") == 0
+    assert daemon.calls[-1] == ("verify", {"arches": ["aarch64"]})
+    assert run(sock, "verify") == 0
+    assert daemon.calls[-1] == ("verify", {})
+    assert run(sock, "verify", "aarch64", "mips") == 1
+    assert "mips: FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "call", "out"),
+    [
+        (["enable", "aarch64"], ("enable", {"arch": "aarch64"}), "aarch64: verified\n"),
+        (["disable", "aarch64"], ("disable", {"arch": "aarch64"}), "aarch64: disabled\n"),
+        (["reconcile"], ("reconcile", {}), "done: register aarch64\n"),
+        (["reload"], ("reload", {}), "reloaded; changed: arches\n"),
+    ],
+)
+def test_mutations(
+    sock: str,
+    daemon: FakeDaemon,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    call: tuple[str, dict[str, Any]],
+    out: str,
+) -> None:
+    """Each mutating command reaches the daemon and says what happened."""
+    assert run(sock, *argv) == 0
+    assert daemon.calls == [call]
+    assert capsys.readouterr().out == out
+
+
+def test_worker(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`worker` shows the state and the buildx command."""
+    assert run(sock, "worker") == 0
+    out = capsys.readouterr().out
+    assert "state: running" in out.splitlines()
+    assert out.rstrip().endswith(WORKER["buildx_command"])
+
+
+def test_daemon_error_is_exit_5(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An error answer from the daemon is exit 5 with its message."""
+    assert run(sock, "enable", "nope") == 5
+    assert "architecture 'nope' is not configured (HTTP 404)" in capsys.readouterr().err
+
+
+def test_bad_arch_is_refused_by_the_server(sock: str, daemon: FakeDaemon) -> None:
+    """An invalid arch name is refused (exit 5) without reaching the daemon."""
+    assert run(sock, "enable", "../x") == 5
+    assert daemon.calls == []
+
+
+def test_daemon_down_is_exit_3(sockdir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """No socket: exit 3 and a message that says how to start the daemon."""
+    path = os.path.join(sockdir, "none.sock")
+    assert run(path, "status") == 3
+    assert capsys.readouterr().err == (
+        f"binfmtctl: binfmtd is not running (no socket at {path}); "
+        "start it with `systemctl start binfmtd`\n"
+    )
+
+
+def test_stale_socket_is_exit_3(sockdir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A socket file nobody listens on: exit 3, connection refused."""
+    path = os.path.join(sockdir, "stale.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(path)
+    assert run(path, "platforms") == 3
+    assert "connection refused" in capsys.readouterr().err
+
+
+def test_usage_errors_are_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """No command, an unknown one, or exec without a command: exit 2."""
+    assert cli.main([]) == 2
+    assert cli.main(["frobnicate"]) == 2
+    assert cli.main(["--socket", "/nonexistent", "exec", "--"]) == 2
+    assert "exec needs a command" in capsys.readouterr().err
+
+
+def test_env_sets_default_socket(sock: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BINFMTD_SOCKET replaces the default socket path."""
+    monkeypatch.setenv("BINFMTD_SOCKET", sock)
+    assert cli.main(["check"]) == 0
+
+
+def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help lists every exit code."""
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for code in (
+        "0  ok",
+        "1  check failed",
+        "2  usage",
+        "3  binfmtd is not reachable",
+        "4  permission",
+        "5  binfmtd answered",
+    ):
+        assert code in out
+
+
+def test_offline_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`status --offline` lists binfmt_misc entries and calls them unverified."""
+    (tmp_path / "register").write_text("")
+    (tmp_path / "status").write_text("enabled\n")
+    (tmp_path / "qemu-aarch64").write_text(
+        "enabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: POCF\noffset 0\n"
+        "magic 7f454c460201010000000000000000000200b700\n"
+        "mask ffffffffffffff00fffffffffffffffffeffffff\n"
+    )
+    (tmp_path / "qemu-arm").write_text("disabled\ninterpreter /usr/bin/qemu-arm\nflags: \n")
+    assert cli.main(["status", "--offline", "--binfmt-misc", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["ENTRY", "ENABLED", "FLAGS", "INTERPRETER", "STATE"]
+    assert lines[1].split() == [
+        "qemu-aarch64",
+        "enabled",
+        "POCF",
+        "/usr/libexec/qemu-binfmt/aarch64-binfmt-P",
+        "unverified",
+    ]
+    assert lines[2].split() == ["qemu-arm", "disabled", "-", "/usr/bin/qemu-arm", "unverified"]
+    assert "no probe ran" in lines[-1]
+
+
+def test_offline_without_binfmt_misc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`status --offline` on a missing directory asks whether binfmt_misc is mounted."""
+    assert cli.main(["status", "--offline", "--binfmt-misc", str(tmp_path / "none")]) == 3
+    assert "is binfmt_misc mounted?" in capsys.readouterr().err
+
+
+# --- as a separate process -------------------------------------------------------------------
+
+
+def binfmtctl(*argv: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m binfmtd.cli` with the system python (it needs only the stdlib)."""
+    return subprocess.run(
+        [SYSTEM_PYTHON, "-m", "binfmtd.cli", *argv],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO)},
+        user=user,
+        group=user,
+        extra_groups=[] if user is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_module_entry_point(sock: str) -> None:
+    """`python -m binfmtd.cli platforms` works and imports nothing outside the stdlib."""
+    done = binfmtctl("--socket", sock, "platforms")
+    assert (done.returncode, done.stdout) == (
+        0,
+        "linux/amd64,linux/386,linux/arm64,linux/riscv64\n",
+    )
+    heavy = ("binfmtd", "http", "yaml", "structlog", "psutil", "grpc", "typing", "dataclasses")
+    probe = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); import binfmtd.cli; "
+        f"print(sorted(m for m in sys.modules if m.startswith({heavy})))"
+    )
+    imported = subprocess.run(  # -S: no site, so only what binfmtd.cli pulls in shows
+        [SYSTEM_PYTHON, "-S", "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert imported.stdout.strip() == "['binfmtd', 'binfmtd.cli']"
+
+
+def test_forbidden_mutation_is_exit_4(sock: str, daemon: FakeDaemon) -> None:
+    """A non-root user may read but a mutation is refused: 403, exit 4."""
+    assert binfmtctl("--socket", sock, "check", user=65534).returncode == 0
+    done = binfmtctl("--socket", sock, "reconcile", user=65534)
+    assert done.returncode == 4
+    assert "reconcile needs root; peer uid is 65534 (HTTP 403)" in done.stderr
+    assert daemon.calls == []
+
+
+def test_socket_permission_is_exit_4(sockdir: str, daemon: FakeDaemon) -> None:
+    """A user who may not open the socket gets exit 4 and a hint about the group."""
+    with ApiServer(os.path.join(sockdir, "api.sock"), None, daemon) as srv:
+        done = binfmtctl("--socket", srv.path, "status", user=65534)
+    assert done.returncode == 4
+    assert "permission denied" in done.stderr
+    assert "group" in done.stderr
+
+
+def test_exec_without_sandbox_runs_the_command(sock: str) -> None:
+    """`exec` against a host daemon runs the command as it is."""
+    done = binfmtctl("--socket", sock, "exec", "--", "echo", "hello")
+    assert (done.returncode, done.stdout) == (0, "hello\n")
+
+
+def test_exec_enters_the_sandbox_namespaces(sock: str, daemon: FakeDaemon) -> None:
+    """`exec` against a --sandbox daemon runs the command in its user+mount namespaces, as root."""
+    holder = subprocess.Popen(["unshare", "--user", "--map-root-user", "--mount", "sleep", "30"])
+    try:
+        deadline = time.monotonic() + 5
+        target = f"/proc/{holder.pid}/ns/user"
+        while (
+            os.readlink(target) == os.readlink("/proc/self/ns/user") and time.monotonic() < deadline
+        ):
+            time.sleep(0.01)
+        daemon.set_status(
+            {**GOOD, "daemon": {**GOOD["daemon"], "pid": holder.pid, "sandbox": True}}
+        )
+        done = binfmtctl(
+            "--socket", sock, "exec", "--", "sh", "-c", "readlink /proc/self/ns/user; id -u"
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == [os.readlink(target), "0"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_verify_json(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`verify --json` prints the daemon's answer as JSON."""
+    assert run(sock, "verify", "--json", "aarch64") == 0
+    assert json.loads(capsys.readouterr().out.split("\naarch64: verified")[0]) == {
+        "verified": ["aarch64"],
+        "failed": [],
+    }
+
+
+def test_exec_passes_options_through(sock: str) -> None:
+    """Options after `exec --` belong to the command, not to binfmtctl."""
+    done = binfmtctl("--socket", sock, "exec", "--", "sh", "-c", "echo $0", "--help")
+    assert (done.returncode, done.stdout) == (0, "--help\n")
+
+
+def test_command_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each command has its own --help, and the top-level help lists the commands."""
+    assert cli.main(["status", "--help"]) == 0
+    assert "--offline" in capsys.readouterr().out
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n  {name} " in out for name in cli.COMMANDS)

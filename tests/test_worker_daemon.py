@@ -1,0 +1,230 @@
+"""The daemon hosts a BuildKit worker (the gRPC stand-in) advertising exactly the verified set."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import write_config
+
+from binfmtd.buildkit import WorkerUnreachable, list_workers
+
+FAKE = Path(__file__).with_name("fake_buildkitd")
+VENV_BIN = Path(sys.executable).parent
+ARCHES = ["aarch64", "s390x", "riscv64"]
+NATIVE = ["linux/amd64", "linux/386"]
+
+
+def _wait(what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except (OSError, WorkerUnreachable, ValueError, KeyError, TypeError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+def _ctl(sock: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(VENV_BIN / "binfmtctl"), "--socket", sock, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+BUILDKIT_ADDS = {"linux/amd64/v2", "linux/amd64/v3", "linux/amd64/v4"}
+
+
+def _served(kit_sock: str) -> list[str]:
+    """What the worker serves over ListWorkers, less the amd64 variants BuildKit adds itself."""
+    records = list_workers(kit_sock, timeout=2.0)
+    return sorted(set(records[0].platforms) - BUILDKIT_ADDS) if records else []
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A --sandbox daemon with the worker enabled, pointed at the stand-in."""
+    yield from _daemon(tmp_path)
+
+
+def _daemon(tmp_path: Path, **kit: Any) -> Generator[dict[str, Any], None, None]:
+    short = tempfile.mkdtemp(prefix="bfw-", dir="/tmp")
+    os.chmod(short, 0o755)
+    wrapper = Path(short) / "buildkitd"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
+    wrapper.chmod(0o755)
+    kit_sock = f"{short}/kit.sock"
+    cfg = write_config(
+        tmp_path,
+        arches=ARCHES,
+        reconcile_interval_s=0.2,
+        lock_file=f"{short}/lock",
+        api={"socket": f"{short}/api.sock", "group": None},
+        log={"format": "json", "level": "info"},
+        buildkit={
+            "enabled": True,
+            "path": str(wrapper),
+            "socket": kit_sock,
+            "config_path": f"{short}/buildkitd.toml",
+            "state_dir": f"{short}/state",
+            "socket_group": None,
+            "debounce_s": 0.2,
+            "grace_s": 2.0,
+            "health_interval_s": 0.2,
+            **kit,
+        },
+    )
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "binfmtd"), "--sandbox", "--config", str(cfg)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    info = {
+        "proc": proc,
+        "api": f"{short}/api.sock",
+        "kit": kit_sock,
+        "dir": short,
+        "log": log_path,
+        "toml": f"{short}/buildkitd.toml",
+    }
+    try:
+        yield info
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def _status(sock: str) -> dict[str, Any]:
+    result = _ctl(sock, "status", "--json")
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return doc
+
+
+def test_worker_serves_exactly_the_verified_set_over_grpc(daemon: dict[str, Any]) -> None:
+    """The toml's platforms and what ListWorkers serves equal native + verified emulated."""
+    want = sorted([*NATIVE, "linux/arm64", "linux/s390x", "linux/riscv64"])
+    served = _wait("worker serving", lambda: _served(daemon["kit"]) == want and want)
+    assert served == want
+    toml = Path(daemon["toml"]).read_text()
+    assert "platforms" in toml
+    import tomllib
+
+    assert sorted(tomllib.loads(toml)["worker"]["oci"]["platforms"]) == want
+    worker = _wait(
+        "worker in status",
+        lambda: (
+            _status(daemon["api"])["worker"]["state"] == "running"
+            and _status(daemon["api"])["worker"]
+        ),
+    )
+    assert worker["pid"] > 0
+    assert sorted(worker["intended_platforms"]) == want
+    named = _wait("differences named", lambda: _status(daemon["api"])["worker"]["differences"])
+    assert not named["missing"]
+    assert set(named["buildkit_additions"]) == {"linux/amd64/v2", "linux/amd64/v3"}
+
+
+def test_verified_set_change_restarts_worker_and_new_set_is_served(daemon: dict[str, Any]) -> None:
+    """Disabling an arch drops its platform from ListWorkers (restart); enabling re-adds it."""
+    _wait("worker serving arm64", lambda: "linux/arm64" in _served(daemon["kit"]))
+    first_pid = _status(daemon["api"])["worker"]["pid"]
+    assert _ctl(daemon["api"], "disable", "aarch64").returncode == 0
+    _wait("arm64 withdrawn", lambda: "linux/arm64" not in _served(daemon["kit"]))
+    restarted = _wait(
+        "worker restarted",
+        lambda: (
+            _status(daemon["api"])["worker"]["pid"] not in (None, first_pid)
+            and _status(daemon["api"])["worker"]
+        ),
+    )
+    assert restarted["restarts"] >= 1
+    assert "linux/arm64" not in _ctl(daemon["api"], "platforms").stdout
+    assert _ctl(daemon["api"], "enable", "aarch64").returncode == 0
+    _wait("arm64 served again", lambda: "linux/arm64" in _served(daemon["kit"]))
+
+
+def test_worker_command_and_binfmt_shape(daemon: dict[str, Any]) -> None:
+    """`binfmtctl worker` shows state and a buildx line; the binfmt JSON shape lists emulators."""
+    _wait("worker serving", lambda: _served(daemon["kit"]))
+    _wait("worker running", lambda: _status(daemon["api"])["worker"]["state"] == "running")
+    shown = _ctl(daemon["api"], "worker")
+    assert shown.returncode == 0, shown.stderr
+    assert "running" in shown.stdout.lower()
+    assert f"unix://{daemon['kit']}" in shown.stdout
+    assert "docker buildx create" in shown.stdout
+    doc = json.loads(_ctl(daemon["api"], "platforms", "--format", "binfmt").stdout)
+    assert set(doc) == {"supported", "emulators"}
+    assert {"qemu-aarch64", "qemu-s390x", "qemu-riscv64"} <= set(doc["emulators"])
+
+
+def test_sigterm_stops_the_worker_cleanly(daemon: dict[str, Any]) -> None:
+    """SIGTERM to the daemon stops the worker process and removes both sockets."""
+    _wait("worker serving", lambda: _served(daemon["kit"]))
+    pid = _status(daemon["api"])["worker"]["pid"]
+    daemon["proc"].send_signal(signal.SIGTERM)
+    assert daemon["proc"].wait(timeout=20) == 0
+    assert not Path(daemon["kit"]).exists()
+    assert not Path(daemon["api"]).exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    events = [
+        json.loads(line) for line in daemon["log"].read_text().splitlines() if line.startswith("{")
+    ]
+    assert any(e.get("event") == "worker_output" for e in events), "worker output is logged"
+
+
+def test_crash_loop_backs_off_to_fatal_and_daemon_keeps_serving(tmp_path: Path) -> None:
+    """A worker that always crashes ends FATAL after max_failures; the daemon stays healthy."""
+    gen = _daemon(
+        tmp_path,
+        extra_args=["--fake-mode=crash"],
+        max_failures=3,
+        backoff_initial_s=0.1,
+        backoff_max_s=0.4,
+    )
+    info = next(gen)
+    try:
+        worker = _wait(
+            "worker fatal",
+            lambda: (
+                _status(info["api"])["worker"]["state"] == "fatal"
+                and _status(info["api"])["worker"]
+            ),
+            timeout=30,
+        )
+        assert worker["failures"] >= 3
+        assert worker["last_error"]
+        assert info["proc"].poll() is None
+        assert _ctl(info["api"], "check").returncode == 0
+        health = json.loads(_ctl(info["api"], "status", "--json").stdout)
+        assert all(a["state"] == "verified" for a in health["arches"])
+        log = info["log"].read_text()
+        assert log.count('"state": "backoff"') >= 2, "each failure went through BACKOFF"
+    finally:
+        gen.close()
