@@ -146,8 +146,21 @@ class Engine:
         """Read binfmt_misc and check installed interpreters (stat; hash only on change)."""
         snapshot = self.kernel.snapshot()
         self.entries = dict(snapshot.entries)
+        if not self._install_dir_trusted():
+            return plan.Observed(self.entries, dict.fromkeys(self.selected, False))
         ok = {arch: self._interpreter_intact(arch) for arch in self.selected}
         return plan.Observed(self.entries, ok)
+
+    def _install_dir_trusted(self) -> bool:
+        """A directory someone else can write to taints every interpreter in it (C flag)."""
+        if not os.path.isdir(self.cfg.install_dir):
+            return True  # nothing installed yet; the install step creates and checks it
+        try:
+            emulators.check_trusted_path(self.cfg.install_dir)
+        except InstallError as exc:
+            self.log.warning("install_dir_untrusted", error=str(exc))
+            return False
+        return True
 
     def _interpreter_intact(self, arch: str) -> bool:
         record = self.installed.get(arch)
@@ -295,8 +308,9 @@ class Engine:
         for arch in arches:
             text = why.replace("ARCH", arch)
             report.errors[arch] = text
+            if self.errors.get(arch) != text:  # say it once, not every tick
+                self.log.warning("install_failed", arch=arch, error=text)
             self.errors[arch] = text
-            self.log.warning("install_failed", arch=arch, error=text)
 
     def _source_problem(self) -> str:
         try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import queue
 import signal
@@ -47,7 +46,6 @@ class Published:
         self.platforms: dict[str, Any] = {"platforms": [], "native": [], "emulated": []}
         self.binfmt: dict[str, Any] = {"supported": [], "emulators": []}
         self.worker: dict[str, Any] | None = None
-        self.encoded: dict[str, bytes] = {}
         self.last_tick = 0.0
         self.ready = False
 
@@ -58,15 +56,8 @@ class Published:
         binfmt: dict[str, Any],
         worker: dict[str, Any] | None,
     ) -> None:
-        """Replace every view at once (each is a fresh object, so readers never see a mix)."""
-        encoded = {
-            "status": json.dumps(status).encode(),
-            "platforms": json.dumps(platforms).encode(),
-            "binfmt": json.dumps(binfmt).encode(),
-            "worker": json.dumps(worker).encode(),
-        }
+        """Replace every view, then bump the version the server caches encoded answers by."""
         self.status, self.platforms, self.binfmt, self.worker = status, platforms, binfmt, worker
-        self.encoded = encoded
         self.version += 1
 
 
@@ -97,6 +88,7 @@ class Daemon:
         self.last_reconcile: float | None = None
         self.worker: Any = None
         self._worker_key: tuple[Any, ...] = ()
+        self._last_errors: dict[str, str] = {}
         self.server: Any = None
 
     # ------------------------------------------------------------ lifecycle
@@ -179,7 +171,9 @@ class Daemon:
             report = self._recover_mount(exc)
         self.last_reconcile = self.clock()
         self._publish()
-        if report.changed or report.errors:
+        errors_changed = report.errors != self._last_errors
+        self._last_errors = dict(report.errors)
+        if report.changed or errors_changed:
             self.log.info(
                 "reconcile_finished",
                 repaired=[describe(a) for a in report.actions],

@@ -191,7 +191,12 @@ def test_json_output_shape_and_state_file(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert set(doc) == {"sandbox", "durations_ms", "actions", "native", "platforms", "arches"}
-    assert doc["actions"] == ["install riscv64", "register qemu-riscv64", "install s390x", "register qemu-s390x"]
+    assert doc["actions"] == [
+        "install riscv64",
+        "register qemu-riscv64",
+        "install s390x",
+        "register qemu-s390x",
+    ]
     assert doc["sandbox"] is True
     assert doc["native"] == ["x86_64", "i386"]
     assert {"observe", "install", "register", "verify", "total"} <= set(doc["durations_ms"])
