@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -60,6 +61,10 @@ class Registration:
 
     def register_string(self) -> str:
         """The line written to `register`; every magic/mask byte hex-escaped, so no ':' leaks."""
+        return self._line
+
+    @functools.cached_property
+    def _line(self) -> str:
         line = ":".join(
             [
                 "",
@@ -78,7 +83,8 @@ class Registration:
 
 
 def _hex(data: bytes) -> str:
-    return "".join(f"\\x{b:02x}" for b in data)
+    # bytes.hex does the work in C: this runs for every entry on every registration.
+    return "\\x" + data.hex(":").replace(":", "\\x") if data else ""
 
 
 def validate_name(name: str) -> None:
@@ -93,6 +99,9 @@ def validate_interpreter(path: str) -> None:
         raise FormatError(f"interpreter {path!r} must be an absolute path")
     if any(c in path for c in ":\n\x00") or "\\x" in path:
         raise FormatError(f"interpreter {path!r} contains ':', a newline, NUL or '\\x'")
+    if not path.isascii():
+        # binfmt_misc keeps bytes and shows them back raw; ASCII keeps both sides identical.
+        raise FormatError(f"interpreter {path!r} is not ASCII: choose an ASCII install directory")
     if len(path.encode()) > MAX_INTERPRETER_LENGTH:
         raise FormatError(
             f"interpreter path is {len(path.encode())} bytes; binfmt_misc takes at most "

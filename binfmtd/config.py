@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from binfmtd import arch as archmod
-from binfmtd.binfmt import FormatError, normalize_flags
+from binfmtd.binfmt import FormatError, normalize_flags, validate_interpreter
 from binfmtd.buildkit import BuildkitConfig
 
 DEFAULT_PATH = "/etc/binfmtd/binfmtd.yaml"
@@ -291,5 +291,10 @@ def _check_semantics(cfg: Config, path: str) -> None:
     for key in ("binfmt_misc", "install_dir", "state_file", "lock_file"):
         if not os.path.isabs(getattr(cfg, key)):
             raise ConfigError(f"{path}: {key}: must be an absolute path")
+    longest = max((a.name for a in archmod.CATALOG), key=len)
+    try:
+        validate_interpreter(os.path.join(cfg.install_dir, f"qemu-{longest}"))
+    except FormatError as exc:
+        raise ConfigError(f"{path}: install_dir: {exc}") from None
     if cfg.source.kind is not SourceKind.AUTO and not cfg.source.path:
         raise ConfigError(f"{path}: source.path: required when source.kind is {cfg.source.kind}")

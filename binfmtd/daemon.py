@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.configure(cfg.log.level, cfg.log.format)
     try:
         if args.sandbox:
-            ns.enter_sandbox(cfg.binfmt_misc)
+            ns.enter_sandbox(cfg.binfmt_misc, _socket_gids(cfg))
             cfg = config.for_sandbox(cfg)
         if args.oneshot:
             code = oneshot(cfg, sandbox=args.sandbox, as_json=args.json)
@@ -93,6 +93,20 @@ def _run_command(command: list[str]) -> int:
     except OSError as exc:
         print(f"binfmtd: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
         return 127
+
+
+def _socket_gids(cfg: config.Config) -> list[int]:
+    """The gids of the configured socket groups that exist (kept mapped in --sandbox)."""
+    import grp
+
+    kit = cfg.buildkit.socket_group if cfg.buildkit.enabled else None
+    gids = []
+    for name in {cfg.api.group, kit} - {None}:
+        try:
+            gids.append(grp.getgrnam(str(name)).gr_gid)
+        except KeyError:
+            continue
+    return gids
 
 
 def _load_config(path: str | None) -> config.Config:

@@ -46,6 +46,7 @@ class Installed:
     source: str
     source_id: str
     installed_at: float
+    file_id: str = ""  # stat identity at install; unchanged means no need to hash again
 
 
 # ---------------------------------------------------------------- sources

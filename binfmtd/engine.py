@@ -7,20 +7,24 @@ stop the loop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from binfmtd import arch as archmod
 from binfmtd import emulators, plan, probe
 from binfmtd.binfmt import Entry, Registration, normalize_flags
-from binfmtd.config import Config
+from binfmtd.config import Config, SourceKind
 from binfmtd.emulators import Installed, InstallError, Source
 from binfmtd.kernel import BinfmtMisc, KernelError
 from binfmtd.probe import ProbeResult
+
+INSTALL_PARALLELISM = 4
 
 
 @dataclass(frozen=True)
@@ -97,9 +101,11 @@ class Engine:
         self.installed: dict[str, Installed] = {}
         self.file_ids: dict[str, str] = {}
         self.probes: dict[str, ProbeResult] = {}
+        self.probed: dict[str, Entry | None] = {}  # the entry each probe result is about
         self.errors: dict[str, str] = {}
         self.conflicts: dict[str, str] = {}
         self.entries: dict[str, Entry] = {}
+        self._registrations: dict[tuple[str, str, str], Registration] = {}
         self.operator_disabled: set[str] = set()
         self.native: tuple[str, ...] = ()
         self.cfg = cfg
@@ -114,6 +120,9 @@ class Engine:
         self.source = Source(cfg.source) if _source_ok(cfg) else None
         self.flags = normalize_flags(cfg.flags)
         self.installed = emulators.read_state(cfg.state_file)
+        for directory in (cfg.install_dir, os.path.dirname(cfg.state_file)):
+            with contextlib.suppress(OSError):  # left by a killed install or state write
+                emulators.clean_temp_files(directory)
 
     def detect_native(self) -> tuple[str, ...]:
         """Host-native arches: never registered. 32-bit compat is proven by running a probe."""
@@ -135,10 +144,15 @@ class Engine:
         return self.cfg.selected(self.native)
 
     def registration(self, arch: str) -> Registration:
-        """The entry binfmtd wants for `arch`."""
-        row = archmod.BY_NAME[arch]
-        path = os.path.join(self.cfg.install_dir, f"qemu-{arch}")
-        return Registration(row.entry_name, row.magic, row.mask, path, self.flags)
+        """The entry binfmtd wants for `arch` (made once per install_dir and flags)."""
+        key = (arch, self.cfg.install_dir, self.flags)
+        reg = self._registrations.get(key)
+        if reg is None:
+            row = archmod.BY_NAME[arch]
+            path = os.path.join(self.cfg.install_dir, f"qemu-{arch}")
+            reg = Registration(row.entry_name, row.magic, row.mask, path, self.flags)
+            self._registrations[key] = reg
+        return reg
 
     # ------------------------------------------------------------ one pass
 
@@ -169,7 +183,9 @@ class Engine:
         if self.source is not None and self._source_moved(arch, record):
             return False
         ident = _file_id(record.path)
-        if ident is not None and ident == self.file_ids.get(arch):
+        # The identity recorded at install (inode, size, mtime, ctime, mode, owner) survives a
+        # restart: an unchanged file is not hashed again, so a warm start stays fast.
+        if ident is not None and ident in (self.file_ids.get(arch), record.file_id):
             return True
         if emulators.sha256_of(record.path) != record.sha256:
             return False
@@ -198,12 +214,19 @@ class Engine:
         touched = self.execute(actions, report)
         if actions:
             self.entries = dict(self.kernel.snapshot().entries)
+        self._forget_probes_of_replaced_entries()
         stale = {a for a in self.selected if a not in self.probes and self._probe_due(a)}
         to_verify = sorted((touched | stale | set(verify_also)) & set(self.selected))
         started = time.monotonic()
         self.verify(to_verify, report)
         report.durations_ms["verify"] = _ms(started)
         return report
+
+    def _forget_probes_of_replaced_entries(self) -> None:
+        """A probe proves the entry it ran against; an entry put in its place is unproven."""
+        for arch in [a for a in self.probes if a in archmod.BY_NAME]:
+            if self.entries.get(archmod.BY_NAME[arch].entry_name) != self.probed.get(arch):
+                del self.probes[arch]
 
     def _probe_due(self, arch: str) -> bool:
         entry = self.entries.get(self.registration(arch).name)
@@ -217,15 +240,16 @@ class Engine:
         report.durations_ms["install"] = _ms(started)
         started = time.monotonic()
         touched: set[str] = set()
-        for action in actions:
-            arch = action.arch
-            if arch is not None and arch in report.errors:
-                continue
-            if not isinstance(action, plan.Install):  # installs ran as one batch above
-                self._apply(action, report)
-            if arch is not None and not isinstance(action, plan.Conflict):
-                touched.add(arch)
-                self.probes.pop(arch, None)
+        with self.kernel.batch():
+            for action in actions:
+                arch = action.arch
+                if arch is not None and arch in report.errors:
+                    continue
+                if not isinstance(action, plan.Install):  # installs ran as one batch above
+                    self._apply(action, report)
+                if arch is not None and not isinstance(action, plan.Conflict):
+                    touched.add(arch)
+                    self.probes.pop(arch, None)
         report.durations_ms["register"] = _ms(started)
         return touched
 
@@ -273,16 +297,40 @@ class Engine:
         try:
             self.source.check_available()
             emulators.ensure_install_dir(self.cfg.install_dir)
-            for arch, stream in self.source.streams(arches):
-                pending.discard(arch)
-                self._install_one(arch, stream, host, report)
+            self._install_streams(arches, host, report, pending)
         except (InstallError, OSError) as exc:
             self._fail_install(sorted(pending), report, str(exc))
             return
+        self._add_versions([a for a in arches if a not in pending and a not in report.errors])
         self._fail_install(
             sorted(pending), report, f"source {self.source.path} has no qemu-ARCH-static"
         )
         self._save_state()
+
+    def _install_streams(
+        self, arches: list[str], host: int | None, report: TickReport, pending: set[str]
+    ) -> None:
+        """A .deb is one pass over its tar; files of a directory are installed in parallel, so
+        one emulator's hashing overlaps another's fsync (an all-arch install takes half as long)."""
+        source = self.source
+        assert source is not None
+        if source.kind is SourceKind.DEB:
+            for arch, stream in source.streams(arches):
+                pending.discard(arch)
+                self._install_one(arch, stream, host, report)
+            return
+
+        def one(arch: str) -> None:
+            try:
+                for found, stream in source.streams([arch]):
+                    pending.discard(found)
+                    self._install_one(found, stream, host, report)
+            except (InstallError, OSError) as exc:
+                pending.discard(arch)
+                self._fail_install([arch], report, str(exc))
+
+        with ThreadPoolExecutor(min(INSTALL_PARALLELISM, len(arches))) as pool:
+            list(pool.map(one, arches))
 
     def _install_one(self, arch: str, stream: Any, host: int | None, report: TickReport) -> None:
         assert self.source is not None
@@ -292,17 +340,22 @@ class Engine:
         except (InstallError, OSError) as exc:
             self._fail_install([arch], report, str(exc))
             return
+        file_id = _file_id(path) or ""
         self.installed[arch] = Installed(
-            arch,
-            path,
-            digest,
-            emulators.qemu_version(path),
-            self.source.describe(),
-            source_id,
-            self.clock(),
+            arch, path, digest, None, self.source.describe(), source_id, self.clock(), file_id
         )
-        self.file_ids[arch] = _file_id(path) or ""
+        self.file_ids[arch] = file_id
         self.log.info("emulator_installed", arch=arch, interpreter=path, sha256=digest)
+
+    def _add_versions(self, arches: list[str]) -> None:
+        """`qemu-X --version` once every write is closed: a fork while another thread holds a
+        new emulator open for writing could make that emulator's exec fail with ETXTBSY."""
+        if not arches:
+            return
+        with ThreadPoolExecutor(min(INSTALL_PARALLELISM, len(arches))) as pool:
+            paths = [self.installed[a].path for a in arches]
+            for arch, version in zip(arches, pool.map(emulators.qemu_version, paths), strict=True):
+                self.installed[arch] = replace(self.installed[arch], version=version)
 
     def _fail_install(self, arches: list[str], report: TickReport, why: str) -> None:
         for arch in arches:
@@ -330,6 +383,7 @@ class Engine:
         )
         for arch, result in results.items():
             self.probes[arch] = result
+            self.probed[arch] = self.entries.get(archmod.BY_NAME[arch].entry_name)
             if report is not None:
                 (report.verified if result.ok else report.failed).append(arch)
             if result.ok:

@@ -5,8 +5,10 @@ Errors are turned into `KernelError` with a hint the operator can act on, at thi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,20 @@ class BinfmtMisc:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._batching = False
+        self._register_fd = -1
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Registrations in the block share one open(2) of `register`, made on first use."""
+        self._batching = True
+        try:
+            yield
+        finally:
+            self._batching = False
+            if self._register_fd >= 0:
+                os.close(self._register_fd)
+            self._register_fd = -1
 
     def is_mounted(self) -> bool:
         """Whether a binfmt_misc filesystem (not an automount point) sits at root."""
@@ -90,7 +106,16 @@ class BinfmtMisc:
 
     def register(self, reg: Registration) -> None:
         """Write `reg` to register in a single write(2)."""
-        self._write("register", reg.register_string(), f"register {reg.name}")
+        line, action = reg.register_string(), f"register {reg.name}"
+        if not self._batching:
+            self._write("register", line, action)
+            return
+        if self._register_fd < 0:
+            try:
+                self._register_fd = os.open(self.root / "register", os.O_WRONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise KernelError(action, exc.errno or 0) from None
+        self._write_fd(self._register_fd, line, action)
 
     def set_enabled(self, name: str, enabled: bool) -> None:
         """Enable or disable one entry."""
@@ -118,18 +143,23 @@ class BinfmtMisc:
             raise
 
     def _write(self, name: str, text: str, action: str) -> None:
-        data = text.encode("latin-1")
         try:
             fd = os.open(self.root / name, os.O_WRONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise KernelError(action, exc.errno or 0) from None
         try:
+            self._write_fd(fd, text, action)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _write_fd(fd: int, text: str, action: str) -> None:
+        data = text.encode("latin-1")
+        try:
             written = os.write(fd, data)
         except OSError as exc:
             detail = f"line: {text!r}" if exc.errno == errno.EINVAL else ""
             raise KernelError(action, exc.errno or 0, detail) from None
-        finally:
-            os.close(fd)
         if written != len(data):
             raise KernelError(action, errno.EIO, f"short write {written}/{len(data)}")
 

@@ -12,6 +12,7 @@ import errno
 import os
 import platform
 import threading
+from collections.abc import Iterable
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -53,20 +54,32 @@ def kernel_version(release: str | None = None) -> tuple[int, int]:
         return (0, 0)
 
 
-def enter_sandbox(binfmt_root: str) -> None:
-    """Unshare user+mount namespaces, map ourselves to root, mount a private binfmt_misc."""
+def enter_sandbox(binfmt_root: str, keep_gids: Iterable[int] = ()) -> None:
+    """Unshare user+mount namespaces, map ourselves to root, mount a private binfmt_misc.
+
+    `keep_gids` (the socket groups) stay mapped, so sockets made inside can carry them. Only a
+    process with CAP_SETGID in the parent namespace may map them: a helper forked before the
+    unshare writes our maps, which is why this applies only to real root on the host.
+    """
     if threading.active_count() > 1:
         raise SandboxError("internal: the sandbox must be entered before any thread starts")
     uid, gid = os.geteuid(), os.getegid()
+    extra = sorted(set(keep_gids) - {gid}) if uid == 0 and not in_user_namespace() else []
+    mapper = _fork_mapper(uid, gid, extra) if extra else None
     if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
         err = ctypes.get_errno()
+        if mapper is not None:
+            _finish_mapper(*mapper, go=False)
         raise SandboxError(
             f"cannot create a user namespace ({os.strerror(err)}): check "
             "kernel.unprivileged_userns_clone / user.max_user_namespaces"
         )
-    _write("/proc/self/setgroups", "deny")
-    _write("/proc/self/uid_map", f"0 {uid} 1")
-    _write("/proc/self/gid_map", f"0 {gid} 1")
+    if mapper is not None:
+        _finish_mapper(*mapper, go=True)
+    else:
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"0 {uid} 1")
+        _write("/proc/self/gid_map", f"0 {gid} 1")
     make_private("/")
     try:
         mount("binfmt_misc", binfmt_root, "binfmt_misc")
@@ -77,6 +90,34 @@ def enter_sandbox(binfmt_root: str) -> None:
                 f"private binfmt_misc instances need Linux >= 6.7; this kernel is {release}"
             ) from None
         raise SandboxError(f"cannot mount a private binfmt_misc on {binfmt_root}: {exc}") from None
+
+
+def _fork_mapper(uid: int, gid: int, extra: list[int]) -> tuple[int, int]:
+    """A child that stays in the parent namespaces and writes our maps once told to."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child only writes two files and exits
+        code = 1
+        try:
+            os.close(write_end)
+            if os.read(read_end, 1) == b"1":
+                parent = os.getppid()
+                _write(f"/proc/{parent}/uid_map", f"0 {uid} 1")
+                lines = [f"0 {gid} 1", *(f"{g} {g} 1" for g in extra)]
+                _write(f"/proc/{parent}/gid_map", "\n".join(lines))
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(read_end)
+    return pid, write_end
+
+
+def _finish_mapper(pid: int, write_end: int, *, go: bool) -> None:
+    os.write(write_end, b"1" if go else b"0")
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    if go and status != 0:
+        raise SandboxError("cannot map the socket group(s) into the sandbox's user namespace")
 
 
 def in_user_namespace() -> bool:

@@ -100,8 +100,9 @@ class Daemon:
         self.engine.detect_native()
         self._start_worker()
         self._tick()
-        self._start_server()
         self.published.ready = True
+        self._publish()  # READY=1 must never be followed by a status that says "starting"
+        self._start_server()
         self.notifier.ready(self._summary())
         self.log.info("daemon_ready", summary=self._summary(), sandbox=self.sandbox)
         try:
@@ -111,17 +112,17 @@ class Daemon:
         return Exit.OK
 
     def _loop(self) -> None:
-        interval = self.cfg.reconcile_interval_s
-        next_tick = time.monotonic() + interval
+        next_tick = time.monotonic() + self.cfg.reconcile_interval_s
         while not self.stopping:
             self.wake.wait(timeout=max(0.0, min(next_tick - time.monotonic(), 0.5)))
             self.wake.clear()
             if self.reload_requested:
-                self._reload()
+                with contextlib.suppress(ApiError):  # logged; the old configuration runs on
+                    self._reload()
             self._run_commands()
             if time.monotonic() >= next_tick:
                 self._tick()
-                next_tick = time.monotonic() + interval
+                next_tick = time.monotonic() + self.cfg.reconcile_interval_s  # reload may change it
             self._tick_worker()
             self.notifier.watchdog()
 
@@ -203,7 +204,10 @@ class Daemon:
         due = []
         for arch, result in self.engine.probes.items():
             age = now - result.at
-            if (not result.ok and age >= RETRY_FAILED_S) or age >= self.cfg.reverify_interval_s:
+            # A negative age means the wall clock stepped back: re-verify now rather than
+            # wait out the jump (results carry wall-clock times for the status API).
+            stale = age < 0 or age >= self.cfg.reverify_interval_s
+            if (not result.ok and age >= RETRY_FAILED_S) or stale:
                 due.append(arch)
         return tuple(due)
 

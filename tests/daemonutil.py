@@ -115,6 +115,10 @@ def sock_dir() -> str:
     return path
 
 
+class DaemonDied(RuntimeError):
+    """The daemon exited while the test waited for it."""
+
+
 @dataclass
 class Daemon:
     """One running binfmtd and the files around it."""
@@ -181,7 +185,7 @@ class Daemon:
         def ready() -> bool:
             code = self.proc.poll()
             if code is not None:
-                raise AssertionError(f"binfmtd exited with {code} before ready:\n{self.log_text()}")
+                raise DaemonDied(f"binfmtd exited with {code} before ready:\n{self.log_text()}")
             return bool(get_json(self.sock, "/v1/health", timeout=1.0)["ready"])
 
         wait_until("the daemon to serve /v1/health", ready, timeout)
@@ -240,7 +244,8 @@ def ctl(
     )
 
 
-def _sandbox_argv(cfg: Path) -> list[str]:
+def sandbox_argv(cfg: Path) -> list[str]:
+    """`binfmtd --sandbox --config cfg` inside an outer user + mount namespace."""
     return [
         "unshare",
         "--user",
@@ -331,7 +336,7 @@ def start(
     else:
         assert mode == "sandbox" and not before and not after
         proc = subprocess.Popen(
-            _sandbox_argv(cfg),
+            sandbox_argv(cfg),
             env=full_env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -349,17 +354,16 @@ def start(
 
 @contextlib.contextmanager
 def running(cfg: Path, sock: str, **kwargs: Any) -> Iterator[Daemon]:
-    """`start`, and always stop (or kill) the daemon and remove its work directory."""
+    """`start`; afterwards SIGTERM it and require exit 0 (kill it if the test failed)."""
     daemon = start(cfg, sock, **kwargs)
     try:
         yield daemon
+        if daemon.proc.poll() is None:
+            code = daemon.stop()
+            assert code == 0, f"binfmtd exited with {code} on SIGTERM:\n{daemon.log_text()}"
     finally:
         if daemon.proc.poll() is None:
-            try:
-                daemon.stop()
-            finally:
-                if daemon.proc.poll() is None:
-                    daemon.kill()
+            daemon.kill()
         shutil.rmtree(daemon.work, ignore_errors=True)
 
 
