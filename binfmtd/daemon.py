@@ -117,6 +117,17 @@ def _load_config(path: str | None) -> config.Config:
 
 def oneshot(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
     """Preflight, install, register, verify; print the table; exit 1 if any arch failed."""
+    from binfmtd.lock import Lock
+
+    lock = Lock(cfg.lock_file)
+    lock.acquire()
+    try:
+        return _provision_once(cfg, sandbox=sandbox, as_json=as_json)
+    finally:
+        lock.release()
+
+
+def _provision_once(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
     from binfmtd import preflight
     from binfmtd.engine import Engine
     from binfmtd.plan import describe

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -123,6 +124,13 @@ class Engine:
         for directory in (cfg.install_dir, os.path.dirname(cfg.state_file)):
             with contextlib.suppress(OSError):  # left by a killed install or state write
                 emulators.clean_temp_files(directory)
+        # Probe roots of a process killed mid-verify; only binfmtd (holding the lock) uses them.
+        shutil.rmtree(self.probe_workdir, ignore_errors=True)
+
+    @property
+    def probe_workdir(self) -> str:
+        """Where probe roots are made: beside the state file, so a restart can clean them."""
+        return os.path.join(os.path.dirname(self.cfg.state_file), "probe-roots")
 
     def detect_native(self) -> tuple[str, ...]:
         """Host-native arches: never registered. 32-bit compat is proven by running a probe."""
@@ -378,8 +386,13 @@ class Engine:
     def verify(self, arches: Iterable[str], report: TickReport | None = None) -> None:
         """Probe `arches` in parallel and record the results."""
         names = list(arches)
+        os.makedirs(self.probe_workdir, mode=0o700, exist_ok=True)
         results = probe.run_probes(
-            names, self.cfg.probe.timeout_s, self.cfg.probe.parallelism, self.clock
+            names,
+            self.cfg.probe.timeout_s,
+            self.cfg.probe.parallelism,
+            self.clock,
+            self.probe_workdir,
         )
         for arch, result in results.items():
             self.probes[arch] = result

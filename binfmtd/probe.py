@@ -43,7 +43,7 @@ def expected_output(arch: str) -> bytes:
     return f"binfmtd-probe {arch}\n".encode()
 
 
-def prepare_root(arch: str) -> str | None:
+def prepare_root(arch: str, workdir: str | None = None) -> str | None:
     """An empty temp directory holding only /probe (0755); None without a probe binary.
 
     Roots are prepared before any probe runs: a file still open for writing while another
@@ -52,7 +52,7 @@ def prepare_root(arch: str) -> str | None:
     source = probe_path(arch)
     if source is None:
         return None
-    root = tempfile.mkdtemp(prefix="binfmtd-probe-")
+    root = tempfile.mkdtemp(prefix="binfmtd-probe-", dir=workdir)
     target = os.path.join(root, "probe")
     shutil.copyfile(source, target)
     os.chmod(target, 0o755)
@@ -125,12 +125,13 @@ def run_probes(
     timeout_s: float,
     parallelism: int,
     clock: Callable[[], float] = time.time,
+    workdir: str | None = None,
 ) -> dict[str, ProbeResult]:
-    """Run the probes in parallel; every arch gets a result."""
+    """Run the probes in parallel; every arch gets a result. Roots go under `workdir`."""
     names = list(arches)
     if not names:
         return {}
-    roots = {a: prepare_root(a) for a in names}
+    roots = {a: prepare_root(a, workdir) for a in names}
     try:
         with ThreadPoolExecutor(max_workers=min(parallelism, len(names))) as pool:
             results = pool.map(lambda a: run_in_root(a, roots[a], timeout_s, clock), names)

@@ -2,30 +2,25 @@
 
 One `selectors` loop in a background thread serves every connection with non-blocking sockets,
 so the reconcile loop is never blocked by a client and one slow or hostile client cannot stall
-the others. Reads are served from memory: encoded bodies are cached per `Api.version()`.
+the others. Reads are served from memory: encoded bodies are cached per `Api.version()`
+(`routes.ViewCache`).
 Mutations run one at a time on a worker thread; the loop keeps serving while they run.
 Who may do what is decided by the peer's credentials (SO_PEERCRED): anyone who can connect
 may read (the socket's 0660 root:<group> mode limits that), only uid 0 may mutate.
+Parsing lives in `httpproto`, routing in `routes`, binding the socket in `listener`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import grp
-import json
-import os
-import re
 import selectors
 import socket
-import stat
-import struct
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, Final, Protocol, cast
 
 import structlog
@@ -34,18 +29,22 @@ from binfmtd.httpproto import (
     ProtocolError,
     Request,
     RequestReader,
-    encode_json,
     error_body,
     response,
-    response_bytes,
 )
+from binfmtd.listener import (
+    DRAIN_LIMIT,
+    Listener,
+    Peer,
+    discard_input,
+    half_close,
+    open_listener,
+    peer_of,
+)
+from binfmtd.routes import Mutation, Read, Reject, View, ViewCache, route
 
 log = structlog.get_logger("binfmtd.server")
 
-ARCH_NAME: Final = re.compile(r"[a-z0-9_]{1,32}")
-SD_LISTEN_FDS_START: Final = 3
-MAX_UNIX_PATH: Final = 107
-_PEERCRED: Final = struct.Struct("3i")
 _RECV_SIZE: Final = 64 * 1024
 _OUT_HIGH_WATER: Final = 256 * 1024
 
@@ -73,242 +72,6 @@ class Api(Protocol):
     def mutate(self, action: str, arg: dict[str, Any]) -> Mapping[str, Any]: ...
 
 
-class View(StrEnum):
-    """The read endpoints; each value names the `Api` method that renders it."""
-
-    STATUS = "status"
-    PLATFORMS = "platforms"
-    PLATFORMS_BINFMT = "platforms_binfmt"
-    HEALTH = "health"
-    WORKER = "worker"
-
-
-class Action(StrEnum):
-    """The mutating endpoints, as passed to `Api.mutate`."""
-
-    VERIFY = "verify"
-    RECONCILE = "reconcile"
-    ENABLE = "enable"
-    DISABLE = "disable"
-    RELOAD = "reload"
-
-
-@dataclass(frozen=True)
-class Read:
-    """Route to a read view."""
-
-    view: View
-
-
-@dataclass(frozen=True)
-class Mutation:
-    """Route to `Api.mutate(action, arg)`."""
-
-    action: Action
-    arg: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Reject:
-    """Answer with an error without reaching the api."""
-
-    status: int
-    message: str
-    allow: str | None = None
-
-
-Route = Read | Mutation | Reject
-
-_READ_PATHS: Final = {
-    "/v1/status": View.STATUS,
-    "/v1/platforms": View.PLATFORMS,
-    "/v1/health": View.HEALTH,
-    "/v1/worker": View.WORKER,
-}
-_PLAIN_MUTATIONS: Final = {
-    "/v1/verify": Action.VERIFY,
-    "/v1/reconcile": Action.RECONCILE,
-    "/v1/reload": Action.RELOAD,
-}
-
-
-def route(request: Request) -> Route:
-    """Map a request to what answers it; every input is validated here, before the api."""
-    if request.path in _READ_PATHS:
-        if request.method != "GET":
-            return Reject(405, f"{request.path} only supports GET", allow="GET")
-        return _read_route(_READ_PATHS[request.path], request.query)
-    target = _mutation_target(request.path)
-    if target is None:
-        return Reject(404, f"no such endpoint: {request.path}")
-    if request.method != "POST":
-        return Reject(405, f"{request.path} only supports POST", allow="POST")
-    if isinstance(target, Reject):
-        return target
-    if target.action is Action.VERIFY:
-        return _verify_route(request.body)
-    return target
-
-
-def _read_route(view: View, query: Mapping[str, str]) -> Route:
-    if view is not View.PLATFORMS or query.get("format", "json") == "json":
-        return Read(view)
-    if query["format"] == "binfmt":
-        return Read(View.PLATFORMS_BINFMT)
-    return Reject(400, "format must be json or binfmt")
-
-
-def _mutation_target(path: str) -> Mutation | Reject | None:
-    if path in _PLAIN_MUTATIONS:
-        return Mutation(_PLAIN_MUTATIONS[path], {})
-    parts = path.split("/")
-    if len(parts) != 5 or parts[:3] != ["", "v1", "arches"]:
-        return None
-    if parts[4] not in (Action.ENABLE, Action.DISABLE):
-        return None
-    if not ARCH_NAME.fullmatch(parts[3]):
-        return Reject(400, f"invalid arch name {parts[3]!r}: expected [a-z0-9_]{{1,32}}")
-    return Mutation(Action(parts[4]), {"arch": parts[3]})
-
-
-def _verify_route(body: bytes) -> Mutation | Reject:
-    if not body.strip():
-        return Mutation(Action.VERIFY, {})
-    try:
-        arg = json.loads(body)
-    except (ValueError, RecursionError):
-        return Reject(400, 'body must be JSON like {"arches": ["aarch64"]}')
-    if not isinstance(arg, dict) or set(arg) - {"arches"}:
-        return Reject(400, 'body must be an object with only the key "arches"')
-    arches = arg.get("arches", [])
-    if not isinstance(arches, list) or not all(_is_arch(a) for a in arches):
-        return Reject(400, "arches must be a list of names matching [a-z0-9_]{1,32}")
-    return Mutation(Action.VERIFY, {"arches": arches} if "arches" in arg else {})
-
-
-def _is_arch(value: object) -> bool:
-    return isinstance(value, str) and ARCH_NAME.fullmatch(value) is not None
-
-
-# --- binding -------------------------------------------------------------------------------
-
-
-class ListenerError(RuntimeError):
-    """The API socket cannot be set up; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class Listener:
-    """A listening socket; `identity` is (st_dev, st_ino) of the socket file we created."""
-
-    sock: socket.socket
-    path: str
-    activated: bool
-    identity: tuple[int, int] | None
-
-
-def activated_fd(environ: Mapping[str, str], pid: int) -> int | None:
-    """The systemd-passed socket (sd_listen_fds), if these variables are meant for `pid`."""
-    if environ.get("LISTEN_PID") != str(pid):
-        return None
-    count = environ.get("LISTEN_FDS", "0")
-    return SD_LISTEN_FDS_START if count.isdigit() and int(count) >= 1 else None
-
-
-def open_listener(
-    path: str,
-    *,
-    group: str | None,
-    mode: int = 0o660,
-    environ: Mapping[str, str] | None = None,
-) -> Listener:
-    """Adopt the socket-activated fd, or bind `path` ourselves (replacing a stale socket)."""
-    fd = activated_fd(os.environ if environ is None else environ, os.getpid())
-    if fd is not None:
-        return _adopt(fd)
-    return _bind(path, group, mode)
-
-
-def _adopt(fd: int) -> Listener:
-    sock = socket.socket(fileno=fd)
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        raise ListenerError(f"fd {fd} from systemd is not a Unix stream socket; fix the .socket")
-    sock.set_inheritable(False)
-    sock.setblocking(False)
-    return Listener(sock, str(sock.getsockname()), activated=True, identity=None)
-
-
-def _bind(path: str, group: str | None, mode: int) -> Listener:
-    if len(os.fsencode(path)) > MAX_UNIX_PATH:
-        raise ListenerError(f"socket path {path} is longer than {MAX_UNIX_PATH} bytes")
-    parent = os.path.dirname(os.path.abspath(path))
-    _ensure_dir(parent)
-    _remove_stale(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # Bind under a private name, set mode and group, then link into place: the socket never
-    # appears at `path` with the umask's permissions, and link() refuses to clobber.
-    tmp = os.path.join(parent, f".binfmtd-{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    try:
-        sock.bind(tmp)
-        os.chmod(tmp, mode)
-        _chgrp(tmp, group)
-        os.link(tmp, path)
-    except FileExistsError:
-        sock.close()
-        raise ListenerError(
-            f"{path} appeared while binding; is another binfmtd starting?"
-        ) from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    st = os.stat(path)
-    sock.listen(512)
-    sock.setblocking(False)
-    return Listener(sock, path, activated=False, identity=(st.st_dev, st.st_ino))
-
-
-def _ensure_dir(parent: str) -> None:
-    if not os.path.isdir(parent):
-        os.makedirs(parent, mode=0o755, exist_ok=True)
-        os.chmod(parent, 0o755)
-
-
-def _remove_stale(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ListenerError(f"{path} exists and is not a socket; move it away or change socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)
-            log.info("stale_socket_removed", path=path)
-            return
-        except OSError as exc:
-            raise ListenerError(f"cannot tell whether {path} is in use: {exc}") from exc
-    raise ListenerError(f"binfmtd is already running on {path}; stop it first")
-
-
-def _chgrp(path: str, group: str | None) -> None:
-    if group is None:
-        return
-    try:
-        os.chown(path, -1, grp.getgrnam(group).gr_gid)
-    except KeyError:
-        log.warning("socket_group_missing", group=group, path=path, hint="only root can connect")
-    except OSError as exc:
-        log.warning("socket_chown_failed", group=group, path=path, errno=exc.errno)
-
-
-# --- serving -------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Limits:
     """Per-connection budgets, in seconds, and the connection cap."""
@@ -320,19 +83,11 @@ class Limits:
     sweep_interval: float = 0.25
 
 
-@dataclass(frozen=True)
-class Peer:
-    """Who is on the other end, from SO_PEERCRED at connect time."""
-
-    pid: int
-    uid: int
-    gid: int
-
-
 @dataclass(eq=False)
 class _Conn:
     """One client. `mark` is when the running deadline started: the request's first byte,
-    the last send progress, or the end of the last response (keep-alive idle)."""
+    the last send progress, the end of the last response (keep-alive idle), or the half-close
+    after the last response (`lingering`: we only discard input until the client's EOF)."""
 
     sock: socket.socket
     peer: Peer
@@ -344,34 +99,8 @@ class _Conn:
     closing: bool = False
     eof: bool = False
     served: bool = False
-
-
-def peer_of(sock: socket.socket) -> Peer:
-    """The credentials of the process that connected `sock`."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    return Peer(*_PEERCRED.unpack(raw))
-
-
-class _Views:
-    """Encoded read responses, rebuilt when `Api.version()` moves."""
-
-    def __init__(self, api: Api) -> None:
-        self._api = api
-        self._version: int | None = None
-        self._cache: dict[tuple[View, bool], bytes] = {}
-
-    def response(self, view: View, keep_alive: bool) -> bytes:
-        if view is View.HEALTH:
-            return response(200, self._api.health(), keep_alive=keep_alive)
-        version = self._api.version()
-        if version != self._version:
-            self._cache.clear()
-            self._version = version
-        key = (view, keep_alive)
-        if key not in self._cache:
-            body = encode_json(getattr(self._api, view.value)())
-            self._cache[key] = response_bytes(200, body, keep_alive=keep_alive)
-        return self._cache[key]
+    lingering: bool = False
+    discarded: int = 0
 
 
 class ApiServer:
@@ -397,7 +126,7 @@ class ApiServer:
         self._listener: Listener | None = None
         self._limits = limits or Limits()
         self._clock = clock
-        self._views = _Views(api)
+        self._views = ViewCache(api)
         self._sel = selectors.DefaultSelector()
         self._conns: set[_Conn] = set()
         self._done: deque[tuple[_Conn, bytes, bool]] = deque()
@@ -438,7 +167,7 @@ class ApiServer:
         self._wake_w.close()
         if self._listener is not None:
             self._listener.sock.close()
-            self._unlink_if_ours(self._listener)
+            self._listener.unlink_if_ours()
 
     def __enter__(self) -> ApiServer:
         self.start()
@@ -446,15 +175,6 @@ class ApiServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @staticmethod
-    def _unlink_if_ours(listener: Listener) -> None:
-        if listener.identity is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            st = os.stat(listener.path)
-            if (st.st_dev, st.st_ino) == listener.identity:
-                os.unlink(listener.path)
 
     def _run(self) -> None:
         next_sweep = self._now
@@ -489,8 +209,7 @@ class ApiServer:
     def _admit(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         if len(self._conns) >= self._limits.max_connections:
-            with contextlib.suppress(OSError):
-                sock.send(response(503, error_body(503, "too many connections"), keep_alive=False))
+            _refuse(sock, 503, "too many connections")
             sock.close()
             log.warning("api_connection_rejected", reason="too_many_connections")
             return
@@ -503,12 +222,18 @@ class ApiServer:
         self._set_interest(conn)
 
     def _on_ready(self, conn: _Conn, mask: int) -> None:
+        if conn.lingering:
+            self._linger(conn)
+            return
         if mask & selectors.EVENT_WRITE:
             self._flush(conn)
-        if conn in self._conns and mask & selectors.EVENT_READ:
+        if self._serving(conn) and mask & selectors.EVENT_READ:
             self._receive(conn)
-        if conn in self._conns:
+        if self._serving(conn):
             self._process(conn)
+
+    def _serving(self, conn: _Conn) -> bool:
+        return conn in self._conns and not conn.lingering
 
     def _receive(self, conn: _Conn) -> None:
         try:
@@ -609,12 +334,31 @@ class ApiServer:
             del conn.out[:sent]
             conn.mark = self._now if sent else conn.mark
         if conn.closing and not conn.out and not conn.busy:
+            self._linger(conn)
+        else:
+            self._set_interest(conn)
+
+    def _linger(self, conn: _Conn) -> None:
+        """Half-close after the last response, then discard input until the client's EOF.
+
+        Closing a socket with unread input makes the kernel reset the connection, and the
+        client then gets ECONNRESET instead of our (error) response. Bounded by DRAIN_LIMIT
+        and request_timeout."""
+        if not conn.lingering:
+            conn.lingering, conn.mark = True, self._now
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_WR)
+        read, finished = discard_input(conn.sock, DRAIN_LIMIT - conn.discarded)
+        conn.discarded += read
+        if finished:
             self._drop(conn)
         else:
             self._set_interest(conn)
 
     def _set_interest(self, conn: _Conn) -> None:
-        reading = not (conn.busy or conn.closing or conn.eof) and len(conn.out) < _OUT_HIGH_WATER
+        reading = conn.lingering or (
+            not (conn.busy or conn.closing or conn.eof) and len(conn.out) < _OUT_HIGH_WATER
+        )
         events = (selectors.EVENT_READ if reading else 0) | (
             selectors.EVENT_WRITE if conn.out else 0
         )
@@ -634,16 +378,14 @@ class ApiServer:
             return float("inf")
         if conn.out:
             return conn.mark + limits.send_timeout
-        if conn.reader.buffered or not conn.served:
+        if conn.lingering or conn.reader.buffered or not conn.served:
             return conn.mark + limits.request_timeout
         return conn.mark + limits.idle_timeout
 
     def _sweep(self) -> None:
         for conn in [c for c in self._conns if self._deadline(c) <= self._now]:
-            if conn.reader.buffered and not conn.out:
-                with contextlib.suppress(OSError):
-                    message = "request not received in time"
-                    conn.sock.send(response(408, error_body(408, message), keep_alive=False))
+            if conn.reader.buffered and not conn.out and not conn.lingering:
+                _refuse(conn.sock, 408, "request not received in time")
             self._drop(conn)
 
     def _drop(self, conn: _Conn) -> None:
@@ -653,6 +395,13 @@ class ApiServer:
         conn.events = 0
         self._conns.discard(conn)
         conn.sock.close()
+
+
+def _refuse(sock: socket.socket, status: int, message: str) -> None:
+    """Answer with an error in one best-effort send, then half-close before the caller closes."""
+    with contextlib.suppress(OSError):
+        sock.send(response(status, error_body(status, message), keep_alive=False))
+    half_close(sock)
 
 
 def _run_mutation(api: Api, mutation: Mutation, keep_alive: bool) -> bytes:

@@ -7,7 +7,6 @@ reads pre-rendered snapshots; mutations are queued to the loop and answered when
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import queue
 import signal
@@ -20,6 +19,7 @@ from typing import Any
 from binfmtd import __version__, config, log, preflight
 from binfmtd.engine import Engine, TickReport
 from binfmtd.kernel import KernelError
+from binfmtd.lock import Lock
 from binfmtd.notify import Notifier
 from binfmtd.plan import describe
 from binfmtd.preflight import Exit, PreflightError
@@ -418,38 +418,9 @@ def _needs_safe_mode() -> bool:
     return os.geteuid() == 0 and not ns.in_user_namespace()
 
 
-class _Lock:
-    """One daemon per lock file: a second one is refused, clearly."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.fd = -1
-
-    def acquire(self) -> None:
-        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise PreflightError(
-                Exit.ALREADY_RUNNING,
-                f"another binfmtd (pid {holder}) holds {self.path}; stop it first "
-                "(`systemctl stop binfmtd`) or give this one another lock_file",
-            ) from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 def serve(cfg: config.Config, *, sandbox: bool, config_path: str | None) -> int:
     """Run the daemon until SIGTERM."""
-    lock = _Lock(cfg.lock_file)
+    lock = Lock(cfg.lock_file)
     lock.acquire()
     try:
         return Daemon(cfg, sandbox=sandbox, config_path=config_path).run()

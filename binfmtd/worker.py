@@ -213,7 +213,7 @@ class WorkerSupervisor:
             "restarts": status.restarts,
             "failures": status.failures,
             "intended_platforms": list(status.desired_platforms),
-            "running_platforms": list(status.running_platforms),
+            "running_platforms": list(status.running_platforms) if status.pid else [],
             "advertised_platforms": list(advertised),
             "differences": None if diff is None else diff.as_dict(),
             "next_start_in_s": _seconds_until(status.next_start_at, now),

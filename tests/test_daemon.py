@@ -721,9 +721,27 @@ def test_second_daemon_with_the_same_lock_is_refused_with_71(
     )
     assert second.returncode == 71, second.stderr
     lock = tmp_path / "run" / "binfmtd.lock"
-    assert f"another binfmtd (pid {daemon.pid}) holds {lock}; stop it first" in second.stderr
+    assert f"another binfmtd (pid {daemon.pid}) holds {lock}" in second.stderr
+    assert "stop it first" in second.stderr
     assert du.get_json(daemon.sock, "/v1/health")["ok"]
     assert daemon.status()["daemon"]["pid"] == daemon.pid
+
+
+def test_oneshot_is_refused_while_a_daemon_holds_the_lock(daemon: Daemon) -> None:
+    """--oneshot next to a running daemon exits 71 and points at binfmtctl instead."""
+    argv = [*du.sandbox_argv(daemon.cfg), "--oneshot"]
+    second = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=du.CLEAN_ENV,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert second.returncode == 71, second.stderr
+    assert "binfmtctl reconcile" in second.stderr
+    assert du.get_json(daemon.sock, "/v1/health")["ok"]
 
 
 def test_stale_socket_of_a_killed_daemon_is_recovered(tmp_path: Path, sock: str) -> None:

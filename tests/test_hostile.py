@@ -48,7 +48,7 @@ from binfmtd.binfmt import (
 )
 from binfmtd.httpproto import NEED_MORE, NeedMore, ProtocolError, Request, RequestReader
 from binfmtd.preflight import Exit
-from binfmtd.server import Mutation, Reject, route
+from binfmtd.routes import Mutation, Reject, route
 
 TRIED: Counter[str] = Counter()
 

@@ -21,14 +21,9 @@ from typing import Any
 import pytest
 
 from binfmtd.httpproto import MAX_HEAD, Request
-from binfmtd.server import (
-    ApiError,
-    ApiServer,
-    Limits,
-    ListenerError,
-    activated_fd,
-    route,
-)
+from binfmtd.listener import ListenerError, activated_fd
+from binfmtd.routes import route
+from binfmtd.server import ApiError, ApiServer, Limits
 
 FAST = Limits(request_timeout=0.5, idle_timeout=1.0, send_timeout=0.5, sweep_interval=0.05)
 NOBODY = 65534
@@ -334,6 +329,27 @@ def test_bad_clients_do_not_disturb_a_good_one(server: ApiServer) -> None:
     assert_served_quickly(server.path)
     for conn in (garbage, oversized, slow, half, hog):
         conn.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET /v1/status HTTP/1.1\r\nHost: t\r\nX: " + b"a" * (192 * 1024), 431),
+        (
+            b"POST /v1/verify HTTP/1.1\r\nHost: t\r\nContent-Length: 9999999\r\n\r\n"
+            + b"{" * (192 * 1024),
+            413,
+        ),
+    ],
+)
+def test_oversized_request_gets_its_error_not_a_reset(
+    client: Client, raw: bytes, status: int
+) -> None:
+    """Unread input is drained before closing, so the client reads the error and a clean EOF."""
+    client.send(raw)
+    got, headers, body = client.read()
+    assert (got, headers["connection"], body["status"]) == (status, "close", status)
+    assert client.at_eof()
 
 
 def test_idle_keepalive_connection_is_closed(client: Client) -> None:
