@@ -8,6 +8,7 @@ new user + mount namespace with its own instance, and a session guard proves the
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -15,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import daemonutil as du
 import pytest
 import yaml
+from daemonutil import BINFMTD, REPO, SandboxSh
 
-REPO = Path(__file__).resolve().parent.parent
-GLOBAL_BINFMT = "/proc/sys/fs/binfmt_misc"
-BINFMTD = str(REPO / ".venv" / "bin" / "binfmtd")
+GLOBAL_BINFMT = du.ENTRIES
 PYTHON = sys.executable
 
 
@@ -134,8 +135,6 @@ mount --make-rprivate /
 mount -t binfmt_misc binfmt_misc {GLOBAL_BINFMT}
 """
 
-SandboxSh = Callable[..., "subprocess.CompletedProcess[str]"]
-
 
 @pytest.fixture
 def sandbox_sh(cache: Cache) -> SandboxSh:
@@ -160,23 +159,7 @@ def sandbox_sh(cache: Cache) -> SandboxSh:
             "PYTHON": PYTHON,
             **(env or {}),
         }
-        return subprocess.run(
-            [
-                "unshare",
-                "--user",
-                "--map-root-user",
-                "--mount",
-                "bash",
-                "-c",
-                SANDBOX_PRELUDE + script,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=full_env,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+        return du.run([*du.OUTER, "bash", "-c", SANDBOX_PRELUDE + script], timeout, full_env)
 
     return run
 
@@ -201,3 +184,33 @@ def write_config(tmp_dir: Path, **overrides: Any) -> Path:
     path.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
     path.chmod(0o644)
     return path
+
+
+def daemon_config(tmp: Path, **overrides: Any) -> Path:
+    """A daemon config: json logs at info, 0.2 s reconcile, two arches unless overridden."""
+    base: dict[str, Any] = {
+        "arches": ["aarch64", "s390x"],
+        "reconcile_interval_s": 0.2,
+        "log": {"level": "info", "format": "json"},
+    }
+    return write_config(tmp, **(base | overrides))
+
+
+# ---------------------------------------------------------------- running daemons
+
+
+@pytest.fixture
+def sock() -> Iterator[str]:
+    """A socket path in a short, traversable directory under /tmp."""
+    directory = du.sock_dir()
+    yield os.path.join(directory, "api.sock")
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[du.Daemon]]:
+    """Daemons a test starts (`daemonutil.run_daemon`); each is stopped afterwards."""
+    started: list[du.Daemon] = []
+    yield started
+    for daemon in started:
+        daemon.close()

@@ -15,13 +15,14 @@ import secrets
 import signal
 import stat
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import daemonutil as du
 import pytest
-from test_faults import SandboxDaemon, daemon_config, wait_for
+from conftest import daemon_config
+from daemonutil import run_daemon, wait_until
 
 READS = [
     ("GET", "/v1/status"),
@@ -143,42 +144,32 @@ def assert_socket_mode(path: str, gid: int) -> None:
 
 
 def test_access_matrix_and_socket_mode_across_restart_and_reload(
-    tmp_path: Path, accounts: Accounts
+    tmp_path: Path, accounts: Accounts, sock: str, daemons: list[du.Daemon]
 ) -> None:
     """root: all 200; group member: reads 200, mutations 403; others: cannot connect; 0660 kept."""
-    sockdir = tempfile.mkdtemp(dir="/tmp", prefix="binfmtd-access-")
-    os.chmod(sockdir, 0o755)
-    sock = os.path.join(sockdir, "api.sock")
     cfg = daemon_config(tmp_path, api={"socket": sock, "group": accounts.group})
-    daemon = SandboxDaemon(cfg, outer=False)  # host root: the group can be mapped
-    try:
-        daemon.start()
-        daemon.wait_verified(["aarch64", "s390x"])
-        assert_socket_mode(sock, accounts.gid)
-        table = {
-            "root": call_all(sock, None),
-            "member": call_all(sock, accounts.member),
-            "other": call_all(sock, accounts.other),
-        }
-        expected = {
-            "root": [200] * len(ENDPOINTS),
-            "member": [200] * len(READS) + [403] * len(MUTATIONS),
-            "other": [NO_CONNECT] * len(ENDPOINTS),
-        }
-        assert table == expected, json.dumps(table)
-        assert daemon.arches()["aarch64"]["state"] == "verified"  # disable, then enable again
+    daemon = run_daemon(daemons, cfg, outer=False)  # host root: the group can be mapped
+    daemon.wait_verified(["aarch64", "s390x"])
+    assert_socket_mode(sock, accounts.gid)
+    table = {
+        "root": call_all(sock, None),
+        "member": call_all(sock, accounts.member),
+        "other": call_all(sock, accounts.other),
+    }
+    expected = {
+        "root": [200] * len(ENDPOINTS),
+        "member": [200] * len(READS) + [403] * len(MUTATIONS),
+        "other": [NO_CONNECT] * len(ENDPOINTS),
+    }
+    assert table == expected, json.dumps(table)
+    assert daemon.arches()["aarch64"]["state"] == "verified"  # disable, then enable again
 
-        daemon.stop()
-        daemon.start()
-        assert_socket_mode(sock, accounts.gid)
-        assert call_all(sock, accounts.member)[: len(READS)] == [200] * len(READS)
+    daemon.stop()
+    daemon = run_daemon(daemons, cfg, outer=False)
+    assert_socket_mode(sock, accounts.gid)
+    assert call_all(sock, accounts.member)[: len(READS)] == [200] * len(READS)
 
-        os.kill(daemon.pid, signal.SIGHUP)
-        wait_for(lambda: daemon.events("config_reloaded"), 10, "config_reloaded")
-        assert_socket_mode(sock, accounts.gid)
-        assert call_all(sock, accounts.other) == [NO_CONNECT] * len(ENDPOINTS)
-    finally:
-        daemon.stop()
-        for name in os.listdir(sockdir):
-            os.unlink(os.path.join(sockdir, name))
-        os.rmdir(sockdir)
+    os.kill(daemon.pid, signal.SIGHUP)
+    wait_until("config_reloaded", lambda: daemon.events("config_reloaded"), 10)
+    assert_socket_mode(sock, accounts.gid)
+    assert call_all(sock, accounts.other) == [NO_CONNECT] * len(ENDPOINTS)

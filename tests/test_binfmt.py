@@ -6,7 +6,7 @@ import contextlib
 import re
 
 import pytest
-from conftest import SandboxSh
+from daemonutil import SandboxSh
 from hypothesis import given
 from hypothesis import strategies as st
 

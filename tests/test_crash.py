@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, Cache, SandboxSh, write_config
+from conftest import Cache, write_config
+from daemonutil import REPO, SandboxSh
 
 TRIALS = 40
 

@@ -49,14 +49,6 @@ def _drop_emulators(tmp_path: Path) -> Iterator[None]:
         shutil.rmtree(tmp_path / name, ignore_errors=True)
 
 
-@pytest.fixture
-def sock() -> Iterator[str]:
-    """A socket path in a short, traversable directory under /tmp."""
-    directory = du.sock_dir()
-    yield os.path.join(directory, "api.sock")
-    shutil.rmtree(directory, ignore_errors=True)
-
-
 def daemon_config(tmp_path: Path, sock: str, **overrides: Any) -> Path:
     """A fast daemon config: three arches, 0.2 s reconcile interval, JSON log at info."""
     body: dict[str, Any] = {
@@ -104,28 +96,18 @@ def ctl_status(daemon: Daemon) -> dict[str, Any] | None:
     return json.loads(done.stdout) if done.returncode == 0 else None
 
 
-class Watcher:
+class Watcher(du.Poller):
     """Polls GET /v1/status in a thread, keeping every snapshot, to check invariants later."""
 
     def __init__(self, sock: str) -> None:
+        super().__init__()
         self.sock = sock
         self.snapshots: list[dict[str, Any]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(OSError, AssertionError, ValueError):
-                self.snapshots.append(du.get_json(self.sock, "/v1/status", timeout=2.0))
-            self._stop.wait(0.01)
-
-    def __enter__(self) -> Watcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
+    def poll(self) -> None:
+        """Keep one snapshot (none when the daemon did not answer)."""
+        with contextlib.suppress(OSError, AssertionError, ValueError):
+            self.snapshots.append(du.get_json(self.sock, "/v1/status", timeout=2.0))
 
 
 def genuine_sha(cache: Cache, arch: str) -> str:
@@ -710,15 +692,7 @@ def test_second_daemon_with_the_same_lock_is_refused_with_71(
     daemon: Daemon, tmp_path: Path
 ) -> None:
     """Same lock_file: the second binfmtd exits 71 naming the holder's pid; the first serves on."""
-    second = subprocess.run(
-        du.sandbox_argv(daemon.cfg),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=du.CLEAN_ENV,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    second = du.run(du.sandbox_argv(daemon.cfg), 30)
     assert second.returncode == 71, second.stderr
     lock = tmp_path / "run" / "binfmtd.lock"
     assert f"another binfmtd (pid {daemon.pid}) holds {lock}" in second.stderr
@@ -729,16 +703,7 @@ def test_second_daemon_with_the_same_lock_is_refused_with_71(
 
 def test_oneshot_is_refused_while_a_daemon_holds_the_lock(daemon: Daemon) -> None:
     """--oneshot next to a running daemon exits 71 and points at binfmtctl instead."""
-    argv = [*du.sandbox_argv(daemon.cfg), "--oneshot"]
-    second = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=du.CLEAN_ENV,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    second = du.run([*du.sandbox_argv(daemon.cfg), "--oneshot"], 30)
     assert second.returncode == 71, second.stderr
     assert "binfmtctl reconcile" in second.stderr
     assert du.get_json(daemon.sock, "/v1/health")["ok"]
@@ -787,38 +752,30 @@ def raw_answer(sock: str, payload: bytes, *, shut: bool = False, timeout: float 
     return b"".join(chunks)
 
 
-class GoodClient:
+class GoodClient(du.Poller):
     """Asks for the status again and again, checking every answer, until stopped."""
 
+    every = 0.005
+
     def __init__(self, sock: str, pid: int) -> None:
+        super().__init__()
         self.sock, self.pid = sock, pid
         self.answers = 0
         self.slowest = 0.0
         self.problems: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                status = du.get_json(self.sock, "/v1/status", timeout=5.0)
-                assert status["daemon"]["pid"] == self.pid
-                assert [r["state"] for r in status["arches"]] == ["verified"] * len(ARCHES)
-            except (OSError, AssertionError, ValueError, KeyError) as exc:
-                self.problems.append(repr(exc))
-            else:
-                self.answers += 1
-            self.slowest = max(self.slowest, time.monotonic() - started)
-            self._stop.wait(0.005)
-
-    def __enter__(self) -> GoodClient:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+    def poll(self) -> None:
+        """One status request, checked; a problem is recorded, not raised."""
+        started = time.monotonic()
+        try:
+            status = du.get_json(self.sock, "/v1/status", timeout=5.0)
+            assert status["daemon"]["pid"] == self.pid
+            assert [r["state"] for r in status["arches"]] == ["verified"] * len(ARCHES)
+        except (OSError, AssertionError, ValueError, KeyError) as exc:
+            self.problems.append(repr(exc))
+        else:
+            self.answers += 1
+        self.slowest = max(self.slowest, time.monotonic() - started)
 
 
 def crowd_member(sock: str) -> int:

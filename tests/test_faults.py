@@ -2,28 +2,25 @@
 
 Daemons run with `--sandbox` inside an outer `unshare --user --map-root-user --mount`, so
 whatever they register lives in a private binfmt_misc; one-shot runs compose with `sandbox_sh`'s
-private instance. Helpers here (`SandboxDaemon`, `http`) are shared with test_access and
-test_hostile.
+private instance (both through daemonutil).
 """
 
 from __future__ import annotations
 
 import errno
 import functools
-import hashlib
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import daemonutil as du
 import pytest
-from conftest import BINFMTD, SandboxSh, write_config
+from conftest import daemon_config, write_config
+from daemonutil import ENTRIES, SandboxSh, run_daemon, run_oneshot, sha256_file, wait_until
 
 from binfmtd import arch as archmod
 from binfmtd import config as configmod
@@ -33,225 +30,10 @@ from binfmtd.preflight import Exit
 from binfmtd.probe import ProbeResult
 from binfmtd.service import RETRY_FAILED_S, Daemon
 
-ENTRIES = "/proc/sys/fs/binfmt_misc"
-OUTER = ("unshare", "--user", "--map-root-user", "--mount")
 
-
-# ---------------------------------------------------------------- shared helpers
-
-
-def http(
-    path: str, method: str, target: str, body: bytes = b"", timeout: float = 60
-) -> tuple[int, Any]:
-    """One request over the Unix socket; (status, decoded JSON body)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        head = (
-            f"{method} {target} HTTP/1.1\r\nHost: binfmtd\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        )
-        sock.sendall(head.encode() + body)
-        data = bytearray()
-        while chunk := sock.recv(65536):
-            data += chunk
-    head_bytes, _, payload = bytes(data).partition(b"\r\n\r\n")
-    return int(head_bytes.split()[1]), json.loads(payload) if payload else None
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (OSError, ValueError, KeyError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(step)
-    pytest.fail(f"timed out after {timeout:g} s waiting for {what}; last: {last!r}")
-
-
-def sha256(path: Path | str) -> str:
-    """sha256 of a file."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-class SandboxDaemon:
-    """`binfmtd --sandbox --config CFG` as a daemon, with its log, API and namespace at hand."""
-
-    def __init__(self, cfg: Path, *, outer: bool = True, env: dict[str, str] | None = None):
-        self.cfg = cfg
-        body = _yaml(cfg)
-        self.socket = body["api"]["socket"]
-        self.install_dir = body["install_dir"]
-        self.log_path = cfg.parent / f"daemon-{time.monotonic_ns()}.log"
-        self.outer = outer
-        self.env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, *, ready: bool = True, timeout: float = 60) -> SandboxDaemon:
-        """Start it; with `ready`, wait until the API answers and the daemon says ready."""
-        argv = [*(OUTER if self.outer else ()), BINFMTD, "--sandbox", "--config", str(self.cfg)]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env
-            )
-        if ready:
-            wait_for(self._ready, timeout, f"the daemon to be ready (log: {self.log_text()})")
-        return self
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            pytest.fail(f"binfmtd exited {self.proc.returncode}: {self.log_text()}")
-        return bool(os.path.exists(self.socket) and self.get("/v1/health")[1]["ready"])
-
-    @property
-    def pid(self) -> int:
-        """The daemon's pid (outer unshare execs it, so it is the same process)."""
-        assert self.proc is not None
-        return self.proc.pid
-
-    def get(self, target: str) -> tuple[int, Any]:
-        """GET `target`."""
-        return http(self.socket, "GET", target)
-
-    def post(self, target: str, body: bytes = b"") -> tuple[int, Any]:
-        """POST `target`."""
-        return http(self.socket, "POST", target, body)
-
-    def status(self) -> dict[str, Any]:
-        """GET /v1/status."""
-        code, doc = self.get("/v1/status")
-        assert code == 200, doc
-        return dict(doc)
-
-    def arches(self) -> dict[str, dict[str, Any]]:
-        """arch -> its status row."""
-        return {row["arch"]: row for row in self.status()["arches"]}
-
-    def nsenter(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run `sh -c script` as root in the daemon's user + mount namespaces."""
-        result = subprocess.run(
-            ["nsenter", "--target", str(self.pid), "--user", "--mount", "--", "sh", "-c", script],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-        if check:
-            assert result.returncode == 0, result.stderr
-        return result
-
-    def log_text(self) -> str:
-        """Everything the daemon logged so far."""
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        """The JSON log events (optionally only `name`)."""
-        out = []
-        for line in self.log_text().splitlines():
-            if line.startswith("{"):
-                event = json.loads(line)
-                if name is None or event.get("event") == name:
-                    out.append(event)
-        return out
-
-    def wait_verified(self, arches: list[str], timeout: float = 30) -> dict[str, Any]:
-        """Until every arch in `arches` shows verified; returns the rows."""
-
-        def done() -> dict[str, Any] | None:
-            rows = self.arches()
-            return rows if all(rows[a]["state"] == "verified" for a in arches) else None
-
-        return dict(wait_for(done, timeout, f"{arches} verified"))
-
-    def kill(self, sig: int = signal.SIGKILL) -> int:
-        """Signal the daemon and reap it; its exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it lingers."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def more_events(daemon: SandboxDaemon, name: str, seen: int) -> bool:
+def more_events(daemon: du.Daemon, name: str, seen: int) -> bool:
     """Whether the daemon logged `name` more than `seen` times."""
     return len(daemon.events(name)) > seen
-
-
-def _yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    return dict(yaml.safe_load(path.read_text(encoding="utf-8")))
-
-
-def daemon_config(tmp: Path, **overrides: Any) -> Path:
-    """A daemon config: json logs at info, 0.2 s reconcile, two arches unless overridden."""
-    base: dict[str, Any] = {
-        "arches": ["aarch64", "s390x"],
-        "reconcile_interval_s": 0.2,
-        "log": {"level": "info", "format": "json"},
-    }
-    return write_config(tmp, **(base | overrides))
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[SandboxDaemon]]:
-    """Daemons a test starts; each is stopped afterwards."""
-    started: list[SandboxDaemon] = []
-    yield started
-    for daemon in started:
-        daemon.stop()
-
-
-def run_daemon(daemons: list[SandboxDaemon], cfg: Path, **kwargs: Any) -> SandboxDaemon:
-    """Start a daemon for `cfg`, stopped at teardown."""
-    daemon = SandboxDaemon(cfg, **kwargs)
-    daemons.append(daemon)
-    return daemon.start()
-
-
-def oneshot_script(extra: str = "") -> str:
-    """sandbox_sh script: `extra` set-up, then `binfmtd --oneshot --json`, then the evidence."""
-    return f"""{extra}
-rc=0; "$BINFMTD" --oneshot --json --config "$CFG" >"$OUT/out" 2>"$OUT/err" || rc=$?
-echo "$rc" >"$OUT/rc"
-grep -H . {ENTRIES}/qemu-* >"$OUT/entries" 2>/dev/null || true
-ls -a "$INSTALL" >"$OUT/ls" 2>/dev/null || true
-"""
-
-
-def run_oneshot(sandbox_sh: SandboxSh, tmp: Path, cfg: Path, extra: str = "") -> dict[str, Any]:
-    """The outcome of a one-shot run in a private instance: rc, JSON, stderr, entries, files."""
-    out = tmp / "out"
-    out.mkdir(exist_ok=True)
-    env = {"OUT": str(out), "CFG": str(cfg), "INSTALL": str(tmp / "qemu")}
-    result = sandbox_sh(oneshot_script(extra), env=env)
-    assert result.returncode == 0, result.stderr
-    text = (out / "out").read_text()
-    return {
-        "rc": int((out / "rc").read_text()),
-        "doc": json.loads(text) if text.strip() else None,
-        "stderr": (out / "err").read_text(),
-        "entries": (out / "entries").read_text(),
-        "files": (out / "ls").read_text().split(),
-    }
 
 
 # ---------------------------------------------------------------- the install directory
@@ -277,7 +59,7 @@ def test_disk_full_during_install_is_reported_and_leaves_nothing_partial(
     installed = [f.removeprefix("qemu-") for f in run["files"] if f.startswith("qemu-")]
     assert set(installed) == set(arches) - set(failed)
     for arch in installed:
-        assert rows[arch]["sha256"] == sha256(qemu_dir / f"qemu-{arch}-static")
+        assert rows[arch]["sha256"] == sha256_file(qemu_dir / f"qemu-{arch}-static")
 
 
 def test_read_only_install_dir_is_a_clear_error_and_nothing_is_registered(
@@ -298,12 +80,12 @@ def test_read_only_install_dir_is_a_clear_error_and_nothing_is_registered(
 
 
 def test_replaced_interpreter_is_reinstalled_from_the_source(
-    daemons: list[SandboxDaemon], tmp_path: Path, qemu_dir: Path
+    daemons: list[du.Daemon], tmp_path: Path, qemu_dir: Path
 ) -> None:
     """Another binary renamed over qemu-aarch64: re-installed, right sha, verified again."""
     daemon = run_daemon(daemons, daemon_config(tmp_path))
     daemon.wait_verified(["aarch64", "s390x"])
-    good = sha256(qemu_dir / "qemu-aarch64-static")
+    good = sha256_file(qemu_dir / "qemu-aarch64-static")
     target = Path(daemon.install_dir) / "qemu-aarch64"
     impostor = Path(daemon.install_dir) / "impostor"
     shutil.copyfile(qemu_dir / "qemu-arm-static", impostor)
@@ -319,8 +101,8 @@ def test_replaced_interpreter_is_reinstalled_from_the_source(
             and row["sha256"] == good
         )
 
-    wait_for(repaired, 20, "aarch64 re-installed and verified")
-    assert sha256(target) == good
+    wait_until("aarch64 re-installed and verified", repaired, 20)
+    assert sha256_file(target) == good
     reinstalled = daemon.events("emulator_installed")[before:]
     assert [e["arch"] for e in reinstalled] == ["aarch64"]
     assert any(
@@ -330,7 +112,7 @@ def test_replaced_interpreter_is_reinstalled_from_the_source(
 
 
 def test_source_gone_keeps_working_entries_and_reports_when_an_install_is_needed(
-    daemons: list[SandboxDaemon], tmp_path: Path, qemu_dir: Path
+    daemons: list[du.Daemon], tmp_path: Path, qemu_dir: Path
 ) -> None:
     """Source deleted: entries stay verified; s390x's interpreter deleted too: s390x errors."""
     source = tmp_path / "source"
@@ -351,7 +133,7 @@ def test_source_gone_keeps_working_entries_and_reports_when_an_install_is_needed
         rows = daemon.arches()
         return rows if str(source) in (rows["s390x"]["error"] or "") else None
 
-    rows = wait_for(reported, 10, "s390x to report the missing source")
+    rows = wait_until("s390x to report the missing source", reported, 10)
     assert "does not exist" in rows["s390x"]["error"]
     assert rows["aarch64"]["state"] == "verified" and rows["aarch64"]["error"] is None
     assert daemon.events("install_failed")[-1]["arch"] == "s390x"
@@ -362,17 +144,17 @@ def test_source_gone_keeps_working_entries_and_reports_when_an_install_is_needed
 
 
 def test_binfmt_misc_unmounted_under_the_daemon_is_remounted_and_repaired(
-    daemons: list[SandboxDaemon], tmp_path: Path
+    daemons: list[du.Daemon], tmp_path: Path
 ) -> None:
     """umount binfmt_misc in the daemon's namespace: it remounts, re-registers, verifies again."""
     daemon = run_daemon(daemons, daemon_config(tmp_path))
     daemon.wait_verified(["aarch64", "s390x"])
-    daemon.nsenter(f"umount {ENTRIES}")
-    wait_for(lambda: daemon.events("binfmt_misc_remounted"), 10, "binfmt_misc_remounted")
+    daemon.ns_ok(f"umount {ENTRIES}")
+    wait_until("binfmt_misc_remounted", lambda: daemon.events("binfmt_misc_remounted"), 10)
     daemon.wait_verified(["aarch64", "s390x"])
-    mounted = daemon.nsenter(f"grep -c ' {ENTRIES} ' /proc/self/mountinfo; cat {ENTRIES}/status")
+    mounted = daemon.ns_ok(f"grep -c ' {ENTRIES} ' /proc/self/mountinfo; cat {ENTRIES}/status")
     assert mounted.stdout.split()[-1] == "enabled"
-    listed = daemon.nsenter(f"ls {ENTRIES}").stdout.split()
+    listed = daemon.ns_ok(f"ls {ENTRIES}").stdout.split()
     assert {"qemu-aarch64", "qemu-s390x"} <= set(listed)
     assert daemon.events("binfmt_misc_unavailable")
 
@@ -421,7 +203,7 @@ def test_kernel_errors_carry_an_actionable_hint(
 
 
 def test_foreign_same_name_entry_under_leave_is_a_reported_conflict(
-    daemons: list[SandboxDaemon], tmp_path: Path, qemu_dir: Path
+    daemons: list[du.Daemon], tmp_path: Path, qemu_dir: Path
 ) -> None:
     """A foreign qemu-aarch64 appears under leave: left alone, reported as a conflict."""
     daemon = run_daemon(daemons, daemon_config(tmp_path))
@@ -430,7 +212,7 @@ def test_foreign_same_name_entry_under_leave_is_a_reported_conflict(
     foreign = Registration(
         row.entry_name, row.magic, row.mask, str(qemu_dir / "qemu-aarch64-static"), "F"
     )
-    daemon.nsenter(
+    daemon.ns_ok(
         f"echo -1 > {ENTRIES}/qemu-aarch64; printf '%s' '{foreign.register_string()}' "
         f"> {ENTRIES}/register"
     )
@@ -439,11 +221,11 @@ def test_foreign_same_name_entry_under_leave_is_a_reported_conflict(
         rows = daemon.arches()
         return rows if "made by another tool" in (rows["aarch64"]["error"] or "") else None
 
-    rows = wait_for(conflict, 10, "the conflict to be reported")
+    rows = wait_until("the conflict to be reported", conflict, 10)
     assert rows["aarch64"]["interpreter"] == foreign.interpreter
     assert rows["aarch64"]["state"] != "verified"
     assert rows["s390x"]["state"] == "verified"
-    text = daemon.nsenter(f"cat {ENTRIES}/qemu-aarch64").stdout
+    text = daemon.ns_ok(f"cat {ENTRIES}/qemu-aarch64").stdout
     assert f"interpreter {foreign.interpreter}" in text
 
 
@@ -487,7 +269,7 @@ def fake_qemus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_hanging_and_crashing_probes_fail_without_stopping_the_loop(
-    daemons: list[SandboxDaemon], tmp_path: Path, qemu_dir: Path, fake_qemus: dict[str, Path]
+    daemons: list[du.Daemon], tmp_path: Path, qemu_dir: Path, fake_qemus: dict[str, Path]
 ) -> None:
     """A hanging emulator times out, a crashing one fails: not verified; the loop ticks on."""
     source = tmp_path / "source"
@@ -512,7 +294,7 @@ def test_hanging_and_crashing_probes_fail_without_stopping_the_loop(
     assert code == 200 and "linux/s390x" in platforms["emulated"]
     assert "linux/arm64" not in platforms["platforms"]
     first = daemon.status()["daemon"]["last_reconcile"]
-    wait_for(lambda: daemon.status()["daemon"]["last_reconcile"] > first, 5, "another tick")
+    wait_until("another tick", lambda: daemon.status()["daemon"]["last_reconcile"] > first, 5)
     assert daemon.get("/v1/health")[1]["ok"]
 
 
@@ -550,7 +332,7 @@ def test_wall_clock_jumps_neither_stall_nor_storm_probe_scheduling(tmp_path: Pat
 
 
 def test_notify_socket_missing_or_dangling_changes_nothing(
-    daemons: list[SandboxDaemon], tmp_path: Path
+    daemons: list[du.Daemon], tmp_path: Path
 ) -> None:
     """NOTIFY_SOCKET unset or naming no socket: the daemon runs; a real socket receives READY=1."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -575,7 +357,7 @@ def test_notify_socket_missing_or_dangling_changes_nothing(
 
 
 def test_bad_config_on_sighup_keeps_the_old_one_and_says_so(
-    daemons: list[SandboxDaemon], tmp_path: Path
+    daemons: list[du.Daemon], tmp_path: Path
 ) -> None:
     """Config garbage, then deleted, before SIGHUP: reload_failed logged, the old config runs."""
     cfg = daemon_config(tmp_path)
@@ -589,7 +371,9 @@ def test_bad_config_on_sighup_keeps_the_old_one_and_says_so(
             cfg.unlink()
         seen = len(daemon.events("reload_failed"))
         os.kill(daemon.pid, signal.SIGHUP)
-        wait_for(functools.partial(more_events, daemon, "reload_failed", seen), 10, "reload_failed")
+        wait_until(
+            "reload_failed", functools.partial(more_events, daemon, "reload_failed", seen), 10
+        )
         event = daemon.events("reload_failed")[-1]
         assert str(cfg) in event["error"] and event["keeping"] == str(cfg)
         assert daemon.proc is not None and daemon.proc.poll() is None
@@ -598,44 +382,35 @@ def test_bad_config_on_sighup_keeps_the_old_one_and_says_so(
     assert code == 422 and "still running on the old configuration" in answer["error"]
     cfg.write_text(good.replace("- s390x", "- s390x\n- riscv64"))
     os.kill(daemon.pid, signal.SIGHUP)
-    wait_for(lambda: daemon.events("config_reloaded"), 10, "config_reloaded")
+    wait_until("config_reloaded", lambda: daemon.events("config_reloaded"), 10)
     daemon.wait_verified(["aarch64", "s390x", "riscv64"])
 
 
-def test_second_daemon_on_the_same_lock_exits_71(
-    daemons: list[SandboxDaemon], tmp_path: Path
-) -> None:
+def test_second_daemon_on_the_same_lock_exits_71(daemons: list[du.Daemon], tmp_path: Path) -> None:
     """A second binfmtd on the same lock_file: exit 71 naming the holder's pid."""
     cfg = daemon_config(tmp_path, arches=["s390x"])
     first = run_daemon(daemons, cfg)
-    second = subprocess.run(
-        [*OUTER, BINFMTD, "--sandbox", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    second = du.run(du.sandbox_argv(cfg), 60)
     assert second.returncode == Exit.ALREADY_RUNNING, second.stderr
     assert f"another binfmtd (pid {first.pid}) holds" in second.stderr
     assert first.get("/v1/health")[1]["ok"]
 
 
 def test_stale_socket_of_a_killed_daemon_is_recovered(
-    daemons: list[SandboxDaemon], tmp_path: Path
+    daemons: list[du.Daemon], tmp_path: Path
 ) -> None:
     """kill -9 leaves the socket file; the next daemon removes it and serves."""
     cfg = daemon_config(tmp_path, arches=["s390x"])
     first = run_daemon(daemons, cfg)
     first.kill()
-    assert os.path.exists(first.socket)
+    assert os.path.exists(first.sock)
     second = run_daemon(daemons, cfg)
     assert second.events("stale_socket_removed")
     assert second.status()["daemon"]["pid"] == second.pid
 
 
 def test_missing_worker_binary_is_fatal_for_the_worker_only(
-    daemons: list[SandboxDaemon], tmp_path: Path
+    daemons: list[du.Daemon], tmp_path: Path
 ) -> None:
     """buildkit.path /nonexistent/buildkitd: the daemon serves, the worker is FATAL, clear error."""
     kit = {
@@ -653,7 +428,7 @@ def test_missing_worker_binary_is_fatal_for_the_worker_only(
         code, worker = daemon.get("/v1/worker")
         return worker if code == 200 and str(worker.get("state")).upper() == "FATAL" else None
 
-    worker = wait_for(fatal, 15, "the worker to be FATAL")
+    worker = wait_until("the worker to be FATAL", fatal, 15)
     assert "/nonexistent/buildkitd" in worker["last_error"]
     assert "not an executable" in worker["last_error"]
     assert daemon.get("/v1/health")[1]["ok"]

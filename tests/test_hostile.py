@@ -13,26 +13,18 @@ import dataclasses
 import os
 import shutil
 import stat
-import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import daemonutil as du
 import pytest
 import yaml
-from conftest import BINFMTD, SandboxSh, write_config
+from conftest import daemon_config, write_config
+from daemonutil import SandboxSh, run_daemon, run_oneshot, sha256_file, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_faults import (
-    OUTER,
-    SandboxDaemon,
-    daemon_config,
-    run_daemon,
-    run_oneshot,
-    sha256,
-    wait_for,
-)
 
 from binfmtd import config as configmod
 from binfmtd import run as runmod
@@ -51,15 +43,6 @@ from binfmtd.preflight import Exit
 from binfmtd.routes import Mutation, Reject, route
 
 TRIED: Counter[str] = Counter()
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[SandboxDaemon]]:
-    """Daemons a test starts; each is stopped afterwards."""
-    started: list[SandboxDaemon] = []
-    yield started
-    for daemon in started:
-        daemon.stop()
 
 
 EXAMPLES = 300
@@ -241,7 +224,7 @@ BAD_API_PATHS = [
 
 
 def test_hostile_api_paths_and_bodies_are_4xx_and_change_nothing(
-    daemons: list[SandboxDaemon], tmp_path: Path
+    daemons: list[du.Daemon], tmp_path: Path
 ) -> None:
     """Traversal, separators, NUL, 33-char names in API paths and bodies: 4xx, no state change."""
     daemon = run_daemon(daemons, daemon_config(tmp_path))
@@ -260,7 +243,7 @@ def test_hostile_api_paths_and_bodies_are_4xx_and_change_nothing(
     rows = daemon.arches()
     assert all(row["state"] == "verified" for row in rows.values()), rows
     assert not daemon.events("entry_disabled") and not daemon.events("entry_removed")
-    listed = daemon.nsenter("ls /proc/sys/fs/binfmt_misc").stdout.split()
+    listed = daemon.ns_ok("ls /proc/sys/fs/binfmt_misc").stdout.split()
     assert sorted(listed) == ["qemu-aarch64", "qemu-s390x", "register", "status"]
 
 
@@ -272,14 +255,7 @@ def test_interpreter_path_over_127_bytes_is_a_clear_config_error(tmp_path: Path)
     TRIED["long_install_dir"] += 1
     long_dir = tmp_path / ("d" * 120) / "qemu"
     cfg = write_config(tmp_path, arches=["s390x"], install_dir=str(long_dir))
-    result = subprocess.run(
-        [*OUTER, BINFMTD, "--oneshot", "--sandbox", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    result = du.run([*du.sandbox_argv(cfg), "--oneshot"], 60)
     assert result.returncode == Exit.CONFIG, result.stderr
     assert "install_dir: interpreter path is" in result.stderr
     assert "binfmt_misc takes at most 127" in result.stderr
@@ -296,7 +272,7 @@ def test_links_planted_before_the_first_install_are_never_registered(
     victims.mkdir()
     shutil.copyfile("/bin/sh", victims / "sh")
     shutil.copyfile(qemu_dir / "qemu-s390x-static", victims / "root-owned")
-    before = {p.name: sha256(p) for p in victims.iterdir()}
+    before = {p.name: sha256_file(p) for p in victims.iterdir()}
     install = tmp_path / "qemu"
     install.mkdir(mode=0o755)
     (install / "qemu-aarch64").symlink_to(victims / "sh")
@@ -305,7 +281,7 @@ def test_links_planted_before_the_first_install_are_never_registered(
     run = run_oneshot(sandbox_sh, tmp_path, cfg)
     assert run["rc"] == 0, run["stderr"]
     assert_regular_installs(install, qemu_dir, ["aarch64", "s390x"])
-    assert {p.name: sha256(p) for p in victims.iterdir()} == before
+    assert {p.name: sha256_file(p) for p in victims.iterdir()} == before
     assert os.stat(victims / "root-owned").st_nlink == 1
 
 
@@ -315,11 +291,13 @@ def assert_regular_installs(install: Path, qemu_dir: Path, arches: list[str]) ->
         st_ = os.lstat(install / f"qemu-{arch}")
         assert stat.S_ISREG(st_.st_mode) and st_.st_nlink == 1 and st_.st_uid == 0
         assert not st_.st_mode & 0o022
-        assert sha256(install / f"qemu-{arch}") == sha256(qemu_dir / f"qemu-{arch}-static")
+        assert sha256_file(install / f"qemu-{arch}") == sha256_file(
+            qemu_dir / f"qemu-{arch}-static"
+        )
 
 
 def test_links_planted_under_a_running_daemon_are_replaced(
-    daemons: list[SandboxDaemon], tmp_path: Path, qemu_dir: Path
+    daemons: list[du.Daemon], tmp_path: Path, qemu_dir: Path
 ) -> None:
     """Same-content symlink and hard link swapped in: the daemon re-installs regular files."""
     TRIED["planted_links_running"] += 2
@@ -347,7 +325,7 @@ def test_links_planted_under_a_running_daemon_are_replaced(
         )
         return regular and len(daemon.events("emulator_installed")) >= before + 2
 
-    wait_for(replaced, 20, "both planted links replaced")
+    wait_until("both planted links replaced", replaced, 20)
     daemon.wait_verified(["aarch64", "s390x"])
     assert_regular_installs(install, qemu_dir, ["aarch64", "s390x"])
     assert os.stat(hard).st_nlink == 1
@@ -363,14 +341,7 @@ def test_unsafe_config_file_is_refused_as_root(tmp_path: Path, mode: int, owner:
     cfg.chmod(mode)
     # Straight from the host's root (the check applies only in the initial user namespace):
     # the refusal happens before --sandbox would create anything.
-    result = subprocess.run(
-        [BINFMTD, "--config", str(cfg), "--oneshot", "--sandbox"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    result = du.run([*du.sandbox_argv(cfg, outer=False), "--oneshot"], 60)
     assert result.returncode == Exit.CONFIG, result.stderr
     assert "refusing a configuration writable by others or not owned by root" in result.stderr
     assert f"chmod 644 {cfg}" in result.stderr
@@ -413,15 +384,7 @@ def test_hostile_environment_never_reaches_subprocesses(tmp_path: Path) -> None:
         (evil / tool).chmod(0o755)
     (evil / "bashenv").write_text(f"touch {marker}\n")
     cfg = write_config(tmp_path, arches=["aarch64", "s390x"])
-    result = subprocess.run(
-        [*OUTER, BINFMTD, "--oneshot", "--sandbox", "--json", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-        env=hostile_env(evil),
-        check=False,
-    )
+    result = du.run([*du.sandbox_argv(cfg), "--oneshot", "--json"], 120, hostile_env(evil))
     assert result.returncode == 0, result.stderr
     assert not marker.exists(), marker.read_text()
     assert '"state": "verified"' in result.stdout

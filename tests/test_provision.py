@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BINFMTD, Cache, SandboxSh, write_config
+from conftest import Cache, write_config
+from daemonutil import BINFMTD, SandboxSh
 
 from binfmtd import arch as archmod
 from binfmtd.binfmt import Registration, parse_entry

@@ -4,50 +4,27 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import daemonutil as du
 import pytest
 from conftest import write_config
 
 from binfmtd.buildkit import WorkerUnreachable, list_workers
 
 FAKE = Path(__file__).with_name("fake_buildkitd")
-VENV_BIN = Path(sys.executable).parent
 ARCHES = ["aarch64", "s390x", "riscv64"]
 NATIVE = ["linux/amd64", "linux/386"]
 
 
 def _wait(what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (OSError, WorkerUnreachable, ValueError, KeyError, TypeError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
-
-
-def _ctl(sock: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(VENV_BIN / "binfmtctl"), "--socket", sock, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    """`wait_until`, also while the worker or its status is not there yet."""
+    tolerate = (*du.TRANSIENT, WorkerUnreachable, TypeError)
+    return du.wait_until(what, check, timeout, every=0.05, tolerate=tolerate)
 
 
 BUILDKIT_ADDS = {"linux/amd64/v2", "linux/amd64/v3", "linux/amd64/v4"}
@@ -60,14 +37,13 @@ def _served(kit_sock: str) -> list[str]:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[dict[str, Any]]:
+def daemon(tmp_path: Path, sock: str, daemons: list[du.Daemon]) -> dict[str, Any]:
     """A --sandbox daemon with the worker enabled, pointed at the stand-in."""
-    yield from _daemon(tmp_path)
+    return _daemon(tmp_path, sock, daemons)
 
 
-def _daemon(tmp_path: Path, **kit: Any) -> Generator[dict[str, Any], None, None]:
-    short = tempfile.mkdtemp(prefix="bfw-", dir="/tmp")
-    os.chmod(short, 0o755)
+def _daemon(tmp_path: Path, sock: str, daemons: list[du.Daemon], **kit: Any) -> dict[str, Any]:
+    short = os.path.dirname(sock)
     wrapper = Path(short) / "buildkitd"
     wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
     wrapper.chmod(0o755)
@@ -77,7 +53,7 @@ def _daemon(tmp_path: Path, **kit: Any) -> Generator[dict[str, Any], None, None]
         arches=ARCHES,
         reconcile_interval_s=0.2,
         lock_file=f"{short}/lock",
-        api={"socket": f"{short}/api.sock", "group": None},
+        api={"socket": sock, "group": None},
         log={"format": "json", "level": "info"},
         buildkit={
             "enabled": True,
@@ -92,36 +68,19 @@ def _daemon(tmp_path: Path, **kit: Any) -> Generator[dict[str, Any], None, None]
             **kit,
         },
     )
-    log_path = tmp_path / "daemon.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "binfmtd"), "--sandbox", "--config", str(cfg)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    info = {
-        "proc": proc,
-        "api": f"{short}/api.sock",
+    running = du.run_daemon(daemons, cfg, outer=False, ready=False)
+    return {
+        "proc": running.proc,
+        "api": sock,
         "kit": kit_sock,
         "dir": short,
-        "log": log_path,
+        "log": running.log_path,
         "toml": f"{short}/buildkitd.toml",
     }
-    try:
-        yield info
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        shutil.rmtree(short, ignore_errors=True)
 
 
 def _status(sock: str) -> dict[str, Any]:
-    result = _ctl(sock, "status", "--json")
+    result = du.ctl(sock, "status", "--json")
     doc: dict[str, Any] = json.loads(result.stdout)
     return doc
 
@@ -154,7 +113,7 @@ def test_verified_set_change_restarts_worker_and_new_set_is_served(daemon: dict[
     """Disabling an arch drops its platform from ListWorkers (restart); enabling re-adds it."""
     _wait("worker serving arm64", lambda: "linux/arm64" in _served(daemon["kit"]))
     first_pid = _status(daemon["api"])["worker"]["pid"]
-    assert _ctl(daemon["api"], "disable", "aarch64").returncode == 0
+    assert du.ctl(daemon["api"], "disable", "aarch64").returncode == 0
     _wait("arm64 withdrawn", lambda: "linux/arm64" not in _served(daemon["kit"]))
     restarted = _wait(
         "worker restarted",
@@ -164,8 +123,8 @@ def test_verified_set_change_restarts_worker_and_new_set_is_served(daemon: dict[
         ),
     )
     assert restarted["restarts"] >= 1
-    assert "linux/arm64" not in _ctl(daemon["api"], "platforms").stdout
-    assert _ctl(daemon["api"], "enable", "aarch64").returncode == 0
+    assert "linux/arm64" not in du.ctl(daemon["api"], "platforms").stdout
+    assert du.ctl(daemon["api"], "enable", "aarch64").returncode == 0
     _wait("arm64 served again", lambda: "linux/arm64" in _served(daemon["kit"]))
 
 
@@ -173,12 +132,12 @@ def test_worker_command_and_binfmt_shape(daemon: dict[str, Any]) -> None:
     """`binfmtctl worker` shows state and a buildx line; the binfmt JSON shape lists emulators."""
     _wait("worker serving", lambda: _served(daemon["kit"]))
     _wait("worker running", lambda: _status(daemon["api"])["worker"]["state"] == "running")
-    shown = _ctl(daemon["api"], "worker")
+    shown = du.ctl(daemon["api"], "worker")
     assert shown.returncode == 0, shown.stderr
     assert "running" in shown.stdout.lower()
     assert f"unix://{daemon['kit']}" in shown.stdout
     assert "docker buildx create" in shown.stdout
-    doc = json.loads(_ctl(daemon["api"], "platforms", "--format", "binfmt").stdout)
+    doc = json.loads(du.ctl(daemon["api"], "platforms", "--format", "binfmt").stdout)
     assert set(doc) == {"supported", "emulators"}
     assert {"qemu-aarch64", "qemu-s390x", "qemu-riscv64"} <= set(doc["emulators"])
 
@@ -199,32 +158,31 @@ def test_sigterm_stops_the_worker_cleanly(daemon: dict[str, Any]) -> None:
     assert any(e.get("event") == "worker_output" for e in events), "worker output is logged"
 
 
-def test_crash_loop_backs_off_to_fatal_and_daemon_keeps_serving(tmp_path: Path) -> None:
+def test_crash_loop_backs_off_to_fatal_and_daemon_keeps_serving(
+    tmp_path: Path, sock: str, daemons: list[du.Daemon]
+) -> None:
     """A worker that always crashes ends FATAL after max_failures; the daemon stays healthy."""
-    gen = _daemon(
+    info = _daemon(
         tmp_path,
+        sock,
+        daemons,
         extra_args=["--fake-mode=crash"],
         max_failures=3,
         backoff_initial_s=0.1,
         backoff_max_s=0.4,
     )
-    info = next(gen)
-    try:
-        worker = _wait(
-            "worker fatal",
-            lambda: (
-                _status(info["api"])["worker"]["state"] == "fatal"
-                and _status(info["api"])["worker"]
-            ),
-            timeout=30,
-        )
-        assert worker["failures"] >= 3
-        assert worker["last_error"]
-        assert info["proc"].poll() is None
-        assert _ctl(info["api"], "check").returncode == 0
-        health = json.loads(_ctl(info["api"], "status", "--json").stdout)
-        assert all(a["state"] == "verified" for a in health["arches"])
-        log = info["log"].read_text()
-        assert log.count('"state": "backoff"') >= 2, "each failure went through BACKOFF"
-    finally:
-        gen.close()
+    worker = _wait(
+        "worker fatal",
+        lambda: (
+            _status(info["api"])["worker"]["state"] == "fatal" and _status(info["api"])["worker"]
+        ),
+        timeout=30,
+    )
+    assert worker["failures"] >= 3
+    assert worker["last_error"]
+    assert info["proc"].poll() is None
+    assert du.ctl(info["api"], "check").returncode == 0
+    health = json.loads(du.ctl(info["api"], "status", "--json").stdout)
+    assert all(a["state"] == "verified" for a in health["arches"])
+    log = info["log"].read_text()
+    assert log.count('"state": "backoff"') >= 2, "each failure went through BACKOFF"
