@@ -131,6 +131,7 @@ def _provision_once(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
     from binfmtd import preflight
     from binfmtd.engine import Engine
     from binfmtd.plan import describe
+    from binfmtd.status import ArchState
 
     logger = log.get("binfmtd.oneshot")
     engine = Engine(cfg, logger)
@@ -166,7 +167,9 @@ def _provision_once(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
             "timings (ms): "
             + ", ".join(f"{k} {v}" for k, v in {**report.durations_ms, "total": total}.items())
         )
-    bad = [s for s in statuses if s.state not in {"verified", "disabled"}]
+    # A foreign entry left alone counts as a failure here even when it works: the conflict
+    # is unresolved until the operator chooses (conflict_policy).
+    bad = [s for s in statuses if s.state not in {ArchState.VERIFIED, ArchState.DISABLED}]
     for row in bad:
         print(f"binfmtd: {row.arch}: {row.state}: {row.error or 'not verified'}", file=sys.stderr)
     return Exit.ARCH_FAILED if bad else Exit.OK

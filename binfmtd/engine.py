@@ -24,49 +24,9 @@ from binfmtd.config import Config, SourceKind
 from binfmtd.emulators import Installed, InstallError, Source
 from binfmtd.kernel import BinfmtMisc, KernelError
 from binfmtd.probe import ProbeResult
+from binfmtd.status import ArchStatus, derive_state
 
 INSTALL_PARALLELISM = 4
-
-
-@dataclass(frozen=True)
-class ArchStatus:
-    """What status shows for one arch."""
-
-    arch: str
-    platforms: tuple[str, ...]
-    state: str
-    registered: bool
-    enabled: bool
-    flags: str
-    interpreter: str | None
-    sha256: str | None
-    qemu_version: str | None
-    probe: ProbeResult | None
-    error: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON shape of the status API."""
-        result = self.probe
-        return {
-            "arch": self.arch,
-            "platforms": list(self.platforms),
-            "state": self.state,
-            "registered": self.registered,
-            "enabled": self.enabled,
-            "flags": self.flags,
-            "interpreter": self.interpreter,
-            "sha256": self.sha256,
-            "qemu_version": self.qemu_version,
-            "probe": None
-            if result is None
-            else {
-                "ok": result.ok,
-                "at": result.at,
-                "duration_ms": round(result.duration_ms, 1),
-                "error": result.error,
-            },
-            "error": self.error,
-        }
 
 
 @dataclass
@@ -429,7 +389,7 @@ class Engine:
         return ArchStatus(
             arch=arch,
             platforms=row.platforms,
-            state=_state(
+            state=derive_state(
                 arch in self.operator_disabled, entry, owned, result, self.errors.get(arch)
             ),
             registered=entry is not None,
@@ -447,24 +407,8 @@ class Engine:
     def verified_platforms(self) -> list[str]:
         """Native platforms first, then the emulated ones whose probe passed."""
         native = archmod.platforms_of(list(self.native))
-        emulated = [s.arch for s in self.statuses() if s.state in {"verified", "foreign-verified"}]
+        emulated = [s.arch for s in self.statuses() if s.state.working]
         return native + [p for p in archmod.platforms_of(emulated) if p not in native]
-
-
-def _state(
-    disabled: bool, entry: Entry | None, owned: bool, result: ProbeResult | None, error: str | None
-) -> str:
-    if disabled:
-        return "disabled"
-    if entry is None:
-        return "error" if error else "missing"
-    if not entry.enabled:
-        return "disabled"
-    if result is None:
-        return "unverified"
-    if not result.ok:
-        return "failed"
-    return "verified" if owned else "foreign-verified"
 
 
 def _source_ok(cfg: Config) -> bool:

@@ -24,6 +24,7 @@ from binfmtd.notify import Notifier
 from binfmtd.plan import describe
 from binfmtd.preflight import Exit, PreflightError
 from binfmtd.server import ApiError, ApiServer
+from binfmtd.status import ArchState
 
 RETRY_FAILED_S = 30.0
 
@@ -252,8 +253,8 @@ class Daemon:
 
     def _summary(self) -> str:
         rows = self.engine.statuses()
-        ok = sum(1 for r in rows if r.state == "verified")
-        bad = [r.arch for r in rows if r.state not in {"verified", "disabled"}]
+        ok = sum(1 for r in rows if r.state.working)
+        bad = [r.arch for r in rows if not r.state.working and r.state is not ArchState.DISABLED]
         text = f"{ok}/{len(rows)} architectures verified"
         return text + (f"; not working: {', '.join(bad)}" if bad else "")
 
