@@ -64,6 +64,11 @@ class Registration:
         return self._line
 
     @functools.cached_property
+    def register_bytes(self) -> bytes:
+        """`register_string()` as the bytes written, encoded once."""
+        return self._line.encode("latin-1")
+
+    @functools.cached_property
     def _line(self) -> str:
         line = ":".join(
             [

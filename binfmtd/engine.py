@@ -246,7 +246,7 @@ class Engine:
         if action.arch:
             self.errors.pop(action.arch, None)
         self.log.info(
-            "entry_" + _past(action),
+            _event(action),
             arch=action.arch,
             reason=action.reason,
             **_action_fields(action),
@@ -440,10 +440,13 @@ def _ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 1)
 
 
-def _past(action: plan.Action) -> str:
+_EVENTS: dict[type, str] = {plan.Register: "entry_registered", plan.Remove: "entry_removed"}
+
+
+def _event(action: plan.Action) -> str:
     if isinstance(action, plan.SetEnabled):
-        return "enabled" if action.enabled else "disabled"
-    return {plan.Register: "registered", plan.Remove: "removed"}.get(type(action), "changed")
+        return "entry_enabled" if action.enabled else "entry_disabled"
+    return _EVENTS.get(type(action), "entry_changed")
 
 
 def _describe(action: plan.Action) -> str:

@@ -106,16 +106,21 @@ class BinfmtMisc:
 
     def register(self, reg: Registration) -> None:
         """Write `reg` to register in a single write(2)."""
-        line, action = reg.register_string(), f"register {reg.name}"
         if not self._batching:
-            self._write("register", line, action)
+            self._write("register", reg.register_string(), f"register {reg.name}")
             return
         if self._register_fd < 0:
             try:
                 self._register_fd = os.open(self.root / "register", os.O_WRONLY | os.O_CLOEXEC)
             except OSError as exc:
-                raise KernelError(action, exc.errno or 0) from None
-        self._write_fd(self._register_fd, line, action)
+                raise KernelError(f"register {reg.name}", exc.errno or 0) from None
+        data = reg.register_bytes
+        try:
+            written = os.write(self._register_fd, data)
+        except OSError as exc:
+            raise _write_error(exc, reg.register_string(), f"register {reg.name}") from None
+        if written != len(data):
+            raise KernelError(f"register {reg.name}", errno.EIO, f"short write {written}")
 
     def set_enabled(self, name: str, enabled: bool) -> None:
         """Enable or disable one entry."""
@@ -158,10 +163,15 @@ class BinfmtMisc:
         try:
             written = os.write(fd, data)
         except OSError as exc:
-            detail = f"line: {text!r}" if exc.errno == errno.EINVAL else ""
-            raise KernelError(action, exc.errno or 0, detail) from None
+            raise _write_error(exc, text, action) from None
         if written != len(data):
             raise KernelError(action, errno.EIO, f"short write {written}/{len(data)}")
+
+
+def _write_error(exc: OSError, text: str, action: str) -> KernelError:
+    """The KernelError for a failed write; EINVAL shows the line the kernel rejected."""
+    detail = f"line: {text!r}" if exc.errno == errno.EINVAL else ""
+    return KernelError(action, exc.errno or 0, detail)
 
 
 def mount_type(path: Path) -> str | None:
