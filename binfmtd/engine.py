@@ -62,9 +62,13 @@ class Engine:
         self.installed: dict[str, Installed] = {}
         self.file_ids: dict[str, str] = {}
         self.probes: dict[str, ProbeResult] = {}
-        self.probed: dict[str, Entry | None] = {}  # the entry each probe result is about
+        # The entries that could catch each arch's binaries when its probe ran: a probe proves
+        # only that set (ours, or a foreign one registered later, which the kernel tries first).
+        self.probed: dict[str, tuple[tuple[str, Entry], ...]] = {}
+        self._entries_checked: dict[str, Entry] = {}
         self.errors: dict[str, str] = {}
         self.conflicts: dict[str, str] = {}
+        self.claimed: set[str] = set()  # entry names this process registered in the instance
         self.entries: dict[str, Entry] = {}
         self._registrations: dict[tuple[str, str, str], Registration] = {}
         self.operator_disabled: set[str] = set()
@@ -129,9 +133,10 @@ class Engine:
         snapshot = self.kernel.snapshot()
         self.entries = dict(snapshot.entries)
         if not self._install_dir_trusted():
-            return plan.Observed(self.entries, dict.fromkeys(self.selected, False))
-        ok = {arch: self._interpreter_intact(arch) for arch in self.selected}
-        return plan.Observed(self.entries, ok)
+            ok = dict.fromkeys(self.selected, False)
+        else:
+            ok = {arch: self._interpreter_intact(arch) for arch in self.selected}
+        return plan.Observed(self.entries, ok, frozenset(self.claimed))
 
     def _install_dir_trusted(self) -> bool:
         """A directory someone else can write to taints every interpreter in it (C flag)."""
@@ -191,10 +196,22 @@ class Engine:
         return report
 
     def _forget_probes_of_replaced_entries(self) -> None:
-        """A probe proves the entry it ran against; an entry put in its place is unproven."""
+        """A probe proves the entries it ran against; a replaced or added one is unproven."""
+        if self.entries == self._entries_checked:
+            return  # the usual idle tick: nothing changed in the instance
+        self._entries_checked = dict(self.entries)
         for arch in [a for a in self.probes if a in archmod.BY_NAME]:
-            if self.entries.get(archmod.BY_NAME[arch].entry_name) != self.probed.get(arch):
+            if self._catchers(arch) != self.probed.get(arch):
                 del self.probes[arch]
+
+    def _catchers(self, arch: str) -> tuple[tuple[str, Entry], ...]:
+        """Our entry for `arch` plus every enabled entry that would catch the same binaries."""
+        row = archmod.BY_NAME[arch]
+        return tuple(
+            (name, entry)
+            for name, entry in sorted(self.entries.items())
+            if name == row.entry_name or (entry.enabled and entry.claims(row.magic, row.mask))
+        )
 
     def _probe_due(self, arch: str) -> bool:
         entry = self.entries.get(self.registration(arch).name)
@@ -225,8 +242,11 @@ class Engine:
         try:
             if isinstance(action, plan.Register):
                 self.kernel.register(action.reg)
+                self.claimed.add(action.reg.name)
             elif isinstance(action, plan.Remove):
                 self.kernel.remove(action.name)
+                if action.arch is None:  # ours, no longer configured
+                    self.claimed.discard(action.name)
             elif isinstance(action, plan.SetEnabled):
                 self.kernel.set_enabled(action.name, action.enabled)
             elif isinstance(action, plan.Conflict):
@@ -356,7 +376,7 @@ class Engine:
         )
         for arch, result in results.items():
             self.probes[arch] = result
-            self.probed[arch] = self.entries.get(archmod.BY_NAME[arch].entry_name)
+            self.probed[arch] = self._catchers(arch)
             if report is not None:
                 (report.verified if result.ok else report.failed).append(arch)
             if result.ok:
@@ -370,6 +390,7 @@ class Engine:
         for name, entry in self.kernel.snapshot().entries.items():
             if plan.is_owned(entry, self.cfg.install_dir):
                 self.kernel.remove(name)
+                self.claimed.discard(name)
                 removed.append(name)
         return removed
 

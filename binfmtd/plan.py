@@ -69,10 +69,16 @@ class Desired:
 
 @dataclass(frozen=True)
 class Observed:
-    """What the tick saw: entries by name, and which installed interpreters are intact."""
+    """What the tick saw: entries by name, and which installed interpreters are intact.
+
+    `claimed` names the entries this binfmtd registered in this instance: when another tool
+    later puts its own entry under such a name, that is a clobbered entry of ours to restore,
+    not a pre-existing foreign one to leave alone.
+    """
 
     entries: Mapping[str, Entry]
     interpreter_ok: Mapping[str, bool]
+    claimed: frozenset[str] = frozenset()
 
 
 def is_owned(entry: Entry, install_dir: str) -> bool:
@@ -106,6 +112,17 @@ def _plan_arch(
     for other in shadows:
         out.append(_foreign(arch, other, policy, "claims the same binaries under another name"))
     entry = observed.entries.get(reg.name)
+    if entry is not None and reg.name in observed.claimed and not is_owned(entry, install_dir):
+        why = f"clobbered by another tool (interpreter {entry.interpreter})"
+        reinstall = not observed.interpreter_ok.get(arch, False)
+        steps: list[Action] = [Install(arch, "interpreter missing or changed on disk")]
+        return [
+            *out,
+            *(steps if reinstall else []),
+            Remove(arch, reg.name, why),
+            Register(arch, reg, why),
+            *_disable_after(want, reg),
+        ]
     if entry is not None and not is_owned(entry, install_dir) and policy is ConflictPolicy.LEAVE:
         # Nothing will be registered for this arch, so nothing is installed for it either.
         return [*out, _foreign(arch, entry, policy, "entry made by another tool")]

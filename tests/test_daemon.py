@@ -68,10 +68,10 @@ def daemon(tmp_path: Path, sock: str) -> Iterator[Daemon]:
         yield running
 
 
-def registration(arch: str, interpreter: str, flags: str) -> Registration:
+def registration(arch: str, interpreter: str, flags: str, name: str | None = None) -> Registration:
     """The entry for `arch` with another interpreter or flags, as another tool would make it."""
     row = archmod.BY_NAME[arch]
-    return Registration(row.entry_name, row.magic, row.mask, interpreter, flags)
+    return Registration(name or row.entry_name, row.magic, row.mask, interpreter, flags)
 
 
 def register(reg: Registration) -> str:
@@ -198,6 +198,9 @@ DRIFTS = {
     "other_interpreter": Drift(
         _other_interpreter, ("remove qemu-aarch64", "register qemu-aarch64"), policy="replace"
     ),
+    "clobbered_under_leave": Drift(
+        _other_interpreter, ("remove qemu-aarch64", "register qemu-aarch64")
+    ),
     "instance_flushed": Drift(
         lambda *_: f"echo -1 > {ENTRIES}/status",
         tuple(f"register qemu-{a}" for a in ARCHES),
@@ -276,13 +279,15 @@ def test_drift_is_repaired_and_reverified(
 def test_foreign_entry_put_in_place_of_ours_is_probed_not_trusted(
     tmp_path: Path, sock: str
 ) -> None:
-    """A broken foreign entry put in place of ours is re-probed and failed, never vouched for."""
-    # Leave policy; before the fix the old probe of our entry made it 'foreign-verified'.
+    """A broken foreign entry catching aarch64 first is re-probed and failed, not vouched for."""
+    # Leave policy. Another tool registers its own entry for aarch64 binaries under another
+    # name; the kernel tries the newest entry first, so from now on it runs them, not ours.
     with du.running(daemon_config(tmp_path, sock), sock) as daemon, Watcher(sock) as watcher:
         assert "linux/arm64" in daemon.ctl("platforms").stdout
-        broken = registration("aarch64", "/bin/false", "F")  # dynamic: cannot run in a chroot
+        broken = registration("aarch64", "/bin/false", "F", name="other-aarch64")
         before = time.time()
-        daemon.ns_ok(f"echo -1 > {ENTRIES}/qemu-aarch64 && " + register(broken))
+        daemon.ns_ok(register(broken))
+        done = time.time()
         row = du.wait_until(
             "the foreign entry to be probed",
             lambda: (r := daemon.arch("aarch64"))["probe"]["at"] > before and r,
@@ -291,13 +296,26 @@ def test_foreign_entry_put_in_place_of_ours_is_probed_not_trusted(
         assert row["state"] == "failed"
         assert "made by another tool and is left alone" in row["error"]
         assert "linux/arm64" not in daemon.ctl("platforms").stdout
-        left = entry_in(daemon, "qemu-aarch64")
+        left = entry_in(daemon, "other-aarch64")
         assert left is not None
         assert (left.interpreter, left.flags) == ("/bin/false", "F")
-    for status in watcher.snapshots:
+        ours = entry_in(daemon, "qemu-aarch64")
+        assert ours is not None and ours.flags == OUR_FLAGS
+        du.wait_until(
+            "a snapshot from a tick that saw the foreign entry",
+            lambda: any(
+                (x["daemon"]["last_reconcile"] or 0) > done + SEEN_MARGIN_S
+                for x in watcher.snapshots[-3:]
+            ),
+            REPAIR_S,
+        )
+    seen = [
+        s for s in watcher.snapshots if (s["daemon"]["last_reconcile"] or 0) > done + SEEN_MARGIN_S
+    ]
+    assert seen, "no snapshot from a tick after the foreign entry appeared"
+    for status in seen:  # once a tick has seen it, aarch64 is never vouched for
         row = rows(status)["aarch64"]
-        if row["interpreter"] == "/bin/false":
-            assert row["state"] not in {"verified", "foreign-verified"}, row
+        assert row["state"] not in {"verified", "foreign-verified"}, row
 
 
 # --- 2. fail closed ------------------------------------------------------------------------
@@ -326,7 +344,7 @@ def test_arch_whose_probe_fails_is_never_reported_as_working(tmp_path: Path, soc
         assert {"linux/s390x", "linux/riscv64"} <= set(listed)
         left = entry_in(daemon, "qemu-aarch64")
         assert left is not None
-        assert (left.interpreter, left.flags) == ("/bin/false", "F")  # left alone
+        assert (left.interpreter, left.flags) == ("/bin/false", "F")
     assert len(watcher.snapshots) > 5
     for status in watcher.snapshots:
         assert rows(status)["aarch64"]["state"] == "failed"
@@ -565,8 +583,8 @@ def test_watchdog_pings_stop_while_the_loop_really_hangs(
         steady = sink.pings()
         assert max(b - a for a, b in itertools.pairwise(steady)) < 0.9
         wall, injected = time.time(), time.monotonic()
-        foreign = registration("aarch64", str(hang), "F")
-        daemon.ns_ok(f"echo -1 > {ENTRIES}/qemu-aarch64 && " + register(foreign))
+        foreign = registration("aarch64", str(hang), "F", name="other-aarch64")
+        daemon.ns_ok(register(foreign))
         time.sleep(1.2)
         health = du.get_json(sock, "/v1/health")
         assert health["last_tick_age_s"] >= 0.8  # the loop is stuck; the server is not

@@ -202,30 +202,29 @@ def test_kernel_errors_carry_an_actionable_hint(
     assert "does the interpreter exist?" in lines["enoent"][2]
 
 
-def test_foreign_same_name_entry_under_leave_is_a_reported_conflict(
+def test_foreign_entry_under_another_name_under_leave_is_a_reported_conflict(
     daemons: list[du.Daemon], tmp_path: Path, qemu_dir: Path
 ) -> None:
-    """A foreign qemu-aarch64 appears under leave: left alone, reported as a conflict."""
+    """A foreign entry catching aarch64 under another name, under leave: left alone, reported,
+    and the arch is proven again through it (the kernel now tries the foreign entry first)."""
     daemon = run_daemon(daemons, daemon_config(tmp_path))
-    daemon.wait_verified(["aarch64", "s390x"])
+    first = daemon.wait_verified(["aarch64", "s390x"])["aarch64"]["probe"]["at"]
     row = archmod.BY_NAME["aarch64"]
     foreign = Registration(
-        row.entry_name, row.magic, row.mask, str(qemu_dir / "qemu-aarch64-static"), "F"
+        "other-aarch64", row.magic, row.mask, str(qemu_dir / "qemu-aarch64-static"), "F"
     )
-    daemon.ns_ok(
-        f"echo -1 > {ENTRIES}/qemu-aarch64; printf '%s' '{foreign.register_string()}' "
-        f"> {ENTRIES}/register"
-    )
+    daemon.ns_ok(f"printf '%s' '{foreign.register_string()}' > {ENTRIES}/register")
 
     def conflict() -> dict[str, Any] | None:
         rows = daemon.arches()
-        return rows if "made by another tool" in (rows["aarch64"]["error"] or "") else None
+        reported = "made by another tool" in (rows["aarch64"]["error"] or "")
+        reprobed = (rows["aarch64"]["probe"] or {}).get("at", 0) > first
+        return rows if reported and reprobed else None
 
     rows = wait_until("the conflict to be reported", conflict, 10)
-    assert rows["aarch64"]["interpreter"] == foreign.interpreter
-    assert rows["aarch64"]["state"] != "verified"
+    assert rows["aarch64"]["interpreter"].endswith("/qemu-aarch64")  # ours, still in place
     assert rows["s390x"]["state"] == "verified"
-    text = daemon.ns_ok(f"cat {ENTRIES}/qemu-aarch64").stdout
+    text = daemon.ns_ok(f"cat {ENTRIES}/other-aarch64").stdout
     assert f"interpreter {foreign.interpreter}" in text
 
 

@@ -232,3 +232,18 @@ def test_register_only_after_its_name_is_free(
         if isinstance(action, Register):
             assert action.reg.name not in present, action
             present.add(action.reg.name)
+
+
+def test_our_entry_clobbered_by_another_tool_is_restored_even_under_leave() -> None:
+    """An entry binfmtd registered that another tool then replaced is ours: it is restored."""
+    desired = {"aarch64": Desired("aarch64", reg("aarch64"), True)}
+    clobbered = foreign("aarch64")
+    observed = Observed({clobbered.name: clobbered}, {"aarch64": True}, frozenset({"qemu-aarch64"}))
+    actions = plan.plan(desired, observed, DIR, LEAVE)
+    assert kinds(actions) == ["Remove", "Register"]
+    assert "clobbered by another tool" in actions[0].reason
+
+
+def test_foreign_entry_never_claimed_is_still_left_alone() -> None:
+    """The same foreign entry, when binfmtd never registered that name, is only reported."""
+    assert kinds(run([foreign("aarch64")])) == ["Conflict"]
