@@ -8,6 +8,7 @@ stop the loop.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import shutil
@@ -265,12 +266,10 @@ class Engine:
             return
         if action.arch:
             self.errors.pop(action.arch, None)
-        self.log.info(
-            _event(action),
-            arch=action.arch,
-            reason=action.reason,
-            **_action_fields(action),
-        )
+        if self.log.is_enabled_for(logging.INFO):  # skip building the event when filtered
+            self.log.info(
+                _event(action), arch=action.arch, reason=action.reason, **_action_fields(action)
+            )
 
     def _install(self, arches: list[str], report: TickReport) -> None:
         if not arches:
