@@ -176,27 +176,24 @@ def _provision_once(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
-    """An aligned table: arch, OCI platform, flags, interpreter, verified."""
+    """An aligned table: arch, OCI platform, state, flags, interpreter, verified."""
+    from binfmtd.cli import table
+
     header = ("ARCH", "PLATFORM", "STATE", "FLAGS", "INTERPRETER", "VERIFIED")
-    lines = [header]
-    for row in rows:
-        probe = row.get("probe") or {}
-        verified = f"yes ({probe['duration_ms']} ms)" if probe.get("ok") else "no"
-        lines.append(
-            (
-                row["arch"],
-                ",".join(row["platforms"]) or "-",
-                row["state"],
-                row["flags"] or "-",
-                row["interpreter"] or "-",
-                verified,
-            )
-        )
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(str(cell).ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    )
+    return table(header, [_table_row(row) for row in rows])
+
+
+def _table_row(row: dict[str, Any]) -> list[str]:
+    probe = row.get("probe") or {}
+    verified = f"yes ({probe['duration_ms']} ms)" if probe.get("ok") else "no"
+    return [
+        row["arch"],
+        ",".join(row["platforms"]) or "-",
+        row["state"],
+        row["flags"] or "-",
+        row["interpreter"] or "-",
+        verified,
+    ]
 
 
 if __name__ == "__main__":

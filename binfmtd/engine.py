@@ -261,7 +261,7 @@ class Engine:
             if action.arch:
                 self.errors[action.arch] = str(exc)
             self.log.warning(
-                "action_failed", arch=action.arch, action=_describe(action), error=str(exc)
+                "action_failed", arch=action.arch, action=plan.describe(action), error=str(exc)
             )
             return
         if action.arch:
@@ -469,10 +469,6 @@ def _event(action: plan.Action) -> str:
     return _EVENTS.get(type(action), "entry_changed")
 
 
-def _describe(action: plan.Action) -> str:
-    return type(action).__name__.lower()
-
-
 def _action_fields(action: plan.Action) -> dict[str, Any]:
     if isinstance(action, plan.Register):
         return {
@@ -481,6 +477,3 @@ def _action_fields(action: plan.Action) -> dict[str, Any]:
             "interpreter": action.reg.interpreter,
         }
     return {"entry": getattr(action, "name", None)}
-
-
-__all__ = ["ArchStatus", "Engine", "TickReport", "replace"]

@@ -239,9 +239,7 @@ class Daemon:
         platforms = {"platforms": verified, "native": native_platforms, "emulated": emulated}
         binfmt = {
             "supported": verified,
-            "emulators": sorted(
-                s["arch"] and f"qemu-{s['arch']}" for s in statuses if s["registered"]
-            ),
+            "emulators": sorted(f"qemu-{s['arch']}" for s in statuses if s["registered"]),
         }
         self.published.last_tick = time.monotonic()
         self.published.swap(status, platforms, binfmt, worker)

@@ -109,6 +109,17 @@ class Watcher(du.Poller):
         with contextlib.suppress(OSError, AssertionError, ValueError):
             self.snapshots.append(du.get_json(self.sock, "/v1/status", timeout=2.0))
 
+    def wait_for_tick_after(self, moment: float, what: str) -> None:
+        """Until a snapshot comes from a reconcile tick that ran after `moment` (+ margin)."""
+        du.wait_until(
+            what,
+            lambda: any(
+                (s["daemon"]["last_reconcile"] or 0) > moment + SEEN_MARGIN_S
+                for s in self.snapshots[-3:]
+            ),
+            REPAIR_S,
+        )
+
 
 def genuine_sha(cache: Cache, arch: str) -> str:
     """The sha256 of the source's emulator for `arch`."""
@@ -248,14 +259,7 @@ def test_drift_is_repaired_and_reverified(
                 return status if good else None
 
             status = du.wait_until(f"{kind} to be repaired", repaired, REPAIR_S, every=0.05)
-            du.wait_until(
-                "a snapshot from a tick that saw the drift",
-                lambda: any(
-                    (s["daemon"]["last_reconcile"] or 0) > done + SEEN_MARGIN_S
-                    for s in watcher.snapshots[-3:]
-                ),
-                REPAIR_S,
-            )
+            watcher.wait_for_tick_after(done, "a snapshot from a tick that saw the drift")
         for arch in drift.arches:
             latency = rows(status)[arch]["probe"]["at"] - done
             assert latency < 2 * INTERVAL + 2.0, f"{arch} re-verified only after {latency:.2f} s"
@@ -301,14 +305,7 @@ def test_foreign_entry_put_in_place_of_ours_is_probed_not_trusted(
         assert (left.interpreter, left.flags) == ("/bin/false", "F")
         ours = entry_in(daemon, "qemu-aarch64")
         assert ours is not None and ours.flags == OUR_FLAGS
-        du.wait_until(
-            "a snapshot from a tick that saw the foreign entry",
-            lambda: any(
-                (x["daemon"]["last_reconcile"] or 0) > done + SEEN_MARGIN_S
-                for x in watcher.snapshots[-3:]
-            ),
-            REPAIR_S,
-        )
+        watcher.wait_for_tick_after(done, "a snapshot from a tick that saw the foreign entry")
     seen = [
         s for s in watcher.snapshots if (s["daemon"]["last_reconcile"] or 0) > done + SEEN_MARGIN_S
     ]
