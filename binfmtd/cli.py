@@ -230,26 +230,6 @@ def check_problems(status: dict[str, Any]) -> list[str]:
     return problems
 
 
-def render_worker(worker: dict[str, Any]) -> str:
-    """The worker's scalar fields, then the buildx command to use it."""
-    command = worker.get("buildx_command")
-    lines = [
-        f"{key}: {'-' if value is None else value}"
-        for key, value in worker.items()
-        if key != "buildx_command" and not isinstance(value, dict | list)
-    ]
-    lines += [
-        f"{k}: {', '.join(map(str, v)) or '-'}" for k, v in worker.items() if isinstance(v, list)
-    ]
-    if command:
-        lines += [
-            "",
-            "use it with:",
-            f"  {command if isinstance(command, str) else ' '.join(command)}",
-        ]
-    return "\n".join(lines)
-
-
 # --- offline ---------------------------------------------------------------------------------
 
 
@@ -359,9 +339,11 @@ def cmd_mutate(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """worker: the BuildKit worker's state and the buildx command for it."""
+    from binfmtd import workerview
+
     worker = call(args.socket, "GET", "/v1/worker", timeout=args.timeout)
-    print(json.dumps(worker, indent=2) if args.json else render_worker(worker))
-    return ExitCode.OK
+    print(json.dumps(worker, indent=2) if args.json else workerview.page(worker))
+    return workerview.exit_code(worker)
 
 
 def exec_argv(daemon: dict[str, Any], command: Sequence[str]) -> list[str]:

@@ -130,6 +130,7 @@ def for_sandbox(cfg: Config) -> Config:
             socket="/run/binfmtd-sandbox/buildkitd.sock",
             config_path="/run/binfmtd-sandbox/buildkitd.toml",
             state_dir="/var/lib/binfmtd-sandbox/buildkit",
+            run_dir="/run/binfmtd-sandbox/buildkit",
         )
     return dataclasses.replace(
         cfg,
@@ -296,5 +297,7 @@ def _check_semantics(cfg: Config, path: str) -> None:
         validate_interpreter(os.path.join(cfg.install_dir, f"qemu-{longest}"))
     except FormatError as exc:
         raise ConfigError(f"{path}: install_dir: {exc}") from None
+    for problem in cfg.buildkit.problems():
+        raise ConfigError(f"{path}: {problem}")
     if cfg.source.kind is not SourceKind.AUTO and not cfg.source.path:
         raise ConfigError(f"{path}: source.path: required when source.kind is {cfg.source.kind}")

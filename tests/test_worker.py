@@ -48,6 +48,7 @@ def config(short_dir: Path) -> BuildkitConfig:
         socket=str(short_dir / "run" / "bk.sock"),
         state_dir=str(short_dir / "state"),
         config_path=str(short_dir / "run" / "buildkitd.toml"),
+        run_dir=str(short_dir / "run" / "kit"),
         socket_group=None,
         grace_s=3.0,
         debounce_s=0.2,
@@ -174,7 +175,7 @@ def test_start_runs_and_serves_the_desired_set(harness: Harness, config: Buildki
         "extra": [],
         "buildkit_additions": ["linux/amd64/v2", "linux/amd64/v3"],
     }
-    assert snap["buildx_command"].endswith(f"--platform {','.join(A)} unix://{config.socket}")
+    assert snap["buildx_command"].endswith(f"--driver remote unix://{config.socket}")
 
 
 def test_child_output_is_forwarded_as_events(harness: Harness) -> None:

@@ -61,6 +61,7 @@ def _daemon(tmp_path: Path, sock: str, daemons: list[du.Daemon], **kit: Any) -> 
             "socket": kit_sock,
             "config_path": f"{short}/buildkitd.toml",
             "state_dir": f"{short}/state",
+            "run_dir": f"{short}/kit",
             "socket_group": None,
             "debounce_s": 0.2,
             "grace_s": 2.0,
@@ -186,3 +187,37 @@ def test_crash_loop_backs_off_to_fatal_and_daemon_keeps_serving(
     assert all(a["state"] == "verified" for a in health["arches"])
     log = info["log"].read_text()
     assert log.count('"state": "backoff"') >= 2, "each failure went through BACKOFF"
+
+
+def test_refused_platform_is_dropped_with_buildkits_error_and_never_loops(
+    tmp_path: Path, sock: str, daemons: list[du.Daemon]
+) -> None:
+    """A platform whose RUN step fails is named with BuildKit's error, served no more, once."""
+    info = _daemon(tmp_path, sock, daemons, extra_args=["--fake-refuse=linux/s390x"])
+    worker = _wait(
+        "s390x refused and the worker back without it",
+        lambda: (
+            (w := _status(info["api"])["worker"])["state"] == "running"
+            and "linux/s390x" in w["refused_platforms"]
+            and "linux/s390x" not in w["running_platforms"]
+            and "linux/arm64" in w["offered_platforms"]
+            and w
+        ),
+        timeout=30,
+    )
+    assert "exec format error" in worker["refused_platforms"]["linux/s390x"]
+    assert "linux/s390x" not in _served(info["kit"])
+    restarts = worker["restarts"]
+    assert restarts == 1
+    rows = {r["platform"]: r for r in worker["platforms"]}
+    assert rows["linux/s390x"]["proof"] == "refused"
+    assert rows["linux/arm64"]["proof"] == "proven"
+    # No loop: re-verifying every arch (s390x included) keeps the refusal and the worker.
+    for _ in range(2):
+        assert du.ctl(info["api"], "verify").returncode == 0
+    later = _status(info["api"])["worker"]
+    assert (later["restarts"], later["pid"]) == (restarts, worker["pid"])
+    assert "linux/s390x" in later["refused_platforms"]
+    shown = du.ctl(info["api"], "worker")
+    assert shown.returncode == 1, shown.stdout
+    assert "linux/s390x" in shown.stdout and "exec format error" in shown.stdout
