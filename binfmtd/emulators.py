@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
-from binfmtd import elf
+from binfmtd import elf, trust
 from binfmtd.config import SourceConfig, SourceKind
 from binfmtd.run import run
 
@@ -184,34 +184,23 @@ class _Window(io.RawIOBase):
 
 
 def check_trusted_path(path: str) -> None:
-    """Refuse a path whose file or any parent directory a non-root user could change.
+    """Refuse an install directory that a non-root user could change (the rule in `trust`).
 
-    With the C flag an interpreter runs with the credentials of setuid programs, so whoever can
-    replace it owns the host. A sticky directory (like /tmp) is accepted as a parent: there only
-    the owner of an entry can rename or remove it, and the entries below it are checked too.
+    Whoever can replace an interpreter runs code in every emulated process, as root with the
+    C flag. Raises InstallError with the chown/chmod to run.
     """
-    current = Path(path)
-    for part in [current, *current.parents]:
-        try:
-            st = os.lstat(part)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            raise InstallError(f"{part} is a symbolic link; binfmtd needs real directories")
-        sticky = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
-        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if st.st_uid != 0 or (writable and not sticky):
-            raise InstallError(
-                f"{part} is writable by a non-root user (owner uid {st.st_uid}, mode "
-                f"{stat.filemode(st.st_mode)}); with the C flag that is a root hole: "
-                f"run `chown root: {part} && chmod go-w {part}`"
-            )
+    try:
+        trust.check_dir(path)
+    except (trust.TrustError, OSError) as exc:
+        raise InstallError(str(exc)) from None
 
 
 def ensure_install_dir(path: str) -> None:
     """Create the install directory (0755, root) and check it and its parents."""
-    os.makedirs(path, mode=0o755, exist_ok=True)
-    check_trusted_path(path)
+    try:
+        os.close(trust.open_dir(path, create_mode=0o755))
+    except (trust.TrustError, OSError) as exc:
+        raise InstallError(str(exc)) from None
     clean_temp_files(path)
 
 
