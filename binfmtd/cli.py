@@ -199,6 +199,7 @@ def render_status(status: dict[str, Any], now: float) -> str:
         "",
         table(ARCH_HEADER, arch_rows(status["arches"], now)),
     ]
+    lines[3:3] = [f"warning: {text}" for text in status.get("warnings") or []]
     lines += [f"{a['arch']}: {problem}" for a in status["arches"] if (problem := arch_problem(a))]
     return "\n".join(lines)
 

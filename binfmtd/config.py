@@ -25,6 +25,10 @@ from binfmtd.buildkit import BuildkitConfig
 
 DEFAULT_PATH = "/etc/binfmtd/binfmtd.yaml"
 MAX_CONFIG_BYTES = 1 << 20
+# No C: with C, a setuid foreign binary runs QEMU as root, and QEMU obeys its caller's
+# environment (QEMU_LOG_FILENAME, QEMU_STRACE...), so any local user can write root's files.
+DEFAULT_FLAGS = "POF"
+OLD_DEFAULT_FLAGS = "POCF"  # binfmtd 0.1's default ("FPC"), for the upgrade notice
 
 
 class SourceKind(StrEnum):
@@ -91,7 +95,7 @@ class Config:
     state_file: str = "/var/lib/binfmtd/state.json"
     arches: tuple[str, ...] = ("all",)
     exclude: tuple[str, ...] = ()
-    flags: str = "FPC"
+    flags: str = DEFAULT_FLAGS
     conflict_policy: ConflictPolicy = ConflictPolicy.LEAVE
     reconcile_interval_s: float = 1.0
     reverify_interval_s: float = 600.0

@@ -314,14 +314,19 @@ def fsync_dir(path: str) -> None:
 # ---------------------------------------------------------------- the state file
 
 
-def write_state(path: str, installed: dict[str, Installed]) -> None:
-    """Replace the state file atomically (temp, fsync, rename, fsync dir)."""
+def write_state(path: str, installed: dict[str, Installed], flags: str | None = None) -> None:
+    """Replace the state file atomically (temp, fsync, rename, fsync dir).
+
+    `flags`: the binfmt_misc flags the entries are registered with (recorded so that a later
+    version can tell what an install relied on).
+    """
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o755, exist_ok=True)
-    body = json.dumps(
-        {"version": 1, "emulators": {k: asdict(v) for k, v in sorted(installed.items())}},
-        indent=2,
-    ).encode()
+    doc: dict[str, object] = {"version": 1}
+    if flags is not None:
+        doc["flags"] = flags
+    doc["emulators"] = {k: asdict(v) for k, v in sorted(installed.items())}
+    body = json.dumps(doc, indent=2).encode()
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     try:
         os.write(fd, body)
@@ -335,6 +340,18 @@ def write_state(path: str, installed: dict[str, Installed]) -> None:
         os.unlink(tmp)
         raise
     fsync_dir(directory)
+
+
+def read_state_flags(path: str) -> str | None:
+    """The flags the state file records; "" for a state file from before they were recorded
+    (binfmtd 0.1), None when there is no readable state file."""
+    try:
+        with open(path, "rb") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    flags = data.get("flags", "") if isinstance(data, dict) else None
+    return flags if isinstance(flags, str) else None
 
 
 def read_state(path: str) -> dict[str, Installed]:

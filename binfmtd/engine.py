@@ -360,7 +360,7 @@ class Engine:
         return "unknown"
 
     def _save_state(self) -> None:
-        emulators.write_state(self.cfg.state_file, self.installed)
+        emulators.write_state(self.cfg.state_file, self.installed, self.flags)
 
     def verify(self, arches: Iterable[str], report: TickReport | None = None) -> None:
         """Probe `arches` in parallel and record the results."""

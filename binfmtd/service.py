@@ -16,12 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from binfmtd import __version__, config, log, preflight
+from binfmtd import __version__, config, emulators, log, plan, preflight
 from binfmtd.engine import Engine, TickReport
 from binfmtd.kernel import KernelError
 from binfmtd.lock import Lock
 from binfmtd.notify import Notifier
-from binfmtd.plan import describe
 from binfmtd.preflight import Exit, PreflightError
 from binfmtd.server import ApiError, ApiServer
 from binfmtd.status import ArchState
@@ -90,6 +89,7 @@ class Daemon:
         self.worker: Any = None
         self._worker_key: tuple[Any, ...] = ()
         self._last_errors: dict[str, str] = {}
+        self._logged_credentials: list[str] = []
         self.server: Any = None
 
     # ------------------------------------------------------------ lifecycle
@@ -99,6 +99,7 @@ class Daemon:
         preflight.run_all(self.engine.kernel)
         self._install_signals()
         self.engine.detect_native()
+        self._note_flags_upgrade()
         self._start_worker()
         self._tick()
         self.published.ready = True
@@ -172,13 +173,14 @@ class Daemon:
         except KernelError as exc:
             report = self._recover_mount(exc)
         self.last_reconcile = self.clock()
+        self._log_credentials()
         self._publish()
         errors_changed = report.errors != self._last_errors
         self._last_errors = dict(report.errors)
         if report.changed or errors_changed:
             self.log.info(
                 "reconcile_finished",
-                repaired=[describe(a) for a in report.actions],
+                repaired=[plan.describe(a) for a in report.actions],
                 verified=report.verified,
                 failed=report.failed,
                 errors=report.errors,
@@ -186,6 +188,59 @@ class Daemon:
             )
             self.notifier.status(self._summary())
         return report
+
+    def _note_flags_upgrade(self) -> None:
+        """Say it once when this install relied on binfmtd 0.1's default flags (with C)."""
+        if "C" in self.engine.flags:
+            return
+        recorded = emulators.read_state_flags(self.cfg.state_file)
+        install_dir = self.cfg.install_dir
+        with_c = sorted(
+            name
+            for name, entry in self.engine.kernel.snapshot().entries.items()
+            if "C" in entry.flags and plan.is_owned(entry, install_dir)
+        )
+        if not with_c and recorded != "" and "C" not in (recorded or ""):
+            return
+        self.log.warning(
+            "flags_default_changed",
+            flags=self.engine.flags,
+            previous=recorded or config.OLD_DEFAULT_FLAGS,
+            entries=with_c,
+            hint=(
+                "binfmtd's default flags changed from FPC to POF: entries are registered without "
+                "C, so setuid programs (sudo) inside emulated containers no longer run with "
+                "their owner's credentials; that closes a local root hole. If you need them, "
+                f"set `flags: {config.OLD_DEFAULT_FLAGS}` explicitly (see the config reference "
+                "for what C costs)"
+            ),
+        )
+        if recorded is not None:  # record the new flags so the notice is said once
+            with contextlib.suppress(OSError):
+                emulators.write_state(self.cfg.state_file, self.engine.installed, self.engine.flags)
+
+    def _credential_entries(self) -> list[str]:
+        """Entries in the instance carrying C (ours or another tool's)."""
+        return sorted(n for n, e in self.engine.entries.items() if "C" in e.flags)
+
+    def _warnings(self) -> list[str]:
+        return [
+            f"entry {name} has the C flag: setuid foreign binaries run QEMU as root under the "
+            "caller's environment, so a local user can gain root; drop C from `flags` (or from "
+            "the tool that registered it) unless every local user is trusted with root"
+            for name in self._credential_entries()
+        ]
+
+    def _log_credentials(self) -> None:
+        """A warning whenever the set of entries carrying C changes to a non-empty one."""
+        entries = self._credential_entries()
+        if entries != self._logged_credentials and entries:
+            self.log.warning(
+                "credentials_flag_set",
+                entries=entries,
+                hint="C runs QEMU as root for setuid foreign binaries: a local root hole",
+            )
+        self._logged_credentials = entries
 
     def _recover_mount(self, exc: KernelError) -> TickReport:
         """binfmt_misc vanished under us (unmounted): mount it again, then reconcile."""
@@ -233,6 +288,7 @@ class Daemon:
                 "reconcile_interval_s": self.cfg.reconcile_interval_s,
             },
             "arches": statuses,
+            "warnings": self._warnings(),
             "native": native_platforms,
             "worker": worker,
         }
@@ -296,7 +352,7 @@ class Daemon:
             return {"verified": report.verified, "failed": report.failed}
         if action == "reconcile":
             report = self._tick()
-            return {"actions": [describe(a) for a in report.actions], "errors": report.errors}
+            return {"actions": [plan.describe(a) for a in report.actions], "errors": report.errors}
         if action in {"enable", "disable"}:
             return self._set_enabled(str(arg.get("arch", "")), action == "enable", selected)
         if action == "reload":
