@@ -20,7 +20,7 @@ import yaml
 
 from binfmtd import arch as archmod
 from binfmtd import trust
-from binfmtd.binfmt import FormatError, normalize_flags, validate_interpreter
+from binfmtd.binfmt import FormatError, control_characters, normalize_flags, validate_interpreter
 from binfmtd.buildkit import BuildkitConfig
 
 DEFAULT_PATH = "/etc/binfmtd/binfmtd.yaml"
@@ -256,6 +256,11 @@ def _scalar(hint: Any, node: yaml.Node, path: str, key: str) -> Any:
             raise ConfigError(
                 f"{_where(path, node, key)}: {value!r} is not one of: {allowed}"
             ) from None
+    if isinstance(value, str) and (bad := control_characters(value)):
+        raise ConfigError(
+            f"{_where(path, node, key)}: contains control characters {bad!r}; paths and names "
+            "become binfmt_misc register strings and file names, where those break parsing"
+        )
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

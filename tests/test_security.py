@@ -14,7 +14,14 @@ from pathlib import Path
 
 import daemonutil as du
 import pytest
-from conftest import LocalUser, daemon_config
+import yaml
+from conftest import LocalUser, daemon_config, write_config
+from daemonutil import SandboxSh
+
+from binfmtd import arch as archmod
+from binfmtd import config as configmod
+from binfmtd.binfmt import FormatError, Registration, parse_entry
+from binfmtd.preflight import Exit
 
 SECRET = b"root's secret\n"
 
@@ -56,11 +63,11 @@ def test_default_flags_deny_setuid_foreign_binaries_root(
     cfg = daemon_config(tmp_path, arches=["aarch64"], api={"socket": sock, "group": None})
     with du.running(cfg, sock, mode="compose") as daemon:
         row = daemon.wait_verified(["aarch64"])["aarch64"]
+        content, output = _setuid_attack(daemon, local_user, lab, busybox)
+        assert content == SECRET, f"a local user rewrote a root-only file through QEMU: {output}"
         assert row["flags"] == "POF"
         assert daemon.status().get("warnings") == []
-        content, output = _setuid_attack(daemon, local_user, lab, busybox)
         assert not daemon.events("credentials_flag_set")
-    assert content == SECRET, f"a local user rewrote a root-only file through QEMU: {output}"
 
 
 def test_explicit_c_flag_works_and_is_warned_about(
@@ -118,8 +125,68 @@ def test_upgrade_from_the_old_c_default_is_logged(
 
 
 def _old_entry(interpreter: str) -> str:
-    from binfmtd import arch as archmod
-    from binfmtd.binfmt import Registration
-
     row = archmod.BY_NAME["aarch64"]
     return Registration(row.entry_name, row.magic, row.mask, interpreter, "POCF").register_string()
+
+
+# ---------------------------------------------------------------- item 8: control characters
+
+CONTROL = ["\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x1f", "\t", "\x7f"]
+
+
+@pytest.mark.parametrize("char", CONTROL, ids=[f"{ord(c):02x}" for c in CONTROL])
+def test_control_characters_in_install_dir_are_config_errors(tmp_path: Path, char: str) -> None:
+    """install_dir with a control character: exit 78 naming it, before any kernel call."""
+    install = tmp_path / f"q{char}dir"
+    cfg = write_config(tmp_path, arches=["s390x"], install_dir=str(install))
+    result = du.run([*du.sandbox_argv(cfg), "--oneshot"], 60)
+    assert result.returncode == Exit.CONFIG, result.stderr
+    assert "install_dir: contains control characters" in result.stderr
+    assert not install.exists()
+
+
+@pytest.mark.parametrize(
+    "key", ["state_file", "lock_file", "api.socket", "source.path", "buildkit.base_config"]
+)
+def test_control_characters_rejected_in_every_path(key: str) -> None:
+    """Every configured path or name refuses control characters, naming its key."""
+    section, _, leaf = key.rpartition(".")
+    value = "/srv/x\x1cy"
+    doc = {section: {leaf: value}} if section else {leaf: value}
+    if section == "source":
+        doc["source"]["kind"] = "directory"
+    with pytest.raises(configmod.ConfigError, match=f"{key}: contains control characters"):
+        configmod.parse(yaml.safe_dump(doc))
+
+
+@pytest.mark.parametrize("char", CONTROL, ids=[f"{ord(c):02x}" for c in CONTROL])
+def test_register_string_refuses_control_characters(char: str) -> None:
+    """A register string never carries a control character in its interpreter or name."""
+    row = archmod.BY_NAME["s390x"]
+    with pytest.raises(FormatError, match="control characters"):
+        Registration(row.entry_name, row.magic, row.mask, f"/srv/q{char}/qemu-s390x", "POF")
+    with pytest.raises(FormatError, match="invalid binfmt_misc entry name"):
+        Registration(f"qemu-s390x{char}", row.magic, row.mask, "/srv/qemu-s390x", "POF")
+
+
+def test_another_tools_entry_with_control_characters_is_read_exactly(
+    sandbox_sh: SandboxSh, tmp_path: Path, qemu_dir: Path
+) -> None:
+    """An entry the kernel shows with \\x1c/\\r in its interpreter parses to that exact path."""
+    odd = tmp_path / "odd\x1cdir\rx"
+    odd.mkdir()
+    shutil.copyfile(qemu_dir / "qemu-s390x-static", odd / "qemu-s390x")
+    (odd / "qemu-s390x").chmod(0o755)
+    row = archmod.BY_NAME["s390x"]
+    magic = "".join(f"\\x{b:02x}" for b in row.magic)
+    mask = "".join(f"\\x{b:02x}" for b in row.mask)
+    out = tmp_path / "entry"
+    done = sandbox_sh(
+        f"printf '%s' ':other-s390x:M:0:{magic}:{mask}:'\"$ODD\"':F' > {du.ENTRIES}/register\n"
+        f"cat {du.ENTRIES}/other-s390x > {out}\n",
+        env={"ODD": str(odd / "qemu-s390x")},
+    )
+    assert done.returncode == 0, done.stderr
+    entry = parse_entry("other-s390x", out.read_bytes().decode("latin-1"))
+    assert entry.interpreter == str(odd / "qemu-s390x")
+    assert entry.flags == "F" and entry.enabled
