@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import LocalUser
-from daemonutil import SYSTEM_PYTHON
+from daemonutil import SYSTEM_PYTHON, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -322,10 +322,12 @@ def test_config_rename_race_never_accepts_the_users_file(local_user: LocalUser) 
         (theirs / "evil").chmod(0o644)
         os.chown(theirs, local_user.uid, local_user.gid)
         os.chown(theirs / "evil", local_user.uid, local_user.gid)
+        first = (theirs / "good").stat().st_ino
         swapper = local_user.popen([SYSTEM_PYTHON, "-I", "-c", SWAPPER, str(theirs)])
         loaded = Counter[str]()
         try:
-            for _ in range(2000):
+            wait_until("the swapper to run", lambda: _inode(theirs / "good") != first, 10)
+            for _ in range(20000):
                 try:
                     loaded[config.load(str(theirs / "good"), require_safe_mode=True).arches[0]] += 1
                 except ConfigError:
@@ -336,6 +338,13 @@ def test_config_rename_race_never_accepts_the_users_file(local_user: LocalUser) 
         assert loaded["aarch64"] == 0, loaded
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
 
 
 SWAPPER = """
