@@ -91,7 +91,7 @@ def test_defaults() -> None:
     assert cfg.binfmt_misc == "/proc/sys/fs/binfmt_misc"
     assert cfg.install_dir == "/var/lib/binfmtd/qemu"
     assert cfg.arches == ("all",) and cfg.exclude == ()
-    assert cfg.flags == "FPC" and cfg.conflict_policy is ConflictPolicy.LEAVE
+    assert cfg.flags == "POF" and cfg.conflict_policy is ConflictPolicy.LEAVE
     assert cfg.source == SourceConfig(SourceKind.AUTO, None)
     assert cfg.log == LogConfig("info", LogFormat.AUTO)
     assert config.parse("", "e.yaml") == dataclasses.replace(Config(), config_file="e.yaml")

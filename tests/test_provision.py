@@ -223,7 +223,7 @@ def test_json_output_shape_and_state_file(tmp_path: Path) -> None:
         }
         assert row["platforms"] == [f"linux/{arch}"]
         assert (row["state"], row["registered"], row["enabled"]) == ("verified", True, True)
-        assert (row["flags"], row["interpreter"], row["error"]) == ("POCF", str(path), None)
+        assert (row["flags"], row["interpreter"], row["error"]) == ("POF", str(path), None)
         assert row["sha256"] == digest == state["emulators"][arch]["sha256"]
         assert row["qemu_version"].startswith(f"qemu-{arch} version ")
         assert row["probe"]["ok"] is True and row["probe"]["error"] is None
@@ -375,7 +375,7 @@ def test_conflicting_entry_is_replaced_under_replace(
     )
     assert run.code == 0, run.stderr
     entry = parse_entry("qemu-aarch64", run.entries["qemu-aarch64"])
-    assert (entry.interpreter, entry.flags) == (str(tmp_path / "qemu" / "qemu-aarch64"), "POCF")
+    assert (entry.interpreter, entry.flags) == (str(tmp_path / "qemu" / "qemu-aarch64"), "POF")
     assert table_rows(run.stdout)["aarch64"][2] == "verified"
 
 
