@@ -29,6 +29,7 @@ from binfmtd.run import run
 AUTO_DIRS = ("/usr/bin", "/usr/local/bin")
 CHUNK = 1 << 20
 TEMP_PREFIX = ".binfmtd-tmp-"
+STATE_MAX_BYTES = 4 << 20
 
 
 class InstallError(RuntimeError):
@@ -355,10 +356,9 @@ def read_state_flags(path: str) -> str | None:
 
 
 def read_state(path: str) -> dict[str, Installed]:
-    """The recorded emulators; a missing or unreadable file means none are trusted."""
+    """The recorded emulators; a missing, unreadable or untrusted file means none are trusted."""
     try:
-        with open(path, "rb") as handle:
-            data = json.load(handle)
+        data = json.loads(trust.read_file(path, max_bytes=STATE_MAX_BYTES))
         return {k: Installed(**v) for k, v in data["emulators"].items()}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, trust.TrustError):
         return {}

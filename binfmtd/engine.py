@@ -365,7 +365,6 @@ class Engine:
     def verify(self, arches: Iterable[str], report: TickReport | None = None) -> None:
         """Probe `arches` in parallel and record the results."""
         names = list(arches)
-        os.makedirs(self.probe_workdir, mode=0o700, exist_ok=True)
         results = probe.run_probes(
             names,
             self.cfg.probe.timeout_s,

@@ -7,6 +7,7 @@ daemon in a private binfmt_misc instance, with real QEMU and real foreign binari
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -152,9 +153,8 @@ def test_control_characters_rejected_in_every_path(key: str) -> None:
     """Every configured path or name refuses control characters, naming its key."""
     section, _, leaf = key.rpartition(".")
     value = "/srv/x\x1cy"
-    doc = {section: {leaf: value}} if section else {leaf: value}
-    if section == "source":
-        doc["source"]["kind"] = "directory"
+    inner: dict[str, str] = {leaf: value, **({"kind": "directory"} if section == "source" else {})}
+    doc: dict[str, object] = {section: inner} if section else {leaf: value}
     with pytest.raises(configmod.ConfigError, match=f"{key}: contains control characters"):
         configmod.parse(yaml.safe_dump(doc))
 
@@ -190,3 +190,71 @@ def test_another_tools_entry_with_control_characters_is_read_exactly(
     entry = parse_entry("other-s390x", out.read_bytes().decode("latin-1"))
     assert entry.interpreter == str(odd / "qemu-s390x")
     assert entry.flags == "F" and entry.enabled
+
+
+# ---------------------------------------------------------------- item 2b: probe roots
+
+
+def test_probe_roots_in_a_shared_state_directory_are_refused(
+    tmp_path: Path, sock: str, lab: Path, local_user: LocalUser
+) -> None:
+    """state_file in a world-writable directory: a user's own probe-roots is never used."""
+    shared = lab / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    cfg = daemon_config(
+        tmp_path,
+        arches=["s390x"],
+        state_file=str(shared / "state.json"),
+        api={"socket": sock, "group": None},
+    )
+    takeover = (
+        f"cd {shared} && {{ [ ! -e probe-roots ] || mv probe-roots old-roots; }} && "
+        "mkdir -m 0777 probe-roots"
+    )
+    with du.running(cfg, sock) as daemon:
+        done = local_user.run(["sh", "-c", takeover])
+        assert done.returncode == 0, done.stderr
+        assert daemon.post("/v1/verify")[0] in (200, 422)
+        row = daemon.arch("s390x")
+        events = daemon.events("probe_failed")
+    assert row["state"] != "verified"
+    assert f"{shared} is writable by a non-root user" in (row["error"] or "")
+    assert f"chown root: {shared} && chmod go-w {shared}" in row["error"]
+    assert events and "probe roots refused" in events[-1]["error"]
+    assert os.listdir(shared / "probe-roots") == []
+
+
+def test_probe_roots_dir_made_by_someone_else_is_not_adopted(
+    tmp_path: Path, sock: str, lab: Path, local_user: LocalUser
+) -> None:
+    """In a sticky shared directory, a probe-roots a user made first is never used."""
+    shared = lab / "sticky"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    done = local_user.run(["mkdir", "-m", "0777", str(shared / "probe-roots")])
+    assert done.returncode == 0, done.stderr
+    cfg = daemon_config(
+        tmp_path,
+        arches=["s390x"],
+        state_file=str(shared / "state.json"),
+        api={"socket": sock, "group": None},
+    )
+    with du.running(cfg, sock) as daemon:
+        daemon.wait_verified(["s390x"])
+        st = (shared / "probe-roots").stat()
+        taken = local_user.run(["mv", str(shared / "probe-roots"), str(shared / "mine")])
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700)
+    assert taken.returncode != 0  # and, sticky, the user cannot move root's away
+
+
+def test_probe_roots_are_fresh_and_root_only(tmp_path: Path, sock: str) -> None:
+    """Probe roots live in a 0700 root directory beside the state file and are never reused."""
+    cfg = daemon_config(tmp_path, arches=["s390x"], api={"socket": sock, "group": None})
+    with du.running(cfg, sock) as daemon:
+        daemon.wait_verified(["s390x"])
+        workdir = tmp_path / "state" / "probe-roots"
+        st = workdir.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700)
+        assert daemon.post("/v1/verify")[0] == 200
+        assert os.listdir(workdir) == []  # each run's roots were removed, none kept for reuse
