@@ -346,7 +346,11 @@ def render_mutation(answer: dict[str, Any]) -> str:
     if "arch" in answer and "state" in answer:
         return f"{answer['arch']}: {answer['state']}"
     if "reloaded" in answer:
-        return f"reloaded; changed: {', '.join(answer.get('changed') or []) or 'nothing'}"
+        text = f"reloaded; changed: {', '.join(answer.get('changed') or []) or 'nothing'}"
+        later = answer.get("needs_restart") or []
+        if later:
+            text += f"\nnot applied, need a restart (systemctl restart binfmtd): {', '.join(later)}"
+        return text
     return json.dumps(answer, indent=2)
 
 

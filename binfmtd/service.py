@@ -7,6 +7,7 @@ reads pre-rendered snapshots; mutations are queued to the loop and answered when
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import signal
@@ -26,6 +27,9 @@ from binfmtd.server import ApiError, ApiServer
 from binfmtd.status import ArchState
 
 RETRY_FAILED_S = 30.0
+# Keys a running daemon cannot change: the lock and socket it holds, the binfmt_misc mount and
+# install directory its entries belong to, the logger configured once at start.
+RESTART_KEYS = frozenset({"binfmt_misc", "install_dir", "lock_file", "api", "log"})
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Daemon:
         self.notifier = Notifier()
         self.published = Published()
         self.commands: queue.Queue[_Command] = queue.Queue()
+        self._queue_lock = threading.Lock()  # no mutation is queued after the stop drained it
         self.wake = threading.Event()
         self.stopping = False
         self.reload_requested = False
@@ -118,6 +123,8 @@ class Daemon:
         while not self.stopping:
             self.wake.wait(timeout=max(0.0, min(next_tick - time.monotonic(), 0.5)))
             self.wake.clear()
+            if self.stopping:
+                break
             if self.reload_requested:
                 with contextlib.suppress(ApiError):  # logged; the old configuration runs on
                     self._reload()
@@ -141,7 +148,8 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
-        self.log.info("daemon_stopping", remove_on_stop=self.cfg.remove_on_stop)
+        refused = self._refuse_queued()
+        self.log.info("daemon_stopping", remove_on_stop=self.cfg.remove_on_stop, refused=refused)
         if self.server is not None:
             self.server.close()
         if self.worker is not None:
@@ -315,9 +323,16 @@ class Daemon:
     # ------------------------------------------------------------ commands from the API
 
     def submit(self, action: str, arg: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
-        """Queue a mutation for the loop thread and wait for its answer."""
+        """Queue a mutation for the loop thread and wait for its answer.
+
+        Raises ApiError: 503 once the daemon is stopping (the mutation was not run), 504 when
+        the loop did not answer within `timeout` seconds, or the mutation's own error.
+        """
         command = _Command(action, arg)
-        self.commands.put(command)
+        with self._queue_lock:
+            if self.stopping:
+                raise ApiError(503, f"{action} was not run: binfmtd is stopping")
+            self.commands.put(command)
         self.wake.set()
         if not command.done.wait(timeout):
             raise ApiError(504, f"{action} did not finish within {timeout:g} s")
@@ -325,8 +340,22 @@ class Daemon:
             raise command.error
         return command.result or {}
 
+    def _refuse_queued(self) -> list[str]:
+        """At stop: answer every mutation still queued with 503; none of them ran."""
+        refused: list[str] = []
+        with self._queue_lock:
+            self.stopping = True
+            while True:
+                try:
+                    command = self.commands.get_nowait()
+                except queue.Empty:
+                    return refused
+                command.error = ApiError(503, f"{command.action} was not run: binfmtd is stopping")
+                command.done.set()
+                refused.append(command.action)
+
     def _run_commands(self) -> None:
-        while True:
+        while not self.stopping:  # at stop, what is still queued is refused, not run
             try:
                 command = self.commands.get_nowait()
             except queue.Empty:
@@ -386,6 +415,10 @@ class Daemon:
                 422, f"reload failed, still running on the old configuration: {exc}"
             ) from None
         changed = _changed_keys(self.cfg, new)
+        later = [k for k in changed if k in RESTART_KEYS]
+        changed = [k for k in changed if k not in later]
+        # What only a restart can change keeps its running value, so status stays true.
+        new = dataclasses.replace(new, **{k: getattr(self.cfg, k) for k in later})
         self.cfg = new
         self.engine.apply_config(new)
         if "buildkit" in changed:
@@ -394,9 +427,15 @@ class Daemon:
                 self.worker = None
             self._start_worker()
         self._tick()
-        self.log.info("config_reloaded", changed=changed)
+        self.log.info("config_reloaded", changed=changed, needs_restart=later)
+        if later:
+            self.log.warning(
+                "config_needs_restart",
+                keys=later,
+                hint="these keys keep their running values until `systemctl restart binfmtd`",
+            )
         self.notifier.ready(self._summary())
-        return {"reloaded": True, "changed": changed}
+        return {"reloaded": True, "changed": changed, "needs_restart": later}
 
     # ------------------------------------------------------------ parts
 
@@ -458,8 +497,6 @@ class DaemonApi:
 
 
 def _changed_keys(old: config.Config, new: config.Config) -> list[str]:
-    import dataclasses
-
     return [
         f.name
         for f in dataclasses.fields(old)
@@ -475,7 +512,7 @@ def _needs_safe_mode() -> bool:
 
 def serve(cfg: config.Config, *, sandbox: bool, config_path: str | None) -> int:
     """Run the daemon until SIGTERM."""
-    lock = Lock(cfg.lock_file)
+    lock = Lock(cfg.lock_file, cfg.install_dir)
     lock.acquire()
     try:
         return Daemon(cfg, sandbox=sandbox, config_path=config_path).run()

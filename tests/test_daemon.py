@@ -902,7 +902,7 @@ def test_binfmtctl_exec_runs_inside_the_sandbox(
     entry = daemon.ctl("exec", "--", "cat", f"{ENTRIES}/qemu-aarch64")
     assert entry.returncode == 0, entry.stderr
     parsed = parse_entry("qemu-aarch64", entry.stdout)
-    assert (parsed.interpreter, parsed.flags) == (str(tmp_path / "qemu" / "qemu-aarch64"), "POCF")
+    assert (parsed.interpreter, parsed.flags) == (str(tmp_path / "qemu" / "qemu-aarch64"), "POF")
     assert not os.path.exists(f"{ENTRIES}/qemu-aarch64")  # the host's instance is not mounted
     hello = daemon.ctl("exec", "--", str(cache.busybox("arm64")), "echo", "hello from arm64")
     assert (hello.returncode, hello.stdout) == (0, "hello from arm64\n")

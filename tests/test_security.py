@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import daemonutil as du
 import pytest
@@ -258,3 +261,112 @@ def test_probe_roots_are_fresh_and_root_only(tmp_path: Path, sock: str) -> None:
         assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700)
         assert daemon.post("/v1/verify")[0] == 200
         assert os.listdir(workdir) == []  # each run's roots were removed, none kept for reuse
+
+
+# ---------------------------------------------------------------- item 6: stop and reload
+
+
+@pytest.fixture(scope="module")
+def hanging_qemu(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A static x86_64 "emulator" that hangs (test_faults' misbehaving QEMU, built with gcc)."""
+    from test_faults import FAKE_QEMU
+
+    work = tmp_path_factory.mktemp("hangqemu")
+    (work / "fake.c").write_text(FAKE_QEMU, encoding="utf-8")
+    out = work / "hang"
+    built = du.run(["gcc", "-static", "-O2", "-DHANG", "-o", str(out), str(work / "fake.c")], 120)
+    assert built.returncode == 0, built.stderr
+    return out
+
+
+def _running_exe(path: Path) -> bool:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/exe") == str(path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_sigterm_mid_tick_answers_the_queued_mutation_and_exits(
+    tmp_path: Path, sock: str, hanging_qemu: Path
+) -> None:
+    """SIGTERM while a tick probes, a root mutation queued: it gets 503 and the daemon exits."""
+    source = tmp_path / "source"
+    source.mkdir()
+    shutil.copyfile(hanging_qemu, source / "qemu-aarch64-static")
+    cfg = daemon_config(
+        tmp_path,
+        arches=["aarch64"],
+        source={"kind": "directory", "path": str(source)},
+        probe={"timeout_s": 8.0, "parallelism": 1},
+        reverify_interval_s=1.0,
+        api={"socket": sock, "group": None},
+    )
+    daemon = du.start(cfg, sock, timeout=90)
+    answers: list[Any] = []
+    try:
+        interpreter = tmp_path / "qemu" / "qemu-aarch64"
+        du.wait_until("a periodic tick's probe", lambda: _running_exe(interpreter), 60, 0.05)
+        poster = threading.Thread(target=lambda: answers.append(_post(sock, "/v1/reconcile")))
+        poster.start()
+        du.wait_until("the request to be sent", lambda: _client_connected(sock), 10, 0.01)
+        daemon.signal(signal.SIGTERM)
+        poster.join(30)
+        # The old daemon waited 120 s for the queued request (beyond systemd's stop timeout).
+        code = daemon.proc.wait(20)
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.kill()
+        shutil.rmtree(daemon.work, ignore_errors=True)
+    assert code == 0
+    assert len(answers) == 1, answers
+    status, body = answers[0]
+    assert status == 503, answers
+    assert "reconcile was not run: binfmtd is stopping" in body["error"]
+
+
+def _post(sock: str, target: str) -> tuple[int, Any]:
+    try:
+        answer = du.http(sock, "POST", target, timeout=60)
+    except (OSError, AssertionError) as exc:
+        return -1, {"error": f"no answer: {exc!r}"}
+    return answer.status, answer.json()
+
+
+def _client_connected(sock: str) -> bool:
+    """Whether the daemon accepted a client on `sock` (/proc/net/unix shows the bound name,
+    a temp name in the socket's directory that was then renamed)."""
+    where = os.path.dirname(sock) + "/"
+    with open("/proc/net/unix", encoding="ascii", errors="replace") as handle:
+        return sum(1 for line in handle if where in line) >= 2
+
+
+def test_reload_names_keys_that_need_a_restart(tmp_path: Path, sock: str) -> None:
+    """reload applies arches, names lock_file and api as needing a restart, and keeps both."""
+    body: dict[str, Any] = {"arches": ["s390x"], "api": {"socket": sock, "group": None}}
+    cfg = daemon_config(tmp_path, **body)
+    other_sock = os.path.join(os.path.dirname(sock), "other.sock")
+    with du.running(cfg, sock) as daemon:
+        daemon.wait_verified(["s390x"])
+        daemon_config(
+            tmp_path,
+            arches=["s390x", "aarch64"],
+            lock_file=str(tmp_path / "run" / "other.lock"),
+            api={"socket": other_sock, "group": None},
+        )
+        code, answer = daemon.post("/v1/reload")
+        shown = daemon.ctl("reload").stdout
+        daemon.wait_verified(["s390x", "aarch64"])
+        second = du.run(du.sandbox_argv(cfg), 60)  # the new config: another lock file
+        still = daemon.status()["daemon"]["pid"]
+        events = daemon.events("config_needs_restart")
+    assert code == 200
+    assert (answer["changed"], answer["needs_restart"]) == (["arches"], ["lock_file", "api"])
+    assert "not applied, need a restart (systemctl restart binfmtd): lock_file, api" in shown
+    assert not os.path.exists(other_sock)
+    assert second.returncode == Exit.ALREADY_RUNNING, second.stderr
+    assert f"another binfmtd works on {tmp_path / 'qemu'}" in second.stderr
+    assert still == daemon.pid
+    assert events and events[0]["keys"] == ["lock_file", "api"]
