@@ -154,6 +154,24 @@ def read_trusted(path: str, what: str, max_bytes: int = 1 << 20) -> bytes:
         raise ValueError(f"cannot read buildkit {what} {path}: {exc.strerror}") from None
 
 
+def check_tls_files(config: BuildkitConfig) -> None:
+    """The TCP listener's CA, certificate and key pass the trust rule; the key is private.
+
+    buildkitd reads them itself (by path) when it starts, right after this check; the trust
+    rule makes sure only root could change them in between. Raises ValueError with the fix.
+    """
+    if not config.tcp_address:
+        return
+    for what in ("tls_ca", "tls_cert", "tls_key"):
+        read_trusted(str(getattr(config, what)), what)
+    mode = os.stat(str(config.tls_key)).st_mode
+    if mode & 0o077:
+        raise ValueError(
+            f"refusing buildkit tls_key {config.tls_key}: readable by group or others "
+            f"(mode {mode & 0o777:o}); run: chmod 600 {config.tls_key}"
+        )
+
+
 def load_base_config(path: str | None) -> dict[str, Any]:
     """The user's buildkitd.toml to merge ours into; a readable error names the file.
 
@@ -479,6 +497,7 @@ class WorkerSupervisor:
     def _prepare(self, platforms: tuple[str, ...]) -> None:
         config = self._config
         base = load_base_config(config.base_config)
+        check_tls_files(config)
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         os.makedirs(os.path.dirname(config.socket) or ".", exist_ok=True)
         os.makedirs(config.run_dir, mode=0o711, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,8 @@ class Hosted:
 TOLERATE = (*du.TRANSIENT, WorkerUnreachable, TypeError)
 
 
-def _start(tmp: Path, *, outer: bool) -> tuple[du.Daemon, str]:
+def _start(tmp: Path, *, outer: bool, **kit_keys: str) -> tuple[du.Daemon, str]:
+    tmp.mkdir(exist_ok=True)
     short = du.sock_dir()
     kit = f"{short}/kit.sock"
     cfg = write_config(
@@ -134,6 +136,7 @@ def _start(tmp: Path, *, outer: bool) -> tuple[du.Daemon, str]:
             "debounce_s": 0.5,
             "health_interval_s": 0.5,
             "grace_s": 10.0,
+            **kit_keys,
         },
     )
     return du.start(cfg, outer=outer, ready=True, timeout=120), kit
@@ -242,6 +245,69 @@ def test_sandbox_without_the_id_range_refuses_with_buildkits_own_error(
         assert shown.returncode == 1
         assert "refused" in shown.stdout and "docker buildx create" not in shown.stdout
         print(shown.stdout)
+    finally:
+        daemon.close()
+        shutil.rmtree(os.path.dirname(kit), ignore_errors=True)
+
+
+def _openssl(*argv: str) -> None:
+    done = du.run(["openssl", *argv], 60)
+    assert done.returncode == 0, done.stderr
+
+
+def make_certs(where: Path) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate it signed (EC keys)."""
+    where.mkdir(mode=0o700)
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ca = ["-keyout", f"{where}/ca.key", "-out", f"{where}/ca.pem"]
+    _openssl("req", "-x509", *key, *ca, "-subj", "/CN=binfmtd-test-ca", "-days", "1")
+    for name, ext in (
+        ("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        (where / f"{name}.ext").write_text(ext + "\n", encoding="ascii")
+        request = ["-keyout", f"{where}/{name}.key", "-out", f"{where}/{name}.csr"]
+        _openssl("req", *key, *request, "-subj", f"/CN={name}")
+        sign = ["-CA", f"{where}/ca.pem", "-CAkey", f"{where}/ca.key", "-CAcreateserial"]
+        extra = ["-days", "1", "-extfile", f"{where}/{name}.ext", "-out", f"{where}/{name}.pem"]
+        _openssl("x509", "-req", "-in", f"{where}/{name}.csr", *sign, *extra)
+    for path in where.iterdir():
+        path.chmod(0o600 if path.suffix == ".key" else 0o644)
+    return where
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_remote_node_over_mutual_tls(tmp_path: Path) -> None:
+    """A TCP listener that answers buildctl with a client certificate and refuses it without."""
+    certs = make_certs(tmp_path / "certs")
+    address = f"127.0.0.1:{free_port()}"
+    tls = {
+        "tcp_address": address,
+        "tls_ca": str(certs / "ca.pem"),
+        "tls_cert": str(certs / "server.pem"),
+        "tls_key": str(certs / "server.key"),
+    }
+    daemon, kit = _start(tmp_path / "d", outer=False, **tls)
+    try:
+        hosted = Hosted(daemon, kit)
+        worker = hosted.settled()
+        line = worker["buildx_append_command"]
+        assert line.startswith("docker buildx create --append --name binfmtd --driver remote")
+        assert f"--platform {','.join(worker['offered_platforms'])}" in line
+        assert line.endswith(f" tcp://{address}")
+        ctl = [str(BUILDCTL), "--addr", f"tcp://{address}", "--tlscacert", tls["tls_ca"]]
+        client = ["--tlscert", str(certs / "client.pem"), "--tlskey", str(certs / "client.key")]
+        done = du.run([*ctl, *client, "debug", "workers", "-v"], 60)
+        assert done.returncode == 0, done.stderr
+        assert "linux/arm64" in done.stdout
+        refused = du.run([*ctl, "debug", "workers"], 60)
+        assert refused.returncode != 0
     finally:
         daemon.close()
         shutil.rmtree(os.path.dirname(kit), ignore_errors=True)
