@@ -378,7 +378,13 @@ def test_tcp_listener_argv_carries_buildkitds_mutual_tls_flags(
 ) -> None:
     """tcp_address adds a tcp:// --addr with --tlscacert/--tlscert/--tlskey."""
     tls = _tls_files(short_dir)
-    cfg = replace(config, tcp_address="127.0.0.1:1234", **tls)
+    cfg = replace(
+        config,
+        tcp_address="127.0.0.1:1234",
+        tls_ca=tls["tls_ca"],
+        tls_cert=tls["tls_cert"],
+        tls_key=tls["tls_key"],
+    )
     argv = buildkitd_argv("/usr/bin/buildkitd", cfg, None)
     assert argv[argv.index("tcp://127.0.0.1:1234") - 1] == "--addr"
     assert argv[argv.index("--tlscacert") + 1] == tls["tls_ca"]
