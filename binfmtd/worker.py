@@ -56,6 +56,7 @@ from binfmtd.supervision import (
     Spawn,
     SpawnFailed,
     Started,
+    StopCause,
     StopRequested,
     SupervisorPolicy,
     Terminate,
@@ -337,7 +338,11 @@ class WorkerSupervisor:
             reader.join(READER_JOIN_S)
         self._readers = ()
         _remove(self._config.socket)
-        self._log.info("worker_exited", pid=proc.pid, returncode=proc.returncode)
+        # buildkitd exits 1 after SIGTERM too: a stop we asked for is not a failure.
+        cause = self._status.stop_cause
+        stopping = self._status.state is WorkerState.STOPPING and cause in _ASKED
+        log = self._log.info if stopping else self._log.warning
+        log("worker_exited", pid=proc.pid, returncode=proc.returncode, requested=stopping)
         self._feed(Exited(proc.returncode), now)
 
     def _check_health(self, now: float) -> None:
@@ -562,6 +567,7 @@ class WorkerSupervisor:
 
 
 _ALARMING = frozenset({WorkerState.BACKOFF, WorkerState.FATAL})
+_ASKED = frozenset({StopCause.REQUESTED, StopCause.RESTART, StopCause.REFUSED})
 
 
 def _seconds_until(moment: float | None, now: float) -> float | None:

@@ -164,7 +164,7 @@ def main() -> int:
         for key, value in row.items():
             figures.setdefault(key, []).append(value)
     timing = "debounce_s 0.2, health_interval_s 0.2" if args.fast else "default timings"
-    print(f"buildkitd: {buildkitd}; {args.starts} starts, {len(moves)} changes; {timing}")
+    print(f"buildkitd: {buildkitd}; {args.starts} starts, {len(moves)} set changes; {timing}")
     for key, values in figures.items():
         print(
             f"{key:20} median {statistics.median(values):6.2f} s   "
