@@ -190,7 +190,14 @@ def parse(text: str, path: str = "<string>") -> Config:
     cfg: Config = _build(Config, node, path, "")
     cfg = dataclasses.replace(cfg, config_file=path)
     _check_semantics(cfg, path)
-    return cfg
+    return dataclasses.replace(
+        cfg, arches=_canonical_names(cfg.arches), exclude=_canonical_names(cfg.exclude)
+    )
+
+
+def _canonical_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """QEMU names for whatever spelling the operator used (`arm64`, `linux/arm/v7`), once each."""
+    return tuple(dict.fromkeys(n if n == "all" else archmod.canonical(n) for n in names))
 
 
 def _where(path: str, node: yaml.Node, key: str) -> str:
@@ -279,9 +286,12 @@ def _type_name(hint: Any) -> str:
 
 
 def _check_semantics(cfg: Config, path: str) -> None:
-    for name in (*cfg.arches, *cfg.exclude):
-        if name != "all" and name not in archmod.BY_NAME:
-            raise ConfigError(f"{path}: arches: unknown architecture {name!r}")
+    for key in ("arches", "exclude"):
+        for name in getattr(cfg, key):
+            try:
+                _ = name == "all" or archmod.resolve(name)
+            except archmod.UnknownArch as exc:
+                raise ConfigError(f"{path}: {key}: {exc.message}") from None
     try:
         flags = normalize_flags(cfg.flags)
     except FormatError as exc:
