@@ -153,6 +153,9 @@ _LIMITS: dict[str, tuple[float, float]] = {
 }
 
 
+_NAME_LISTS = frozenset({"arches", "exclude"})
+
+
 def load(path: str | None, *, require_safe_mode: bool = False) -> Config:
     """Read and validate the YAML at `path` (None: all defaults)."""
     if path is None:
@@ -256,6 +259,8 @@ def _scalar(hint: Any, node: yaml.Node, path: str, key: str) -> Any:
             raise ConfigError(
                 f"{_where(path, node, key)}: {value!r} is not one of: {allowed}"
             ) from None
+    if hint is str and key in _NAME_LISTS and type(value) is int:
+        value = str(value)  # `arches: [386]`: YAML reads Docker's name for i386 as a number
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
