@@ -260,12 +260,11 @@ ALIASES: dict[str, str] = _aliases()
 def resolve(name: str) -> Arch:
     """The catalog row `name` stands for: a QEMU name (`aarch64`), an OCI platform
     (`linux/arm64`, `arm/v7`), a Docker/Go or Debian name (`arm64`, `386`, `armhf`,
-    `ppc64el`, `loong64`) or an entry name (`qemu-aarch64`); case-insensitive.
+    `ppc64el`, `loong64`) or an entry name (`qemu-aarch64`), spelled exactly (lower case).
     Raises `UnknownArch` with the closest known names."""
-    key = name.strip().lower()
-    target = ALIASES.get(key)
+    target = ALIASES.get(name)
     if target is None:
-        raise UnknownArch(name, f"unknown architecture {name!r}{did_you_mean(key)}")
+        raise UnknownArch(name, f"unknown architecture {name!r}{did_you_mean(name)}")
     return BY_NAME[target]
 
 
@@ -276,7 +275,7 @@ def canonical(name: str) -> str:
 
 def did_you_mean(name: str) -> str:
     """'; did you mean arm64 (aarch64)?' for the closest accepted names, or a pointer."""
-    close = difflib.get_close_matches(name.lower(), ALIASES, n=3, cutoff=0.6)
+    close = difflib.get_close_matches(name.strip().lower(), ALIASES, n=3, cutoff=0.6)
     if not close:
         return "; see `binfmtctl status` or the catalog in the README for the names"
     shown = [c if ALIASES[c] == c else f"{c} ({ALIASES[c]})" for c in close]

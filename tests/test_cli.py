@@ -106,6 +106,9 @@ class FakeDaemon:
     def worker(self) -> dict[str, Any]:
         return WORKER
 
+    def metrics(self) -> bytes:
+        return b"binfmtd_up 1.0\n"
+
     def mutate(self, action: str, arg: dict[str, Any]) -> dict[str, Any]:
         self.calls.append((str(action), arg))
         if arg.get("arch") == "nope":
