@@ -71,6 +71,7 @@ class ApiConfig:
 
     socket: str = "/run/binfmtd/binfmtd.sock"
     group: str | None = "binfmtd"
+    metrics_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "reverify_interval_s": (1, 86400),
     "timeout_s": (0.1, 600),
     "parallelism": (1, 64),
+    "metrics_port": (1, 65535),
 }
 
 

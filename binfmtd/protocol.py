@@ -163,7 +163,9 @@ class Connection:
         if not keep_alive or self._error is not None:
             fields.append((b"Connection", b"close"))
         try:
-            out = self._h11.send(h11.Response(status_code=status, headers=fields, reason=_reason(status)))
+            out = self._h11.send(
+                h11.Response(status_code=status, headers=fields, reason=_reason(status))
+            )
             out = (out or b"") + (self._h11.send(h11.Data(data=body)) or b"")
             out += self._h11.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError as exc:  # a bug in our state handling: close cleanly

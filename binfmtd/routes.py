@@ -130,7 +130,9 @@ def _mutation_target(path: str) -> Mutation | Reject | None:
     endpoint = f"/v1/arches/{{name}}/{parts[-1]}"
     name = "/".join(parts[3:-1])
     if not ARCH_NAME.fullmatch(name):
-        return Reject(400, f"invalid arch name {name!r}: expected [A-Za-z0-9_./-]{{1,40}}", None, endpoint)
+        return Reject(
+            400, f"invalid arch name {name!r}: expected [A-Za-z0-9_./-]{{1,40}}", None, endpoint
+        )
     try:
         return Mutation(Action(parts[-1]), {"arch": archmod.canonical(name)}, endpoint)
     except archmod.UnknownArch as exc:

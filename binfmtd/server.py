@@ -28,7 +28,6 @@ from typing import Any, Final, Protocol, cast
 import structlog
 
 from binfmtd import wire
-from binfmtd.protocol import Connection, ProtocolError, Request, encode_json, error_body
 from binfmtd.listener import (
     DRAIN_LIMIT,
     Listener,
@@ -38,6 +37,7 @@ from binfmtd.listener import (
     open_listener,
     peer_of,
 )
+from binfmtd.protocol import Connection, ProtocolError, Request, encode_json, error_body
 from binfmtd.routes import OTHER, Mutation, Read, Reject, View, ViewCache, route, to_json
 
 log = structlog.get_logger("binfmtd.server")

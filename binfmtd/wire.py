@@ -146,7 +146,8 @@ class ProbeRecord(Record):
 class ArchRecord(Record):
     """One configured arch. `state` is one of `status.ArchState`'s values (e.g. "verified",
     "failed", "missing"); `working` says whether it may be advertised (a probe proved the entry
-    as it is now). `arch` is the QEMU name, `platforms` the OCI platforms it serves."""
+    as it is now); `conflict` that another tool's entry claims it and was left alone. `arch` is
+    the QEMU name, `platforms` the OCI platforms it serves."""
 
     arch: str
     platforms: tuple[str, ...]
@@ -160,6 +161,7 @@ class ArchRecord(Record):
     probe: ProbeRecord | None = None
     error: str | None = None
     working: bool = False
+    conflict: bool = False
 
     _nested: ClassVar[dict[str, type[Record]]] = {"probe": ProbeRecord}
 

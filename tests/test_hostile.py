@@ -39,8 +39,8 @@ from binfmtd.binfmt import (
     parse_entry,
     parse_register_string,
 )
-from binfmtd.protocol import NEED_MORE, Connection, NeedMore, ProtocolError, Request
 from binfmtd.preflight import Exit
+from binfmtd.protocol import NEED_MORE, Connection, NeedMore, ProtocolError, Request
 from binfmtd.routes import Mutation, Reject, route
 
 TRIED: Counter[str] = Counter()

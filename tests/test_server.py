@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from binfmtd.protocol import MAX_HEAD, Request
 from binfmtd.listener import ListenerError, activated_fd
+from binfmtd.protocol import MAX_HEAD, Request
 from binfmtd.routes import route
 from binfmtd.server import ApiError, ApiServer, Limits
 
