@@ -275,10 +275,13 @@ def canonical(name: str) -> str:
 
 def did_you_mean(name: str) -> str:
     """'; did you mean arm64 (aarch64)?' for the closest accepted names, or a pointer."""
-    close = difflib.get_close_matches(name.strip().lower(), ALIASES, n=3, cutoff=0.6)
-    if not close:
+    close = difflib.get_close_matches(name.strip().lower(), ALIASES, n=8, cutoff=0.6)
+    best: dict[str, str] = {}  # one spelling per target, closest first
+    for candidate in close:
+        best.setdefault(ALIASES[candidate], candidate)
+    if not best:
         return "; see `binfmtctl status` or the catalog in the README for the names"
-    shown = [c if ALIASES[c] == c else f"{c} ({ALIASES[c]})" for c in close]
+    shown = [c if t == c else f"{c} ({t})" for t, c in list(best.items())[:3]]
     return f"; did you mean {' or '.join(shown)}?"
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from http import HTTPStatus
 from typing import Final
 from urllib.parse import parse_qsl, unquote
@@ -71,13 +72,17 @@ class Connection:
         self._body = bytearray()
         self._error: ProtocolError | None = None
         self._at_start = True
+        self._closed = False
 
     def feed(self, data: bytes) -> None:
         """Bytes read from the peer; b"" means the peer closed its side."""
         if self._at_start and data:
             data = _skip_blank_lines(data)  # RFC 9112 2.2: CRLFs before a request line
-            self._at_start = not data
-        if self._h11.their_state is not h11.ERROR:
+            if not data:
+                return  # (an empty feed would tell h11 the peer closed)
+            self._at_start = False
+        if self._h11.their_state is not h11.ERROR and not self._closed:
+            self._closed = not data
             self._h11.receive_data(data)
 
     @property
@@ -95,25 +100,20 @@ class Connection:
     def next_request(self) -> Parsed:
         """The next complete request, `NEED_MORE`, or the (sticky) error to answer with."""
         while self._error is None:
-            before = self._pending_head()
             try:
                 event = self._h11.next_event()
             except h11.RemoteProtocolError as exc:
                 return self._fail(_status_of(exc, self._h11), str(exc))
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return NEED_MORE
-            result = self._on_event(event, before)
+            result = self._on_event(event)
             if result is not None:
                 return result
         return self._error
 
-    def _pending_head(self) -> int:
-        return len(self._h11.trailing_data[0]) if self._h11.their_state is h11.IDLE else 0
-
-    def _on_event(self, event: object, before: int) -> Parsed | None:
+    def _on_event(self, event: object) -> Parsed | None:
         if isinstance(event, h11.Request):
-            used = before - len(self._h11.trailing_data[0])
-            problem = _check_head(event, used)
+            problem = _check_head(event)
             if problem is not None:
                 return self._fail(*problem)
             self._head = event
@@ -155,26 +155,43 @@ class Connection:
         keep_alive: bool = True,
         content_type: bytes = JSON,
         headers: tuple[tuple[str, str], ...] = (),
-    ) -> bytes:
+    ) -> bytearray:
         """The complete response for the current request (or the error), as bytes to send.
         `keep_alive=False` closes after it; h11 also closes when the request asked to."""
-        fields = [(b"Content-Type", content_type), (b"Content-Length", b"%d" % len(body))]
-        fields += [(name.encode("ascii"), value.encode("latin-1")) for name, value in headers]
-        if not keep_alive or self._error is not None:
-            fields.append((b"Connection", b"close"))
+        close = not keep_alive or self._error is not None
+        head = _response_event(status, len(body), content_type, headers, close)
+        out = bytearray()
         try:
-            out = self._h11.send(
-                h11.Response(status_code=status, headers=fields, reason=_reason(status))
-            )
-            out = (out or b"") + (self._h11.send(h11.Data(data=body)) or b"")
-            out += self._h11.send(h11.EndOfMessage()) or b""
+            for event in (head, h11.Data(data=body), _END):
+                for chunk in self._h11.send_with_data_passthrough(event) or ():
+                    out += chunk
         except h11.LocalProtocolError as exc:  # a bug in our state handling: close cleanly
             self._error = ProtocolError(500, str(exc))
-            return b""
+            return bytearray()
         self._at_start = True
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             self._h11.start_next_cycle()
         return out
+
+
+_END: Final = h11.EndOfMessage()
+
+
+@lru_cache(maxsize=256)
+def _response_event(
+    status: int,
+    length: int,
+    content_type: bytes,
+    headers: tuple[tuple[str, str], ...],
+    close: bool,
+) -> h11.Response:
+    """The (immutable) response head, validated by h11 once per distinct shape: a cached read
+    view answers with the same one until its body changes."""
+    fields = [(b"Content-Type", content_type), (b"Content-Length", b"%d" % length)]
+    fields += [(name.encode("ascii"), value.encode("latin-1")) for name, value in headers]
+    if close:
+        fields.append((b"Connection", b"close"))
+    return h11.Response(status_code=status, headers=fields, reason=_reason(status))
 
 
 def _skip_blank_lines(data: bytes) -> bytes:
@@ -183,9 +200,16 @@ def _skip_blank_lines(data: bytes) -> bytes:
     return data
 
 
-def _check_head(event: h11.Request, used: int) -> tuple[int, str] | None:
+def _head_size(event: h11.Request) -> int:
+    """The head's size in bytes as sent, but for optional whitespace around header values
+    (h11 bounds only heads that arrive incomplete; a complete one can be larger)."""
+    line = len(event.method) + len(event.target) + len(b"  HTTP/1.1\r\n")
+    return line + sum(len(n) + len(v) + 4 for n, v in event.headers) + 2
+
+
+def _check_head(event: h11.Request) -> tuple[int, str] | None:
     """The API's limits on a head h11 accepted; (status, message) when it breaks one."""
-    if used > MAX_HEAD:
+    if _head_size(event) > MAX_HEAD:
         return 431, "request head larger than 8 KiB"
     if event.http_version not in _VERSIONS:
         return 505, "only HTTP/1.0 and HTTP/1.1 are supported"

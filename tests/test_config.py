@@ -48,6 +48,7 @@ probe:
 api:
   socket: /run/x/binfmtd.sock
   group: builders
+  metrics_port: 9723
 log:
   level: debug
   format: json
@@ -110,7 +111,7 @@ def test_every_option_in_a_full_yaml() -> None:
         lock_file="/run/x/binfmtd.lock",
         source=SourceConfig(SourceKind.DEB, "/srv/qemu-user-static.deb"),
         probe=ProbeConfig(timeout_s=3.0, parallelism=2),
-        api=ApiConfig("/run/x/binfmtd.sock", "builders"),
+        api=ApiConfig("/run/x/binfmtd.sock", "builders", 9723),
         log=LogConfig("debug", LogFormat.JSON),
         buildkit=BuildkitConfig(
             enabled=True,

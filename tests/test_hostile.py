@@ -147,7 +147,7 @@ GOOD_REQUEST = (
 @settings(max_examples=EXAMPLES)
 @given(st.lists(st.binary(max_size=300), max_size=6))
 def test_http_parser_on_random_bytes_in_random_chunks(chunks: list[bytes]) -> None:
-    """The h11 connection on random bytes, chunked at random: Request/NeedMore/ProtocolError only."""
+    """h11 on random bytes in random chunks: Request, NeedMore or ProtocolError only."""
     TRIED["http_random"] += 1
     reader = Connection()
     for chunk in chunks:
@@ -237,7 +237,7 @@ def test_hostile_api_paths_and_bodies_are_4xx_and_change_nothing(
     bodies = [b'{"arches": ["../x"]}', b'{"arches": "aarch64"}', b"[" * 5000, b'{"x": 1}', b"\x00"]
     for body in bodies:
         code, answer = daemon.post("/v1/verify", body)
-        assert code == 400, (body[:20], code, answer)
+        assert code in {400, 404}, (body[:20], code, answer)  # 404: unknown arch name
         TRIED["api_bodies"] += 1
     code, _ = daemon.get("/v1/platforms?format=../../etc/passwd")
     assert code == 400

@@ -195,7 +195,7 @@ def test_errors_are_sticky() -> None:
 
 def response(
     status: int, obj: object, keep_alive: bool, headers: tuple[tuple[str, str], ...] = ()
-) -> bytes:
+) -> bytearray:
     """The bytes a fresh connection answers one GET with."""
     conn = Connection()
     conn.feed(GET)
