@@ -169,3 +169,50 @@ def test_oneshot_json_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     err = (tmp_path / "err").read_text()
     assert "Traceback" not in err and "BrokenPipe" not in err, err
     assert done.returncode in {0, 141}, (done.returncode, err)
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+RECORDS: list[type[wire.Record]] = [
+    *(wire.IndexRecord, wire.StatusRecord, wire.DaemonRecord, wire.ArchRecord),
+    *(wire.ProbeRecord, wire.PlatformsRecord, wire.BinfmtRecord, wire.HealthRecord),
+    *(wire.WorkerRecord, wire.VerifyResult, wire.ReconcileResult, wire.ArchChange),
+    *(wire.ReloadResult, wire.OneshotRecord, wire.ErrorRecord),
+]
+
+
+def test_readme_documents_every_endpoint_record_and_exit_code() -> None:
+    """The README's API reference names every endpoint with its method, access and record,
+    every field of every record, and every exit code of both commands."""
+    text = README.read_text(encoding="utf-8")
+    for endpoint in wire.ENDPOINTS:
+        row = f"| {endpoint.method} | `{endpoint.path}"
+        access = "socket group" if endpoint.access == wire.MEMBERS else "root"
+        assert (
+            any(
+                line.startswith(row) and access in line and endpoint.returns.split("/")[0] in line
+                for line in text.splitlines()
+            )
+            or endpoint.path == "/v1"
+        ), endpoint
+    for record in RECORDS:
+        section = text[text.index(f"`{record.__name__}`:") :][:700]
+        for name in record.__record_fields__:
+            assert f"`{name}`" in section or f'"{name}"' in section or name == "wire", (
+                record.__name__,
+                name,
+            )
+    for code in (64, 65, 66, 67, 68, 69, 70, 71, 72, 78, 141):
+        assert f"{code} " in text.split("### Exit codes")[1].split("`binfmtctl`:")[0], code
+    for code in (1, 3, 4, 5, 64, 127, 141):
+        assert f"{code} " in text.split("`binfmtctl`: 0 ok")[1][:900], code
+
+
+def test_index_matches_the_router() -> None:
+    """Every endpoint the index lists is routed (not 404), and nothing routed is missing."""
+    from binfmtd.protocol import Request
+    from binfmtd.routes import Reject, route
+
+    for endpoint in wire.ENDPOINTS:
+        path = endpoint.path.replace("{name}", "aarch64").split("?")[0]
+        decision = route(Request(endpoint.method, path, {}, {"host": "x"}, b"", True))
+        assert not (isinstance(decision, Reject) and decision.status == 404), endpoint
