@@ -227,7 +227,7 @@ class Daemon:
         engine = self.engine
         arches = views.arch_records(engine)
         platforms = views.platforms_record(engine)
-        worker = views.worker_record(self.worker.snapshot() if self.worker is not None else None)
+        worker = self.worker.snapshot() if self.worker is not None else None
         daemon = wire.DaemonRecord(
             version=__version__,
             pid=os.getpid(),

@@ -60,11 +60,6 @@ def binfmt_record(engine: Engine, arches: tuple[wire.ArchRecord, ...]) -> wire.B
     return wire.BinfmtRecord(tuple(engine.verified_platforms()), tuple(emulators))
 
 
-def worker_record(snapshot: dict[str, Any] | None) -> wire.WorkerRecord | None:
-    """The supervisor's snapshot as a record (None when no worker is configured)."""
-    return None if snapshot is None else wire.WorkerRecord.from_json(snapshot)
-
-
 def oneshot_record(
     engine: Engine, actions: list[Any], durations_ms: dict[str, float], *, sandbox: bool
 ) -> wire.OneshotRecord:
