@@ -112,6 +112,11 @@ class Metrics:
 
         self._http = start_http_server(port, addr=addr, registry=self.registry)
 
+    @property
+    def tcp_port(self) -> int | None:
+        """The loopback TCP port serving the metrics, if any."""
+        return None if self._http is None else int(self._http[0].server_port)
+
     def close(self) -> None:
         """Stop the TCP listener, if any."""
         if self._http is not None:
