@@ -259,8 +259,12 @@ def render_mutation(command: str, answer: Any) -> str:
         lines = [f"done: {action}" for action in result.actions] or ["nothing to do"]
         return "\n".join(lines + [f"error: {k}: {v}" for k, v in (result.errors or {}).items()])
     if command == "reload":
-        changed = read(wire.ReloadResult, answer).changed
-        return f"reloaded; changed: {', '.join(changed) or 'nothing'}"
+        reloaded = read(wire.ReloadResult, answer)
+        text = f"reloaded; changed: {', '.join(reloaded.changed) or 'nothing'}"
+        if reloaded.needs_restart:
+            later = ", ".join(reloaded.needs_restart)
+            text += f"\nnot applied, need a restart (systemctl restart binfmtd): {later}"
+        return text
     change = read(wire.ArchChange, answer)
     return f"{change.arch}: {change.state}"
 

@@ -96,6 +96,7 @@ def status_page(status: StatusRecord, now: float) -> str:
         + (f", last reconcile {age(now - last)} ago" if last else ", not reconciled yet"),
         f"config {daemon.config}, binfmt_misc {daemon.binfmt_misc}",
         f"native: {', '.join(status.native) or '-'}",
+        *(f"warning: {text}" for text in status.warnings),
         "",
         arch_table(status.arches, now),
     ]

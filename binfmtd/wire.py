@@ -204,12 +204,14 @@ class WorkerRecord(Record):
 
 @dataclass(frozen=True)
 class StatusRecord(Record):
-    """`GET /v1/status`: the daemon, one record per configured arch, the native platforms."""
+    """`GET /v1/status`: the daemon, one record per configured arch, the native platforms, and
+    `warnings` an operator must read (e.g. an entry carrying the C flag)."""
 
     daemon: DaemonRecord
     arches: tuple[ArchRecord, ...]
     native: tuple[str, ...] = ()
     worker: WorkerRecord | None = None
+    warnings: tuple[str, ...] = ()
     wire: int = WIRE_VERSION
 
     _nested: ClassVar[dict[str, type[Record]]] = {
@@ -287,10 +289,12 @@ class ArchChange(Record):
 
 @dataclass(frozen=True)
 class ReloadResult(Record):
-    """`POST /v1/reload`: the configuration keys that changed and were applied."""
+    """`POST /v1/reload`: the keys that changed and were applied, and those that changed but
+    keep their running value until a restart."""
 
     reloaded: bool = True
     changed: tuple[str, ...] = ()
+    needs_restart: tuple[str, ...] = ()
     wire: int = WIRE_VERSION
 
 
