@@ -28,7 +28,7 @@ import psutil
 import structlog
 from structlog.typing import FilteringBoundLogger
 
-from binfmtd import trust
+from binfmtd import trust, wire
 from binfmtd.buildkit import (
     BuildkitConfig,
     WorkerUnreachable,
@@ -274,45 +274,42 @@ class WorkerSupervisor:
         """Restart a running worker, with the usual grace for running builds."""
         self._feed(RestartRequested(), self._clock())
 
-    def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready view for the status API and `binfmtctl worker`.
+    def snapshot(self) -> wire.WorkerRecord:
+        """The worker as the status API and `binfmtctl worker` show it (`wire.WorkerRecord`).
 
-        `platforms` has one row per platform the worker was asked to serve or advertises:
-        `source` is `verified` (binfmtd's verified set) or `buildkit` (added by BuildKit
-        itself); `proof` is `proven`, `refused` (with BuildKit's error as `reason`),
-        `proving`, `unproven` (no verdict yet, `reason` says why) or `pending`. `offered` are the
-        platforms buildx may use: advertised and proven. The `buildx_*` lines appear only while
-        the worker runs; `output_tail` holds buildkitd's last lines when it is failing.
+        One `platforms` row per platform asked for or advertised, with its proof; `offered` are
+        the platforms buildx may use: advertised and proven. The `buildx_*` lines appear only
+        while the worker runs; `output_tail` holds buildkitd's last lines when it is failing.
         """
         status, now = self._status, self._clock()
         advertised = status.advertised_platforms
         diff = platform_diff(status.servable, advertised) if advertised else None
         running = status.state is WorkerState.RUNNING
-        offered = [p for p in advertised if p in status.proven] if running else []
+        offered = tuple(p for p in advertised if p in status.proven) if running else ()
         failing = status.state in _ALARMING or (status.last_error is not None and not running)
-        return {
-            "enabled": True,
-            "state": status.state.value,
-            "pid": status.pid,
-            "binary": self._binary or self._config.path,
-            "uptime_s": None if status.healthy_at is None else round(now - status.healthy_at, 1),
-            "restarts": status.restarts,
-            "failures": status.failures,
-            "intended_platforms": list(status.desired_platforms),
-            "running_platforms": list(status.running_platforms) if status.pid else [],
-            "advertised_platforms": list(advertised),
-            "offered_platforms": offered,
-            "refused_platforms": dict(status.refused),
-            "platforms": platform_rows(status),
-            "differences": None if diff is None else diff.as_dict(),
-            "next_start_in_s": _seconds_until(status.next_start_at, now),
-            "last_error": status.last_error,
-            "output_tail": list(self._tail) if failing else [],
-            "socket": self._config.socket,
-            "tcp_address": self._config.tcp_address,
-            "buildx_command": buildx_command(self._name, self._config.socket) if running else None,
-            "buildx_append_command": self._append_line(offered) if running else None,
-        }
+        return wire.WorkerRecord(
+            enabled=True,
+            state=status.state.value,
+            pid=status.pid,
+            binary=self._binary or self._config.path,
+            uptime_s=None if status.healthy_at is None else round(now - status.healthy_at, 1),
+            restarts=status.restarts,
+            failures=status.failures,
+            intended_platforms=tuple(status.desired_platforms),
+            running_platforms=tuple(status.running_platforms) if status.pid else (),
+            advertised_platforms=tuple(advertised),
+            offered_platforms=offered,
+            refused_platforms=dict(status.refused),
+            platforms=platform_rows(status),
+            differences=None if diff is None else diff.as_dict(),
+            next_start_in_s=_seconds_until(status.next_start_at, now),
+            last_error=status.last_error,
+            output_tail=tuple(self._tail) if failing else (),
+            socket=self._config.socket,
+            tcp_address=self._config.tcp_address,
+            buildx_command=buildx_command(self._name, self._config.socket) if running else None,
+            buildx_append_command=self._append_line(list(offered)) if running else None,
+        )
 
     def _append_line(self, offered: list[str]) -> str | None:
         address = self._config.tcp_address
@@ -579,22 +576,29 @@ def _write_pidfile(path: str, pid: int) -> None:
         write_atomic(path, f"{pid}\n")
 
 
-def platform_rows(status: WorkerStatus) -> list[dict[str, Any]]:
+def platform_rows(status: WorkerStatus) -> tuple[wire.WorkerPlatformRecord, ...]:
     """One row per platform asked for or advertised: its source, its proof and the reason."""
     desired = set(status.desired_platforms)
     refused, unproven = dict(status.refused), dict(status.unproven)
     names = sorted({*status.desired_platforms, *status.advertised_platforms, *refused})
-    rows = []
-    for platform in names:
-        proof, reason = "pending", None
-        if platform in refused:
-            proof, reason = "refused", refused[platform]
-        elif platform in status.proven:
-            proof = "proven"
-        elif platform in status.proving:
-            proof = "proving"
-        elif platform in unproven:
-            proof, reason = "unproven", unproven[platform]
-        source = "verified" if platform in desired else "buildkit"
-        rows.append({"platform": platform, "source": source, "proof": proof, "reason": reason})
-    return rows
+    return tuple(_row(p, p in desired, status, refused, unproven) for p in names)
+
+
+def _row(
+    platform: str,
+    verified: bool,
+    status: WorkerStatus,
+    refused: dict[str, str],
+    unproven: dict[str, str],
+) -> wire.WorkerPlatformRecord:
+    proof, reason = "pending", None
+    if platform in refused:
+        proof, reason = "refused", refused[platform]
+    elif platform in status.proven:
+        proof = "proven"
+    elif platform in status.proving:
+        proof = "proving"
+    elif platform in unproven:
+        proof, reason = "unproven", unproven[platform]
+    source = "verified" if verified else "buildkit"
+    return wire.WorkerPlatformRecord(platform, source, proof, reason)

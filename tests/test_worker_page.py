@@ -1,10 +1,11 @@
-"""`binfmtctl worker`'s page and exit code, from /v1/worker documents (pure, no daemon)."""
+"""`binfmtctl worker`'s page and exit code, from /v1/worker records (pure, no daemon)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from binfmtd import workerview
+from binfmtd import render
+from binfmtd.wire import WorkerRecord
 
 LOCAL = "docker buildx create --name binfmtd --driver remote unix:///run/binfmtd/buildkitd.sock"
 
@@ -14,7 +15,7 @@ def row(platform: str, proof: str = "proven", source: str = "verified", reason: 
     return {"platform": platform, "source": source, "proof": proof, "reason": reason}
 
 
-def worker(**fields: Any) -> dict[str, Any]:
+def worker(**fields: Any) -> WorkerRecord:
     """A running worker serving linux/amd64 and linux/arm64, BuildKit adding amd64/v2."""
     doc: dict[str, Any] = {
         "enabled": True,
@@ -36,26 +37,36 @@ def worker(**fields: Any) -> dict[str, Any]:
         "buildx_command": LOCAL,
         "buildx_append_command": None,
     }
-    return doc | fields
+    return WorkerRecord.from_json(doc | fields)
+
+
+def show(record: WorkerRecord) -> str:
+    """The human page."""
+    return render.worker_page(record)
+
+
+def code(record: WorkerRecord) -> int:
+    """The exit code."""
+    return render.worker_exit_code(record)
 
 
 def test_disabled_worker_hints_how_to_enable_it_and_exits_0() -> None:
     """Off: no Python repr, the config key to set, where buildkitd comes from; exit 0."""
-    page = workerview.page({"enabled": False})
-    assert "False" not in page
-    assert "buildkit.enabled: true" in page
-    assert "https://github.com/moby/buildkit/releases" in page
-    assert workerview.exit_code({"enabled": False}) == 0
+    shown = show(WorkerRecord(enabled=False))
+    assert "False" not in shown
+    assert "buildkit.enabled: true" in shown
+    assert "https://github.com/moby/buildkit/releases" in shown
+    assert code(WorkerRecord(enabled=False)) == 0
 
 
 def test_running_worker_shows_a_table_and_the_one_node_buildx_line() -> None:
     """Proven platforms in a table, BuildKit's additions named, buildx line without --platform."""
-    page = workerview.page(worker())
-    assert "worker: running (pid 42, up 75s, 0 restarts, 0 failures)" in page
-    assert "linux/amd64/v2  BuildKit (added by itself)  proven" in page
-    assert "added by BuildKit itself: linux/amd64/v2" in page
-    assert LOCAL in page and "--platform" not in page
-    assert workerview.exit_code(worker()) == 0
+    shown = show(worker())
+    assert "worker: running (pid 42, up 1m, 0 restarts, 0 failures)" in shown
+    assert "linux/amd64/v2  BuildKit (added by itself)  proven" in shown
+    assert "added by BuildKit itself: linux/amd64/v2" in shown
+    assert LOCAL in shown and "--platform" not in shown
+    assert code(worker()) == 0
 
 
 def test_refused_platform_is_named_with_buildkits_error_and_exits_1() -> None:
@@ -65,10 +76,10 @@ def test_refused_platform_is_named_with_buildkits_error_and_exits_1() -> None:
         platforms=[row("linux/amd64"), row("linux/s390x", "refused", reason=error)],
         refused_platforms={"linux/s390x": error},
     )
-    page = workerview.page(doc)
-    assert f"linux/s390x  binfmtd  refused  {error}" in page
-    assert "refused by the worker: linux/s390x" in page
-    assert workerview.exit_code(doc) == 1
+    shown = show(doc)
+    assert f"linux/s390x  binfmtd  refused  {error}" in shown
+    assert "refused by the worker: linux/s390x" in shown
+    assert code(doc) == 1
 
 
 def test_failing_worker_shows_buildkitds_last_lines_and_no_buildx_line() -> None:
@@ -84,16 +95,16 @@ def test_failing_worker_shows_buildkitds_last_lines_and_no_buildx_line() -> None
         output_tail=tail,
         buildx_command=None,
     )
-    page = workerview.page(doc)
-    assert "next start in 4s" in page
-    assert "buildkitd's last lines:\n  " + tail[0] in page
-    assert "docker buildx create" not in page
-    assert workerview.exit_code(doc) == 1
+    shown = show(doc)
+    assert "next start in 4s" in shown
+    assert "buildkitd's last lines:\n  " + tail[0] in shown
+    assert "docker buildx create" not in shown
+    assert code(doc) == 1
 
 
 def test_remote_line_routes_only_proven_platforms() -> None:
     """With a TCP listener, the --append line for other machines follows the local one."""
     append = "docker buildx create --append --name binfmtd ... tcp://host:1234"
-    page = workerview.page(worker(tcp_address="0.0.0.0:1234", buildx_append_command=append))
-    assert "tcp: 0.0.0.0:1234 (mutual TLS)" in page
-    assert page.index(LOCAL) < page.index(append)
+    shown = show(worker(tcp_address="0.0.0.0:1234", buildx_append_command=append))
+    assert "tcp: 0.0.0.0:1234 (mutual TLS)" in shown
+    assert shown.index(LOCAL) < shown.index(append)
