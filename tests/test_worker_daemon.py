@@ -193,7 +193,9 @@ def test_refused_platform_is_dropped_with_buildkits_error_and_never_loops(
     tmp_path: Path, sock: str, daemons: list[du.Daemon]
 ) -> None:
     """A platform whose RUN step fails is named with BuildKit's error, served no more, once."""
-    info = _daemon(tmp_path, sock, daemons, extra_args=["--fake-refuse=linux/s390x"])
+    info = _daemon(
+        tmp_path, sock, daemons, extra_args=["--fake-refuse=linux/s390x"], backoff_initial_s=0.1
+    )
     worker = _wait(
         "s390x refused and the worker back without it",
         lambda: (
@@ -203,7 +205,7 @@ def test_refused_platform_is_dropped_with_buildkits_error_and_never_loops(
             and "linux/arm64" in w["offered_platforms"]
             and w
         ),
-        timeout=30,
+        timeout=120,
     )
     assert "exec format error" in worker["refused_platforms"]["linux/s390x"]
     assert "linux/s390x" not in _served(info["kit"])
