@@ -65,9 +65,20 @@ def prove_platforms(
     platforms: Sequence[str],
     timeout: float,
     solve: Solver = solve_definition,
+    on_result: Callable[[ProofResult], None] | None = None,
 ) -> tuple[ProofResult, ...]:
-    """Prove every platform, `PARALLEL` at a time; one result per platform, in order."""
+    """Prove every platform, `PARALLEL` at a time; one result per platform, in order.
+
+    `on_result` is called with each result as soon as it is known (from a pool thread).
+    """
     if not platforms:
         return ()
+
+    def one(platform: str) -> ProofResult:
+        result = prove_platform(socket_path, platform, timeout, solve)
+        if on_result is not None:
+            on_result(result)
+        return result
+
     with ThreadPoolExecutor(max_workers=min(PARALLEL, len(platforms))) as pool:
-        return tuple(pool.map(lambda p: prove_platform(socket_path, p, timeout, solve), platforms))
+        return tuple(pool.map(one, platforms))

@@ -383,41 +383,37 @@ class WorkerSupervisor:
         """Prove `platforms` in a thread; the results come back through `tick()`."""
         spawned_at = self._status.started_at
 
+        def landed(result: ProofResult) -> None:
+            self._log_result(pid, result, spawned_at)
+            self._proofs.put(ProofFinished(pid, (result,)))
+
         def prove() -> None:
             started = time.monotonic()
-            results = prove_platforms(self._config.socket, platforms, self._config.proof_timeout_s)
-            self._log_proof(pid, results, started, spawned_at)
-            self._proofs.put(ProofFinished(pid, results))
+            config = self._config
+            results = prove_platforms(
+                config.socket, platforms, config.proof_timeout_s, on_result=landed
+            )
+            self._log.info(
+                "worker_proof_finished",
+                pid=pid,
+                proven=sum(r.ok for r in results),
+                of=len(results),
+                duration_ms=round((time.monotonic() - started) * 1000, 1),
+                since_spawn_s=_since(spawned_at),
+            )
 
         threading.Thread(target=prove, name="buildkit-proof", daemon=True).start()
         self._log.info("worker_proof_started", pid=pid, platforms=list(platforms))
 
-    def _log_proof(
-        self,
-        pid: int,
-        results: tuple[ProofResult, ...],
-        started: float,
-        spawned_at: float | None,
-    ) -> None:
-        since_spawn = None if spawned_at is None else round((time.monotonic() - spawned_at), 3)
-        for result in results:
-            if result.ok:
-                self._log.info("worker_platform_proven", pid=pid, platform=result.platform)
-            else:
-                self._log.warning(
-                    "worker_platform_refused" if result.conclusive else "worker_proof_no_verdict",
-                    pid=pid,
-                    platform=result.platform,
-                    error=result.error,
-                )
-        self._log.info(
-            "worker_proof_finished",
-            pid=pid,
-            proven=sum(r.ok for r in results),
-            of=len(results),
-            duration_ms=round((time.monotonic() - started) * 1000, 1),
-            since_spawn_s=since_spawn,
-        )
+    def _log_result(self, pid: int, result: ProofResult, spawned_at: float | None) -> None:
+        since = _since(spawned_at)
+        if result.ok:
+            self._log.info(
+                "worker_platform_proven", pid=pid, platform=result.platform, since_spawn_s=since
+            )
+            return
+        event = "worker_platform_refused" if result.conclusive else "worker_proof_no_verdict"
+        self._log.warning(event, pid=pid, platform=result.platform, error=result.error)
 
     def _signal(self, signum: signal.Signals, *, group: bool, **keys: Any) -> None:
         proc = self._proc
@@ -565,6 +561,11 @@ class WorkerSupervisor:
 
 _ALARMING = frozenset({WorkerState.BACKOFF, WorkerState.FATAL})
 _ASKED = frozenset({StopCause.REQUESTED, StopCause.RESTART, StopCause.REFUSED})
+
+
+def _since(moment: float | None) -> float | None:
+    """Seconds from `moment` (time.monotonic) to now, for log events."""
+    return None if moment is None else round(time.monotonic() - moment, 3)
 
 
 def _seconds_until(moment: float | None, now: float) -> float | None:
