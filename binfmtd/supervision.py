@@ -14,9 +14,10 @@ Rules:
   `max_failures` consecutive failures. FATAL holds until `ResetRequested` (config reload).
 - Healthy for `stable_s` in a row clears the failure count.
 - Proof through the worker: once ListWorkers answers, every advertised platform not proven yet
-  is proven by a real RUN step (`Prove`). A platform BuildKit refuses is kept out of the
-  worker's configuration (with BuildKit's error) and a worker serving it is restarted without
-  it after a backoff delay; the refusal holds until that platform leaves the verified set or a
+  is proven by a real RUN step (`Prove`); results may arrive one by one. A platform BuildKit
+  refuses is kept out of the worker's configuration (with BuildKit's error) and, once every
+  running proof has answered, a worker serving it is restarted once without the refused ones,
+  after a backoff delay; the refusal holds until that platform leaves the verified set or a
   reset (config reload), so refusals never loop. A proof that got no answer (worker gone,
   timeout) refuses nothing and is retried with backoff.
 """
@@ -349,7 +350,8 @@ def _tick_starting(status: WorkerStatus, now: float, policy: SupervisorPolicy) -
 
 def _tick_running(status: WorkerStatus, now: float, policy: SupervisorPolicy) -> Step:
     follows = status.running_platforms == status.servable
-    if not follows and _settled(status, now, policy):
+    # While proofs run, refusals gather: the worker restarts once, when the last result is in.
+    if not follows and not status.proving and _settled(status, now, policy):
         return _stop(status, StopCause.RESTART, now, policy)
     stable = status.healthy_at is not None and now - status.healthy_at >= policy.stable_s
     if stable and (status.failures or status.refusal_restarts):
@@ -449,7 +451,7 @@ def _on_proof(
         proof_retries=retries,
         proof_due_at=now + policy.backoff_delay(retries) if unproven else None,
     )
-    if any(p in refused for p in status.running_platforms):
+    if not status.proving and any(p in refused for p in status.running_platforms):
         more = replace(status, refusal_restarts=status.refusal_restarts + 1)
         return _stop(more, StopCause.REFUSED, now, policy)
     return status, ()

@@ -46,6 +46,7 @@ POLICY = SupervisorPolicy(
     stable_s=30.0,
 )
 A = ("linux/amd64", "linux/arm64")
+OK = ProofResult
 B = ("linux/amd64", "linux/arm64", "linux/riscv64")
 
 
@@ -63,17 +64,20 @@ def run(
     return status, actions
 
 
-def running(platforms: tuple[str, ...] = A, *, at: float = 10.0, pid: int = 100) -> WorkerStatus:
-    """A worker that spawned at `at - 1` and answered healthy at `at`."""
-    status, _ = run(
-        WorkerStatus(),
-        [
-            (at - 1 - POLICY.debounce_s, PlatformsChanged(platforms)),
-            (at - 1, Tick()),
-            (at - 1, Started(pid)),
-            (at, Healthy(platforms)),
-        ],
-    )
+def running(
+    platforms: tuple[str, ...] = A, *, at: float = 10.0, pid: int = 100, proven: bool = True
+) -> WorkerStatus:
+    """A worker that spawned at `at - 1`, answered healthy at `at` and (if `proven`) whose
+    proofs all passed at `at`; otherwise its proofs are still running."""
+    timeline: list[tuple[float, Event]] = [
+        (at - 1 - POLICY.debounce_s, PlatformsChanged(platforms)),
+        (at - 1, Tick()),
+        (at - 1, Started(pid)),
+        (at, Healthy(platforms)),
+    ]
+    if proven:
+        timeline.append((at, ProofFinished(pid, tuple(OK(p, True) for p in platforms))))
+    status, _ = run(WorkerStatus(), timeline)
     assert status.state is WorkerState.RUNNING
     return status
 
@@ -328,7 +332,10 @@ def test_platform_change_during_start_applies_once_running() -> None:
         WorkerStatus(),
         [(0.0, PlatformsChanged(A)), (2.0, Tick()), (2.0, Started(7)), (2.5, PlatformsChanged(B))],
     )
-    status, actions = run(status, [(3.0, Healthy(A)), (4.4, Tick()), (4.5, Tick())])
+    status, actions = run(status, [(3.0, Healthy(A)), (4.4, Tick())])
+    assert actions == [], "the running proofs answer first"
+    proofs = ProofFinished(7, (OK(A[0], True), OK(A[1], True)))
+    status, actions = run(status, [(4.45, proofs), (4.5, Tick())])
     assert actions == [Terminate(POLICY.grace_s)]
 
 
@@ -418,8 +425,6 @@ def test_stray_events_when_stopped_are_ignored(event: Event) -> None:
 
 # --- proof through the worker -----------------------------------------------------------------
 
-OK = ProofResult
-
 
 def refused(platform: str) -> ProofResult:
     """BuildKit ran the step and it failed."""
@@ -459,6 +464,18 @@ def test_refused_platform_restarts_the_worker_without_it_after_backoff() -> None
     assert status.next_start_at == 12.0 + POLICY.backoff_delay(1)
     status, actions = run(status, [(12.0 + POLICY.backoff_delay(1), Tick())])
     assert actions == [Spawn(("linux/amd64",))]
+
+
+def test_refusals_arriving_one_by_one_restart_the_worker_once() -> None:
+    """Results land separately: no restart until the last proof answered, then one."""
+    status = running(A, proven=False)  # both proofs still running
+    status, actions = run(status, [(11.0, ProofFinished(100, (refused("linux/arm64"),)))])
+    assert (actions, status.state) == ([], WorkerState.RUNNING)
+    status, actions = run(status, [(11.5, Tick())])
+    assert actions == [], "no restart while a proof is still running"
+    status, actions = run(status, [(12.0, ProofFinished(100, (refused("linux/amd64"),)))])
+    assert actions == [Terminate(POLICY.grace_s)]
+    assert set(dict(status.refused)) == set(A)
 
 
 def test_a_refusal_is_not_tried_again_so_it_cannot_loop() -> None:

@@ -80,6 +80,12 @@ def _daemon(tmp_path: Path, sock: str, daemons: list[du.Daemon], **kit: Any) -> 
     }
 
 
+def _events(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """The daemon's JSON log events so far."""
+    lines = info["log"].read_text().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
 def _status(sock: str) -> dict[str, Any]:
     result = du.ctl(sock, "status", "--json")
     doc: dict[str, Any] = json.loads(result.stdout)
@@ -210,7 +216,8 @@ def test_refused_platform_is_dropped_with_buildkits_error_and_never_loops(
     assert "exec format error" in worker["refused_platforms"]["linux/s390x"]
     assert "linux/s390x" not in _served(info["kit"])
     restarts = worker["restarts"]
-    assert restarts == 1
+    refusals = [e for e in _events(info) if e.get("event") == "worker_platform_refused"]
+    assert [e["platform"] for e in refusals] == ["linux/s390x"], "refused once, never re-tried"
     rows = {r["platform"]: r for r in worker["platforms"]}
     assert rows["linux/s390x"]["proof"] == "refused"
     assert rows["linux/arm64"]["proof"] == "proven"
@@ -220,6 +227,7 @@ def test_refused_platform_is_dropped_with_buildkits_error_and_never_loops(
     later = _status(info["api"])["worker"]
     assert (later["restarts"], later["pid"]) == (restarts, worker["pid"])
     assert "linux/s390x" in later["refused_platforms"]
+    assert len([e for e in _events(info) if e.get("event") == "worker_platform_refused"]) == 1
     shown = du.ctl(info["api"], "worker")
     assert shown.returncode == 1, shown.stdout
     assert "linux/s390x" in shown.stdout and "exec format error" in shown.stdout
