@@ -118,7 +118,7 @@ def open_tar(fd: int, member: ArMember, shown: str, limit: int) -> Iterator[tarf
     Errors raised while iterating or reading should be passed through `guard`.
     """
     raw = typing_io(io.BufferedReader(_Window(fd, member.offset, member.size), CHUNK))
-    opener = _DECOMPRESSORS.get(member.name.rpartition(".")[2] if "." in member.name else "")
+    opener = _DECOMPRESSORS.get(member.name.partition(".tar")[2].removeprefix("."))
     if member.name.endswith(".zst"):
         raise DebError(
             f"{shown}: {member.name} is zstd-compressed (as Ubuntu builds them), which this "
