@@ -11,33 +11,31 @@ A .deb is read without dpkg (`binfmtd.deb`): regular members `usr/bin/qemu-A-sta
 `usr/bin/qemu-A`; a member that is only a symlink to a file the package lacks (Debian 13's
 transitional package) is reported as such. `auto` searches AUTO_DIRS for either name.
 
-Trust: the source directory or .deb, the whole path above it and every file taken from it must
-be root-owned and not writable by group or others; each file is opened relative to the checked
-directory descriptor (O_NOFOLLOW) and checked on its own descriptor, and its bytes are read
-from that descriptor. Nothing from a refused source is read further, let alone executed.
-Errors are `InstallError`s naming the file and the fix.
+Trust is `binfmtd.trust`'s one rule: the source directory or .deb, the whole path above it and
+every file taken from it must be root-owned and not writable by group or others; each file is
+opened relative to the checked directory descriptor (O_NOFOLLOW) and checked on its own
+descriptor, and its bytes are read from that descriptor. Nothing from a refused source is read
+further, let alone executed. Errors are `InstallError`s naming the file and the fix.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import posixpath
 import shutil
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
-from binfmtd import deb
+from binfmtd import deb, trust
 from binfmtd.config import SourceConfig, SourceKind
-from binfmtd.emulators import InstallError, check_trusted_path
+from binfmtd.emulators import InstallError
 from binfmtd.run import run
 
 AUTO_DIRS = ("/usr/bin", "/usr/local/bin")
 MAX_LINK_HOPS = 8
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _PACKAGES = (
     "Debian 13: qemu-user; Debian 12 and Ubuntu: qemu-user-static; Fedora: qemu-user-static-<arch>"
 )
@@ -197,62 +195,27 @@ def _stat_id(st: os.stat_result) -> str:
 
 def open_trusted_dir(path: str) -> int:
     """An O_DIRECTORY descriptor of `path`, which with every parent passes the trust rule."""
-    _check_path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise InstallError(f"emulator source {path}: {exc.strerror}") from None
-    return _checked(fd, path, want_dir=True)
+    return _trusted(path, lambda: trust.open_dir(path))
 
 
 def open_trusted_file(path: str) -> int:
     """An O_RDONLY descriptor of the regular file `path`; it and its parents pass the rule."""
-    _check_path(os.path.dirname(path) or "/")
-    try:
-        fd = os.open(path, _FILE_FLAGS)
-    except OSError as exc:
-        raise InstallError(f"emulator source {path}: {_strerror(exc)}") from None
-    return _checked(fd, path, want_dir=False)
+    return _trusted(path, lambda: trust.open_file(path))
 
 
 def open_trusted_at(dir_fd: int, name: str, shown: str) -> int:
     """Open the regular file `name` of the already checked directory `dir_fd`, and check it."""
-    try:
-        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
-    except OSError as exc:
-        raise InstallError(f"{shown}: {_strerror(exc)}") from None
-    return _checked(fd, shown, want_dir=False)
+    return _trusted(shown, lambda: trust.open_file_at(dir_fd, name, shown))
 
 
-def _check_path(path: str) -> None:
+def _trusted(shown: str, opener: Callable[[], int]) -> int:
+    """Run a `trust` opener; its refusals and errors become InstallErrors naming the source."""
     try:
-        check_trusted_path(path)
-    except InstallError as exc:
+        return opener()
+    except trust.TrustError as exc:
         raise InstallError(f"emulator source refused: {exc}") from None
-
-
-def _strerror(exc: OSError) -> str:
-    if exc.errno == errno.ELOOP:  # from O_NOFOLLOW: the name is a symbolic link
-        return "is a symbolic link; use the file it points to"
-    return exc.strerror or str(exc)
-
-
-def _checked(fd: int, shown: str, *, want_dir: bool) -> int:
-    st = os.fstat(fd)
-    problem = None
-    if want_dir != stat.S_ISDIR(st.st_mode) or not (want_dir or stat.S_ISREG(st.st_mode)):
-        problem = "is not a directory" if want_dir else "is not a regular file"
-    elif st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        problem = (
-            f"is writable by a non-root user (owner uid {st.st_uid}, mode "
-            f"{stat.filemode(st.st_mode)}); binfmtd installs and runs emulators as root and "
-            f"takes nothing a user could have changed: run `chown root: {shown} && "
-            f"chmod go-w {shown}`"
-        )
-    if problem is not None:
-        os.close(fd)
-        raise InstallError(f"emulator source refused: {shown} {problem}")
-    return fd
+    except OSError as exc:
+        raise InstallError(f"emulator source {exc.filename or shown}: {exc.strerror}") from None
 
 
 # ---------------------------------------------------------------- a directory
