@@ -9,6 +9,7 @@ replacing the source retries at once, while an unchanged broken one is not read 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -28,15 +29,24 @@ class Backoff:
 
 
 def failed(
-    previous: Backoff | None, now: float, source_id: str, error: str, initial: float, cap: float
+    previous: Backoff | None,
+    now: float,
+    source_id: str,
+    error: str,
+    initial: float,
+    cap: float,
+    *,
+    until_change: bool = False,
 ) -> Backoff:
     """The state after an install failed at `now`: the wait doubles up to `cap` seconds.
 
     The count restarts at one when the source is not the one that failed before.
+    `until_change`: the failure is a fact about this source (it lacks the arch), so only a
+    change of the source ends the wait (delay_s is infinite).
     """
     same = previous is not None and previous.source_id == source_id
     failures = previous.failures + 1 if previous is not None and same else 1
-    delay = min(cap, initial * 2.0 ** min(failures - 1, 60))
+    delay = math.inf if until_change else min(cap, initial * 2.0 ** min(failures - 1, 60))
     return Backoff(failures, now + delay, delay, source_id, error)
 
 

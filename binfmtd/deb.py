@@ -203,20 +203,35 @@ def member_stream(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> 
     return typing_io(io.BufferedReader(_Guarded(stream, where), CHUNK))
 
 
-def control_fields(fd: int, members: list[ArMember], shown: str) -> dict[str, str]:
-    """The fields of the package's `control` file (Package, Version, ...)."""
+def control_files(fd: int, members: list[ArMember], shown: str) -> dict[str, bytes]:
+    """The `control` and `md5sums` files of the package's control.tar (md5sums may be absent)."""
     member = find_member(members, "control.tar", shown)
     where = f"{shown}: {member.name}"
+    found: dict[str, bytes] = {}
     with open_tar(fd, member, shown, BOMB_FLOOR) as tar:
         for info in checked_members(tar, where):
-            if info.name.removeprefix("./") == "control" and info.isreg():
-                if info.size > MAX_CONTROL_BYTES:
-                    raise DebError(f"{where}: control file of {info.size} bytes is too large")
-                with guard(where):
-                    stream = tar.extractfile(info)
-                    body = stream.read() if stream is not None else b""
-                return parse_control(body.decode("utf-8", "replace"))
-    raise DebError(f"{where} has no control file")
+            name = info.name.removeprefix("./")
+            if name not in ("control", "md5sums") or not info.isreg():
+                continue
+            if info.size > MAX_CONTROL_BYTES:
+                raise DebError(f"{where}: {name} file of {info.size} bytes is too large")
+            with guard(where):
+                stream = tar.extractfile(info)
+                found[name] = stream.read() if stream is not None else b""
+    if "control" not in found:
+        raise DebError(f"{where} has no control file")
+    return found
+
+
+def control_fields(fd: int, members: list[ArMember], shown: str) -> dict[str, str]:
+    """The fields of the package's `control` file (Package, Version, ...)."""
+    return parse_control(control_files(fd, members, shown)["control"].decode("utf-8", "replace"))
+
+
+def listed_files(fd: int, members: list[ArMember], shown: str) -> list[str]:
+    """The regular files the package lists in md5sums (paths without a leading /)."""
+    text = control_files(fd, members, shown).get("md5sums", b"").decode("utf-8", "replace")
+    return [line.split(None, 1)[1] for line in text.splitlines() if len(line.split(None, 1)) == 2]
 
 
 def parse_control(text: str) -> dict[str, str]:

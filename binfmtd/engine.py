@@ -70,6 +70,7 @@ class Engine:
         self._entries_checked: dict[str, Entry] = {}
         self.errors: dict[str, str] = {}
         self.backoff: dict[str, backoff.Backoff] = {}  # failing installs wait before a retry
+        self._absent: set[str] = set()  # arches the source lacked in the current install pass
         self.conflicts: dict[str, str] = {}
         self.claimed: set[str] = set()  # entry names this process registered in the instance
         self.entries: dict[str, Entry] = {}
@@ -115,8 +116,14 @@ class Engine:
 
     @property
     def selected(self) -> tuple[str, ...]:
-        """The arches binfmtd provisions."""
-        return self.cfg.selected(self.native)
+        """The arches binfmtd provisions. `all` means every catalog arch the source has (Debian
+        13's QEMU 10 no longer ships cris and nios2), when the source can tell."""
+        names = self.cfg.selected(self.native)
+        if "all" in self.cfg.arches and self.source is not None:
+            offered = self.source.offers()
+            if offered is not None:
+                return tuple(n for n in names if n in offered)
+        return names
 
     def registration(self, arch: str) -> Registration:
         """The entry binfmtd wants for `arch` (made once per install_dir and flags)."""
@@ -282,6 +289,7 @@ class Engine:
             )
             return
         now = self.clock()
+        self._absent = set()
         ids = {a: self.source.fingerprint(a) for a in arches}
         todo = [a for a in arches if backoff.due(self.backoff.get(a), now, ids[a])]
         for arch in set(arches) - set(todo):  # waiting: the last error stands, nothing is read
@@ -318,14 +326,21 @@ class Engine:
                 continue
             previous = self.backoff.get(arch)
             cfg = self.cfg.source
+            # A source that lacks the arch keeps lacking it until it changes: no timed retry.
+            absent = arch in self._absent
             state = backoff.failed(
-                previous, now, ids[arch], error, cfg.retry_initial_s, cfg.retry_max_s
+                previous,
+                now,
+                ids[arch],
+                error,
+                cfg.retry_initial_s,
+                cfg.retry_max_s,
+                until_change=absent,
             )
             self.backoff[arch] = state
             if previous is None or previous.error != error:
-                self.log.warning(
-                    "install_failed", arch=arch, error=error, retry_in_s=round(state.delay_s, 1)
-                )
+                retry = None if absent else round(state.delay_s, 1)
+                self.log.warning("install_failed", arch=arch, error=error, retry_in_s=retry)
 
     def _install_streams(
         self, arches: list[str], host: int | None, report: TickReport, pending: set[str]
@@ -354,6 +369,7 @@ class Engine:
 
     def _install_item(self, item: Found | Missing, host: int | None, report: TickReport) -> None:
         if isinstance(item, Missing):
+            self._absent.add(item.arch)
             self._fail_install([item.arch], report, item.reason)
             return
         assert self.source is not None

@@ -72,6 +72,7 @@ class Source:
         self.cfg = cfg
         self.auto_dirs = auto_dirs
         self._auto: tuple[tuple[int, ...], str | None] | None = None  # (dir mtimes, found)
+        self._offered: tuple[str, frozenset[str]] | None = None  # (fingerprint, arches)
 
     @property
     def kind(self) -> SourceKind:
@@ -137,6 +138,19 @@ class Source:
             raise InstallError(f"source {path} has no {' or '.join(names_for(arch))}")
         return "/".join(parts)
 
+    def offers(self) -> frozenset[str] | None:
+        """The catalog arches the source has a file for; None when it cannot tell (missing,
+        refused or corrupt source, or a .deb listing no emulator): then every arch is tried
+        and each reports why it failed. Scanned again only when the source changes."""
+        try:
+            path = self.path
+            key = f"{path}:{_stat_id(os.stat(path))}"
+        except (InstallError, OSError):
+            return None
+        if self._offered is None or self._offered[0] != key:
+            self._offered = (key, _scan_offers(self.kind, path))
+        return self._offered[1] or None
+
     def fingerprint(self, arch: str) -> str:
         """`identity`, or the reason there is none: changes whenever the source does."""
         try:
@@ -155,6 +169,29 @@ class Source:
             yield from _deb_streams(self.path, wanted)
         else:
             yield from _dir_streams(self.path, wanted)
+
+
+def _scan_offers(kind: SourceKind, path: str) -> frozenset[str]:
+    from binfmtd.arch import CATALOG
+
+    if kind is SourceKind.DEB:
+        try:
+            fd = open_trusted_file(path)
+        except InstallError:
+            return frozenset()
+        try:
+            names = {
+                posixpath.basename(f)
+                for f in deb.listed_files(fd, deb.ar_members(fd, path), path)
+                if f.startswith("usr/bin/")
+            }
+        except deb.DebError:
+            return frozenset()
+        finally:
+            os.close(fd)
+    else:
+        names = _listing(path)
+    return frozenset(r.name for r in CATALOG if any(n in names for n in names_for(r.name)))
 
 
 def find_auto_dir(dirs: Iterable[str]) -> str | None:

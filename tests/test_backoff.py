@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_deb import package, regular
+from test_deb import GOOD, package, regular
 
 from binfmtd import backoff, deb, emulators, plan
 from binfmtd.config import Config, SourceConfig, SourceKind
@@ -75,17 +75,18 @@ class Recorder:
 class Harness:
     """An Engine with a fake clock, asked every simulated second to install aarch64."""
 
-    def __init__(self, tmp: Path, source: SourceConfig) -> None:
+    def __init__(self, tmp: Path, source: SourceConfig, arch: str = "aarch64") -> None:
         self.now = 1000.0
         self.log = Recorder()
         cfg = Config(
             binfmt_misc=str(tmp / "no-binfmt-misc"),
             install_dir=str(tmp / "qemu"),
             state_file=str(tmp / "state" / "state.json"),
-            arches=("aarch64",),
+            arches=(arch,),
             source=source,
         )
         self.engine = Engine(cfg, self.log, clock=lambda: self.now, host_machine="x86_64")
+        self.arch = arch
 
     def seconds(self, count: int) -> TickReport:
         """`count` ticks one second apart; the last one's report."""
@@ -93,7 +94,7 @@ class Harness:
         for _ in range(count):
             self.now += 1
             report = TickReport()
-            self.engine.execute([plan.Install("aarch64", "not installed")], report)
+            self.engine.execute([plan.Install(self.arch, "not installed")], report)
         return report
 
 
@@ -201,3 +202,20 @@ def test_retry_timing_follows_the_config(tmp_path: Path, qemu_deb: Path, reads: 
     harness.seconds(100)  # failures at t=1, 11, 31, 51, 71, 91
     assert len(reads) == 6
     assert harness.engine.backoff["aarch64"].delay_s == 20
+
+
+def test_an_arch_the_deb_lacks_is_not_looked_for_again_until_it_changes(
+    tmp_path: Path, reads: list[str]
+) -> None:
+    """A .deb without s390x is read once in 600 s (it cannot grow one); replacing it reads it
+    again at once."""
+    path = tmp_path / "q.deb"
+    path.write_bytes(package(GOOD))
+    harness = Harness(tmp_path, SourceConfig(SourceKind.DEB, str(path)), arch="s390x")
+    report = harness.seconds(600)
+    assert len(reads) == 1
+    assert "has no usr/bin/qemu-s390x-static" in report.errors["s390x"]
+    assert harness.log.named("install_failed")[0]["retry_in_s"] is None
+    path.write_bytes(package([*GOOD, regular("./usr/bin/qemu-s390x", b"other")]))
+    harness.seconds(1)
+    assert len(reads) == 2

@@ -50,14 +50,28 @@ def assert_verified(run: Any) -> None:
     assert sorted(run.entries) == [f"qemu-{a}" for a in ARCHES], run.entries
 
 
-def test_debian13_installed_layout_with_auto(
+def test_debian13_installed_layout_with_auto_and_all_arches(
     sandbox_sh: SandboxSh, tmp_path: Path, trixie: Trixie
 ) -> None:
-    """Debian 13 host (qemu-user + transitional qemu-user-static): `auto` finds /usr/bin, follows
-    qemu-A-static -> qemu-A, verifies, and records qemu-user and its version (dpkg-query)."""
-    cfg = write_config(tmp_path, arches=ARCHES, source={"kind": "auto"})
-    _, (run,) = provision(sandbox_sh, tmp_path, cfg, before=debian13_host(trixie))
-    assert_verified(run)
+    """Debian 13 host (qemu-user + transitional qemu-user-static), default `auto` and `all`:
+    /usr/bin is found, qemu-A-static -> qemu-A followed, every arch QEMU 10 has (not cris,
+    nios2) registered and verified, exit 0; the state records qemu-user and its version."""
+    from binfmtd import arch as archmod
+
+    cfg = write_config(tmp_path, arches=["all"], source={"kind": "auto"})
+    try:
+        _, (run,) = provision(
+            sandbox_sh, tmp_path, cfg, before=debian13_host(trixie), args="--json"
+        )
+    finally:
+        shutil.rmtree(tmp_path / "qemu", ignore_errors=True)  # ~30 emulators: ~450 MB
+    assert run.code == Exit.OK, run.stderr
+    rows = {row["arch"]: row for row in json.loads(run.stdout)["arches"]}
+    native = {"x86_64", "i386"}
+    expected = {r.name for r in archmod.CATALOG} - {"cris", "nios2"} - native
+    assert set(rows) == expected
+    assert {row["state"] for row in rows.values()} == {"verified"}, rows
+    assert sorted(run.entries) == sorted(archmod.BY_NAME[a].entry_name for a in expected)
     version = deb_version(trixie.qemu_user_deb)
     for arch, record in state_of(run.state).items():
         assert record["source"] == "auto:/usr/bin"

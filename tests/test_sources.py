@@ -287,6 +287,29 @@ def test_link_owned_by_a_user_in_a_trusted_directory_is_still_only_followed_insi
         collect(directory(src), ["arm"])
 
 
+# ---------------------------------------------------------------- what a source offers
+
+
+def test_debian13_offers_every_catalog_arch_but_cris_and_nios2(trixie: Trixie) -> None:
+    """QEMU 10 dropped cris and nios2: the installed layout and the .deb (its md5sums) say so."""
+    from binfmtd.arch import CATALOG
+
+    expected = frozenset(r.name for r in CATALOG) - {"cris", "nios2"}
+    assert directory(trixie.usr_bin).offers() == expected
+    assert Source(SourceConfig(SourceKind.DEB, str(trixie.qemu_user_deb))).offers() == expected
+
+
+def test_sources_that_cannot_tell_offer_none(trixie: Trixie, tmp_path: Path) -> None:
+    """A transitional .deb (no files but docs), a missing or untrusted source: None, so every
+    arch is tried and reports its own error."""
+    assert Source(SourceConfig(SourceKind.DEB, str(trixie.qemu_user_static_deb))).offers() is None
+    assert directory(tmp_path / "missing").offers() is None
+    src = layout(tmp_path / "bin", {"qemu-aarch64": trixie.usr_bin / "qemu-aarch64"})
+    assert directory(src).offers() == frozenset({"aarch64"})
+    untrusted(src, "group")
+    assert Source(SourceConfig(SourceKind.DEB, str(src / "x.deb"))).offers() is None
+
+
 # ---------------------------------------------------------------- fingerprints, provenance
 
 
