@@ -5,9 +5,10 @@ layer is parsed here (it has no well-kept Python library and is 60-byte headers)
 inside the tarballs goes through `tarfile`, with the stdlib's `data_filter` applied to every
 member. Every malformed input becomes a `DebError` naming the file and what is wrong with it:
 truncated archives, sizes that are not plain decimals or run past the end, compression that
-does not match the member's name, path traversal or links leaving the tree, members larger
-than `MAX_MEMBER_BYTES`, and decompression bombs (output capped by `data_limit`). Nothing here
-raises anything else, and nothing loops without reading: every step consumes input.
+does not match the member's name (xz, gz, bz2, zst as Ubuntu builds them, or none), path
+traversal or links leaving the tree, members larger than `MAX_MEMBER_BYTES`, and
+decompression bombs (output capped by `data_limit`). Nothing here raises anything else, and
+nothing loops without reading: every step consumes input.
 
 Works on an already opened (and trust-checked) file descriptor; reads it with pread, so the
 caller's offset does not matter.
@@ -119,11 +120,6 @@ def open_tar(fd: int, member: ArMember, shown: str, limit: int) -> Iterator[tarf
     """
     raw = typing_io(io.BufferedReader(_Window(fd, member.offset, member.size), CHUNK))
     opener = _DECOMPRESSORS.get(member.name.partition(".tar")[2].removeprefix("."))
-    if member.name.endswith(".zst"):
-        raise DebError(
-            f"{shown}: {member.name} is zstd-compressed (as Ubuntu builds them), which this "
-            "Python cannot read: install the package and use source.kind: auto or directory"
-        )
     if opener is None:
         allowed = ", ".join(sorted(k or "none" for k in _DECOMPRESSORS))
         raise DebError(f"{shown}: unsupported compression of {member.name} (allowed: {allowed})")
@@ -147,6 +143,7 @@ _DECOMPRESSORS: dict[str, Callable[[IO[bytes]], IO[bytes]]] = {
     "xz": lambda raw: typing_io(lzma.LZMAFile(raw)),  # noqa: SIM115 - closed with the tar
     "gz": lambda raw: typing_io(gzip.GzipFile(fileobj=raw, mode="rb")),
     "bz2": lambda raw: typing_io(bz2.BZ2File(raw)),
+    "zst": lambda raw: typing_io(_Zstd(raw)),  # Ubuntu's .debs
     "": lambda raw: raw,
 }
 
@@ -302,5 +299,31 @@ class _Guarded(io.RawIOBase):
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         with guard(self.where):
             data = self.inner.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class _Zstd(io.RawIOBase):
+    """zstd decompression (the zstandard module, imported on first use: only Ubuntu's .debs
+    need it) whose errors are ValueErrors like the stdlib decompressors'."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        try:
+            import zstandard
+        except ImportError:
+            raise DebError(
+                "reading a zstd-compressed .deb needs the zstandard module (pip install zstandard)"
+            ) from None
+        self.error = zstandard.ZstdError
+        self.inner = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        try:
+            data = self.inner.read(len(buffer))
+        except self.error as exc:
+            raise ValueError(f"zstd: {exc}") from None
         buffer[: len(data)] = data
         return len(data)

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from binfmtd import deb
 from binfmtd.config import SourceConfig, SourceKind
@@ -56,6 +57,7 @@ COMPRESS: dict[str, Callable[[bytes], bytes]] = {
     "xz": lambda b: lzma.compress(b, preset=0),
     "gz": lambda b: gzip.compress(b, compresslevel=1),
     "bz2": lambda b: bz2.compress(b, 1),
+    "zst": lambda b: zstandard.ZstdCompressor(level=1).compress(b),
     "": lambda b: b,
 }
 
@@ -115,7 +117,7 @@ def refusal(tmp_path: Path, body: bytes) -> str:
     return text
 
 
-@pytest.mark.parametrize("compression", ["xz", "gz", "bz2", ""])
+@pytest.mark.parametrize("compression", ["xz", "gz", "bz2", "zst", ""])
 def test_baseline_package_is_read(tmp_path: Path, compression: str) -> None:
     """The baseline .deb (each compression) yields the emulator's bytes, package and version."""
     name = "data.tar" + (f".{compression}" if compression else "")
@@ -192,11 +194,20 @@ def test_bad_header_end_marker_is_refused(tmp_path: Path) -> None:
         ("data.tar.xz", gzip.compress(tar(GOOD)), "data.tar.xz is corrupt"),
         ("data.tar.gz", lzma.compress(tar(GOOD)), "data.tar.gz is corrupt"),
         ("data.tar.lz4", tar(GOOD), "unsupported compression of data.tar.lz4"),
-        ("data.tar.zst", tar(GOOD), "zstd-compressed"),
+        ("data.tar.zst", tar(GOOD), "data.tar.zst is corrupt"),
+        ("data.tar.zst", gzip.compress(tar(GOOD)), "data.tar.zst is corrupt"),
         ("data.tar.xz", b"\xfd7zXZ\x00 garbage" * 50, "corrupt"),
         ("data.tar", b"not a tar" * 100, "corrupt"),
     ],
-    ids=["gzip-named-xz", "xz-named-gz", "lz4", "zst", "garbage-xz", "garbage-tar"],
+    ids=[
+        "gzip-named-xz",
+        "xz-named-gz",
+        "lz4",
+        "raw-named-zst",
+        "gz-named-zst",
+        "garbage-xz",
+        "garbage-tar",
+    ],
 )
 def test_wrong_compression_is_refused(tmp_path: Path, name: str, raw: bytes, why: str) -> None:
     """Compression that does not match the name, or an unknown one: a clear error."""

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import Trixie
 
-from binfmtd import emulators, sources
+from binfmtd import deb, emulators, sources
 from binfmtd.config import SourceConfig, SourceKind
 from binfmtd.emulators import InstallError
 from binfmtd.sources import Found, Missing, Source
@@ -166,6 +166,25 @@ def test_debian12_deb(qemu_deb: Path, qemu_dir: Path, monkeypatch: pytest.Monkey
     assert (origin, package) == (f"{qemu_deb}:usr/bin/qemu-s390x-static", "qemu-user-static")
     assert version.startswith("1:7.2")
     assert "has no usr/bin/qemu-nonesuch-static" in got["nonesuch"]
+
+
+def test_ubuntu_style_zstd_deb(qemu_deb: Path, qemu_dir: Path, tmp_path: Path) -> None:
+    """A .deb with data.tar.zst, as Ubuntu builds them (Ubuntu's own are not reachable here:
+    Debian 12's real package rebuilt with `dpkg-deb -Zzstd`), is read like any other."""
+    tree = tmp_path / "tree"
+    subprocess.run(["dpkg-deb", "-R", str(qemu_deb), str(tree)], check=True)
+    ubuntu = tmp_path / "qemu-user-static_ubuntu.deb"
+    build = ["dpkg-deb", "-Zzstd", "-z1", "--root-owner-group", "-b", str(tree), str(ubuntu)]
+    subprocess.run(build, check=True, capture_output=True)
+    shutil.rmtree(tree)
+    fd = os.open(ubuntu, os.O_RDONLY)
+    try:
+        assert "data.tar.zst" in [m.name for m in deb.ar_members(fd, str(ubuntu))]
+    finally:
+        os.close(fd)
+    got = collect(Source(SourceConfig(SourceKind.DEB, str(ubuntu))), ["s390x"])
+    assert got["s390x"][0] == sha256(qemu_dir / "qemu-s390x-static")
+    assert got["s390x"][2] == "qemu-user-static"
 
 
 # ---------------------------------------------------------------- auto
