@@ -24,6 +24,7 @@ from binfmtd.binfmt import Entry, Registration, normalize_flags
 from binfmtd.config import Config, SourceKind
 from binfmtd.emulators import Installed, InstallError
 from binfmtd.kernel import BinfmtMisc, KernelError
+from binfmtd.log import Repeats
 from binfmtd.probe import ProbeResult
 from binfmtd.sources import Found, Missing, Source, packages_of
 from binfmtd.status import ArchStatus, derive_state
@@ -77,6 +78,11 @@ class Engine:
         self._registrations: dict[tuple[str, str, str], Registration] = {}
         self.operator_disabled: set[str] = set()
         self.native: tuple[str, ...] = ()
+        # Failures that recur every pass are logged when they start, change and end.
+        self._install_failures = Repeats(log, "install_failed", "install_recovered")
+        self._action_failures = Repeats(log, "action_failed", "action_recovered")
+        self._probe_failures = Repeats(log, "probe_failed", "probe_recovered")
+        self._untrusted = Repeats(log, "install_dir_untrusted", "install_dir_trusted", key="path")
         self.cfg = cfg
         self.apply_config(cfg)
 
@@ -155,8 +161,9 @@ class Engine:
         try:
             emulators.check_trusted_path(self.cfg.install_dir)
         except InstallError as exc:
-            self.log.warning("install_dir_untrusted", error=str(exc))
+            self._untrusted.seen(self.cfg.install_dir, str(exc))
             return False
+        self._untrusted.cleared(self.cfg.install_dir)
         return True
 
     def _interpreter_intact(self, arch: str) -> bool:
@@ -269,12 +276,12 @@ class Engine:
             report.errors[str(action.arch or getattr(action, "name", "?"))] = str(exc)
             if action.arch:
                 self.errors[action.arch] = str(exc)
-            self.log.warning(
-                "action_failed", arch=action.arch, action=plan.describe(action), error=str(exc)
-            )
+            key = str(action.arch or getattr(action, "name", "?"))
+            self._action_failures.seen(key, str(exc), action=plan.describe(action))
             return
         if action.arch:
             self.errors.pop(action.arch, None)
+            self._action_failures.cleared(action.arch)
         if self.log.is_enabled_for(logging.INFO):  # skip building the event when filtered
             self.log.info(
                 _event(action), arch=action.arch, reason=action.reason, **_action_fields(action)
@@ -318,7 +325,8 @@ class Engine:
     def _record_outcomes(
         self, arches: list[str], ids: dict[str, str], now: float, report: TickReport
     ) -> None:
-        """Success forgets the backoff; a failure doubles the wait, logged once per new error."""
+        """Success forgets the backoff; a failure doubles the wait (logged when the error starts
+        or changes, with the wait: `retry_in_s`, None for "until the source changes")."""
         for arch in arches:
             error = report.errors.get(arch)
             if error is None:
@@ -338,9 +346,8 @@ class Engine:
                 until_change=absent,
             )
             self.backoff[arch] = state
-            if previous is None or previous.error != error:
-                retry = None if absent else round(state.delay_s, 1)
-                self.log.warning("install_failed", arch=arch, error=error, retry_in_s=retry)
+            retry = None if absent else round(state.delay_s, 1)
+            self._install_failures.seen(arch, error, retry_in_s=retry)
 
     def _install_streams(
         self, arches: list[str], host: int | None, report: TickReport, pending: set[str]
@@ -396,6 +403,7 @@ class Engine:
         )
         self.file_ids[arch] = file_id
         self.log.info("emulator_installed", arch=arch, interpreter=path, sha256=digest)
+        self._install_failures.cleared(arch)
 
     def _add_versions(self, arches: list[str]) -> None:
         """`qemu-X --version` once every write is closed: a fork while another thread holds a
@@ -449,8 +457,9 @@ class Engine:
                 (report.verified if result.ok else report.failed).append(arch)
             if result.ok:
                 self.log.info("probe_passed", arch=arch, duration_ms=round(result.duration_ms, 1))
+                self._probe_failures.cleared(arch)
             else:
-                self.log.warning("probe_failed", arch=arch, error=result.error)
+                self._probe_failures.seen(arch, result.error or "probe failed")
 
     def remove_own_entries(self) -> list[str]:
         """Remove every entry binfmtd owns (never others', never `status`)."""
