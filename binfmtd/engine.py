@@ -301,6 +301,7 @@ class Engine:
         todo = [a for a in arches if backoff.due(self.backoff.get(a), now, ids[a])]
         for arch in set(arches) - set(todo):  # waiting: the last error stands, nothing is read
             report.errors[arch] = self.errors.get(arch) or self.backoff[arch].error
+            self._install_failures.seen(arch, report.errors[arch])  # counted, not logged
         if todo:
             self._install_now(todo, report)
             self._record_outcomes(todo, ids, now, report)
