@@ -274,7 +274,7 @@ def _rpc_message(exc: Any, target: str) -> str:
 # --- Solve (the proof through the worker) --------------------------------------------------------
 
 NO_VERDICT_CODES = frozenset({"UNAVAILABLE", "CANCELLED", "UNKNOWN_JOB"})
-STATUS_JOIN_S = 2.0
+STATUS_JOIN_S = 10.0  # the Status stream ends with the job; a loaded host may lag behind
 
 
 @dataclass(frozen=True)
@@ -283,13 +283,16 @@ class SolveOutcome:
 
     `error` is BuildKit's own message (the gRPC status details), followed by the step's last
     output line when it printed one (the real cause, e.g. `exec format error`, is only there).
-    `conclusive` is False when BuildKit gave no verdict (socket gone, call cancelled).
+    `conclusive` is False when BuildKit gave no verdict (socket gone, call cancelled);
+    `output_complete` is False when the Status stream did not end in time (the output may
+    lack lines the step printed).
     """
 
     ok: bool
     output: str
     error: str | None = None
     conclusive: bool = True
+    output_complete: bool = True
 
 
 class _StatusLog:
@@ -299,6 +302,7 @@ class _StatusLog:
         self.names: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.logs: dict[str, list[bytes]] = {}
+        self.complete = False
 
     def follow(self, stream: Any) -> None:
         import grpc
@@ -311,6 +315,7 @@ class _StatusLog:
                         self.errors[vertex.digest] = vertex.error
                 for entry in response.logs:
                     self.logs.setdefault(entry.vertex, []).append(entry.msg)
+            self.complete = True
 
     def output_of(self, name: str) -> str:
         """Everything the vertex called `name` printed, stdout and stderr interleaved."""
@@ -349,7 +354,7 @@ def solve_definition(
         stream.cancel()
     output = status.output_of(step_name)
     if error is None:
-        return SolveOutcome(ok=True, output=output)
+        return SolveOutcome(ok=True, output=output, output_complete=status.complete)
     return _failed_solve(error, output, timeout)
 
 

@@ -54,6 +54,9 @@ def prove_platform(
     if not outcome.ok:
         return ProofResult(platform, False, outcome.error, outcome.conclusive)
     want = expected_output(arch).decode().strip()
+    if want not in outcome.output and not outcome.output_complete:
+        error = "the step ran but its output did not arrive from Control/Status in time"
+        return ProofResult(platform, False, error, conclusive=False)
     if want not in outcome.output:
         got = outcome.output.strip()[-200:] or "nothing"
         return ProofResult(platform, False, f"the step ran but printed {got!r}, not {want!r}")

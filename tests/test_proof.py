@@ -84,3 +84,10 @@ def test_each_result_is_reported_as_soon_as_it_is_known() -> None:
     results = prove_platforms("s", platforms, 5, answer(outcome), seen.append)
     assert [r.platform for r in results] == list(platforms)
     assert sorted(r.platform for r in seen) == sorted(platforms)
+
+
+def test_missing_output_from_a_lagging_status_stream_is_no_verdict() -> None:
+    """A step that succeeded but whose output never arrived is retried, not refused."""
+    lagging = SolveOutcome(True, "", output_complete=False)
+    result = prove_platform("s", "linux/arm64", 5, answer(lagging))
+    assert (result.ok, result.conclusive) == (False, False)
