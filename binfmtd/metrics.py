@@ -26,7 +26,13 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -50,6 +56,7 @@ class Metrics:
     called by the daemon and the API server (any thread); `render` is the exposition text."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no `*_created` series
         self.registry = CollectorRegistry(auto_describe=True)
         self._status: wire.StatusRecord | None = None
         self._probe_at: dict[str, float] = {}
