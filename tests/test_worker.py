@@ -280,7 +280,8 @@ def test_worker_that_dies_later_is_restarted(harness: Harness, config: BuildkitC
     harness.run_until(A, harness.in_state(WorkerState.BACKOFF))
     harness.run_until(A, harness.in_state(WorkerState.RUNNING))
     assert harness.sup.status.restarts >= 1
-    assert harness.served() >= set(A)
+    # What the restarted worker answered (asking again races its next exit, 0.5 s later).
+    assert set(harness.sup.status.advertised_platforms) >= set(A)
 
 
 def test_start_timeout_kills_a_hung_worker(harness: Harness, config: BuildkitConfig) -> None:
