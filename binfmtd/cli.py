@@ -207,6 +207,8 @@ def arch_problem(entry: dict[str, Any]) -> str | None:
     """Why an arch is not registered-with-F-and-verified, or None when it is."""
     probe = entry.get("probe") or {}
     detail = entry.get("error") or probe.get("error")
+    if entry.get("state") == "operator-disabled":
+        return None  # the operator's own choice, the only disable that is fine
     if not entry.get("registered"):
         reason = "not registered"
     elif not entry.get("enabled"):
@@ -223,6 +225,11 @@ def arch_problem(entry: dict[str, Any]) -> str | None:
 def check_problems(status: dict[str, Any]) -> list[str]:
     """Every reason `binfmtctl check` fails, one line each; empty means healthy."""
     problems = [] if status["daemon"].get("ready") else ["binfmtd: not ready (first pass running)"]
+    if status["daemon"].get("stale"):
+        problems.append(
+            f"binfmtd: status is stale: the last {status['daemon'].get('failed_passes')} "
+            "reconcile passes failed (see the daemon's log)"
+        )
     for entry in status["arches"]:
         problem = arch_problem(entry)
         if problem:

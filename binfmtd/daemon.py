@@ -128,12 +128,28 @@ def oneshot(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
 
 
 def _provision_once(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
+    """One guarded pass: per-arch failures are lines on stderr (exit 1); anything unexpected is
+    one line (exit 72, the traceback only in the debug log), never a traceback for the user."""
+    logger = log.get("binfmtd.oneshot")
+    try:
+        return _provision(cfg, sandbox=sandbox, as_json=as_json, logger=logger)
+    except PreflightError:
+        raise
+    except Exception as exc:  # the per-pass guard of --oneshot
+        logger.debug("oneshot_crashed", exc_info=True)
+        print(
+            f"binfmtd: internal error: {type(exc).__name__}: {exc} "
+            "(set log.level: debug for the traceback)",
+            file=sys.stderr,
+        )
+        return Exit.SOFTWARE
+
+
+def _provision(cfg: config.Config, *, sandbox: bool, as_json: bool, logger: Any) -> int:
     from binfmtd import preflight
     from binfmtd.engine import Engine
     from binfmtd.plan import describe
-    from binfmtd.status import ArchState
 
-    logger = log.get("binfmtd.oneshot")
     engine = Engine(cfg, logger)
     preflight.run_all(engine.kernel)
     started = time.monotonic()
@@ -151,6 +167,7 @@ def _provision_once(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
                     "durations_ms": {**report.durations_ms, "total": total},
                     "actions": [describe(a) for a in report.actions],
                     "native": engine.native,
+                    "native_proof": engine.native_proof,
                     "platforms": engine.verified_platforms(),
                     "arches": [s.to_json() for s in statuses],
                 },
@@ -167,9 +184,9 @@ def _provision_once(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
             "timings (ms): "
             + ", ".join(f"{k} {v}" for k, v in {**report.durations_ms, "total": total}.items())
         )
-    # A foreign entry left alone counts as a failure here even when it works: the conflict
-    # is unresolved until the operator chooses (conflict_policy).
-    bad = [s for s in statuses if s.state not in {ArchState.VERIFIED, ArchState.DISABLED}]
+    # Only a verified arch or the operator's own disable is fine; a foreign entry left alone
+    # is a failure even when it works: the conflict is unresolved until the operator chooses.
+    bad = [s for s in statuses if not s.state.fine]
     for row in bad:
         print(f"binfmtd: {row.arch}: {row.state}: {row.error or 'not verified'}", file=sys.stderr)
     return Exit.ARCH_FAILED if bad else Exit.OK

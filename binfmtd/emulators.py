@@ -17,7 +17,7 @@ import stat
 import tarfile
 import tempfile
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
@@ -325,14 +325,23 @@ def fsync_dir(path: str) -> None:
 # ---------------------------------------------------------------- the state file
 
 
-def write_state(path: str, installed: dict[str, Installed]) -> None:
-    """Replace the state file atomically (temp, fsync, rename, fsync dir)."""
+def write_state(
+    path: str, installed: dict[str, Installed], owned: Mapping[str, str] | None = None
+) -> None:
+    """Replace the state file atomically (temp, fsync, rename, fsync dir).
+
+    `owned` is the ownership record: every binfmt_misc entry binfmtd registered, name ->
+    register string. Only those entries are binfmtd's (see `read_owned`).
+    """
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o755, exist_ok=True)
-    body = json.dumps(
-        {"version": 1, "emulators": {k: asdict(v) for k, v in sorted(installed.items())}},
-        indent=2,
-    ).encode()
+    doc: dict[str, object] = {
+        "version": 1,
+        "emulators": {k: asdict(v) for k, v in sorted(installed.items())},
+    }
+    if owned is not None:
+        doc["entries"] = dict(sorted(owned.items()))
+    body = json.dumps(doc, indent=2).encode()
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     try:
         os.write(fd, body)
@@ -356,3 +365,17 @@ def read_state(path: str) -> dict[str, Installed]:
         return {k: Installed(**v) for k, v in data["emulators"].items()}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
+
+
+def read_owned(path: str) -> dict[str, str] | None:
+    """The ownership record (entry name -> register string); None when the file predates it
+    (or cannot be read): the caller then adopts entries running exactly its recorded emulators."""
+    try:
+        with open(path, "rb") as handle:
+            data = json.load(handle)
+        entries = data["entries"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(entries, dict):
+        return None
+    return {str(k): str(v) for k, v in entries.items() if isinstance(v, str)}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from binfmtd import __version__, config, log, preflight
-from binfmtd.engine import Engine, TickReport
+from binfmtd.engine import RETRY_FAILED_S, Engine, TickReport
 from binfmtd.kernel import KernelError
 from binfmtd.lock import Lock
 from binfmtd.notify import Notifier
@@ -26,7 +26,9 @@ from binfmtd.preflight import Exit, PreflightError
 from binfmtd.server import ApiError, ApiServer
 from binfmtd.status import ArchState
 
-RETRY_FAILED_S = 30.0
+__all__ = ["RETRY_FAILED_S", "Daemon", "DaemonApi", "serve"]
+# Unexpected exceptions in this many passes in a row end the daemon with Exit.SOFTWARE (72).
+MAX_FAILED_PASSES = 3
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Published:
         self.worker: dict[str, Any] | None = None
         self.last_tick = 0.0
         self.ready = False
+        self.stale_since: float | None = None
 
     def swap(
         self,
@@ -90,6 +93,8 @@ class Daemon:
         self.worker: Any = None
         self._worker_key: tuple[Any, ...] = ()
         self._last_errors: dict[str, str] = {}
+        self.failed_passes = 0
+        self.exit_code = Exit.OK
         self.server: Any = None
 
     # ------------------------------------------------------------ lifecycle
@@ -110,7 +115,7 @@ class Daemon:
             self._loop()
         finally:
             self._shutdown()
-        return Exit.OK
+        return self.exit_code
 
     def _loop(self) -> None:
         next_tick = time.monotonic() + self.cfg.reconcile_interval_s
@@ -121,7 +126,7 @@ class Daemon:
                 with contextlib.suppress(ApiError):  # logged; the old configuration runs on
                     self._reload()
             self._run_commands()
-            if time.monotonic() >= next_tick:
+            if time.monotonic() >= next_tick and not self.stopping:
                 self._tick()
                 next_tick = time.monotonic() + self.cfg.reconcile_interval_s  # reload may change it
             self._tick_worker()
@@ -166,11 +171,16 @@ class Daemon:
     # ------------------------------------------------------------ the tick
 
     def _tick(self, verify_also: tuple[str, ...] = ()) -> TickReport:
+        """One guarded pass: an unexpected exception is logged with its traceback, the last
+        good status stays published (marked stale), and only MAX_FAILED_PASSES in a row end
+        the daemon with Exit.SOFTWARE."""
         started = time.monotonic()
         try:
-            report = self.engine.tick(verify_also=(*verify_also, *self._due_for_probe()))
-        except KernelError as exc:
-            report = self._recover_mount(exc)
+            report = self._pass(verify_also)
+        except Exception as exc:  # the per-pass guard: never let one pass kill the daemon
+            return self._pass_failed(exc)
+        self.failed_passes = 0
+        self.published.stale_since = None
         self.last_reconcile = self.clock()
         self._publish()
         errors_changed = report.errors != self._last_errors
@@ -187,11 +197,41 @@ class Daemon:
             self.notifier.status(self._summary())
         return report
 
+    def _pass(self, verify_also: tuple[str, ...]) -> TickReport:
+        try:
+            return self.engine.tick(verify_also=verify_also)
+        except KernelError as exc:
+            return self._recover_mount(exc)
+
+    def _pass_failed(self, exc: Exception) -> TickReport:
+        self.failed_passes += 1
+        self.log.exception(
+            "reconcile_crashed",
+            error=f"{type(exc).__name__}: {exc}",
+            failed_passes=self.failed_passes,
+            limit=MAX_FAILED_PASSES,
+        )
+        if self.published.stale_since is None:
+            self.published.stale_since = self.clock()
+        self._publish_stale()
+        if self.failed_passes >= MAX_FAILED_PASSES:
+            self.log.error("daemon_giving_up", failed_passes=self.failed_passes)
+            self.exit_code = Exit.SOFTWARE
+            self.stopping = True
+        return TickReport(errors={"internal": f"{type(exc).__name__}: {exc}"})
+
+    def _publish_stale(self) -> None:
+        """Keep serving the last good views, marked stale (never re-derived from a bad pass)."""
+        old = self.published
+        status = {**old.status, "daemon": {**old.status.get("daemon", {}), "stale": True}}
+        status["daemon"]["stale_since"] = old.stale_since
+        status["daemon"]["failed_passes"] = self.failed_passes
+        old.swap(status, old.platforms, old.binfmt, old.worker)
+
     def _recover_mount(self, exc: KernelError) -> TickReport:
         """binfmt_misc vanished under us (unmounted): mount it again, then reconcile."""
         self.log.warning("binfmt_misc_unavailable", error=str(exc))
-        self.engine.entries = {}
-        self.engine.probes.clear()
+        self.engine.forget()
         try:
             preflight.ensure_mounted(self.engine.kernel)
             self.log.info("binfmt_misc_remounted", path=str(self.engine.kernel.root))
@@ -199,18 +239,6 @@ class Daemon:
         except (PreflightError, KernelError) as again:
             self.log.error("binfmt_misc_remount_failed", error=str(again))
             return TickReport(errors={"binfmt_misc": str(again)})
-
-    def _due_for_probe(self) -> tuple[str, ...]:
-        now = self.clock()
-        due = []
-        for arch, result in self.engine.probes.items():
-            age = now - result.at
-            # A negative age means the wall clock stepped back: re-verify now rather than
-            # wait out the jump (results carry wall-clock times for the status API).
-            stale = age < 0 or age >= self.cfg.reverify_interval_s
-            if (not result.ok and age >= RETRY_FAILED_S) or stale:
-                due.append(arch)
-        return tuple(due)
 
     # ------------------------------------------------------------ publishing
 
@@ -231,9 +259,12 @@ class Daemon:
                 "last_reconcile": self.last_reconcile,
                 "config": self.cfg.config_file,
                 "reconcile_interval_s": self.cfg.reconcile_interval_s,
+                "stale": False,
+                "binfmt_misc_enabled": self.engine.observation.enabled,
             },
             "arches": statuses,
             "native": native_platforms,
+            "native_proof": dict(self.engine.native_proof),
             "worker": worker,
         }
         platforms = {"platforms": verified, "native": native_platforms, "emulated": emulated}
@@ -245,14 +276,12 @@ class Daemon:
         self.published.swap(status, platforms, binfmt, worker)
 
     def _native_platforms(self) -> list[str]:
-        from binfmtd.arch import platforms_of
-
-        return platforms_of(list(self.engine.native))
+        return self.engine.native_platforms()
 
     def _summary(self) -> str:
         rows = self.engine.statuses()
         ok = sum(1 for r in rows if r.state.working)
-        bad = [r.arch for r in rows if not r.state.working and r.state is not ArchState.DISABLED]
+        bad = [r.arch for r in rows if not r.state.fine]
         text = f"{ok}/{len(rows)} architectures verified"
         return text + (f"; not working: {', '.join(bad)}" if bad else "")
 
@@ -310,8 +339,17 @@ class Daemon:
             self.engine.operator_disabled.discard(arch)
         else:
             self.engine.operator_disabled.add(arch)
+        self.engine.operator_changed.add(arch)
         self._tick()
-        return {"arch": arch, "state": self.engine.status_of(arch).state}
+        row = self.engine.status_of(arch)
+        if not enable and row.state not in {
+            ArchState.OPERATOR_DISABLED,
+            ArchState.INSTANCE_DISABLED,
+        }:
+            # The kernel still runs these binaries (another tool's entry, or a failed write):
+            # never answer "disabled" while that is not what the kernel does.
+            raise ApiError(409, f"{arch} is not disabled: {row.state}: {row.error}")
+        return {"arch": arch, "state": row.state}
 
     # ------------------------------------------------------------ reload
 

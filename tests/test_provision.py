@@ -191,7 +191,19 @@ def test_json_output_shape_and_state_file(tmp_path: Path) -> None:
     result = sandboxed(cfg, "--json")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert set(doc) == {"sandbox", "durations_ms", "actions", "native", "platforms", "arches"}
+    assert set(doc) == {
+        "sandbox",
+        "durations_ms",
+        "actions",
+        "native",
+        "native_proof",
+        "platforms",
+        "arches",
+    }
+    assert doc["native_proof"] == {
+        "x86_64": "this host's own format",
+        "i386": "the probe ran natively",
+    }
     assert doc["actions"] == [
         "install riscv64",
         "register qemu-riscv64",
@@ -218,9 +230,17 @@ def test_json_output_shape_and_state_file(tmp_path: Path) -> None:
             "interpreter",
             "sha256",
             "qemu_version",
+            "handler",
             "probe",
             "error",
         }
+        assert row["handler"] == {
+            "entry": f"qemu-{arch}",
+            "interpreter": str(path),
+            "owner": "binfmtd",
+        }
+        assert state["entries"][f"qemu-{arch}"].startswith(f":qemu-{arch}:M:0:")
+        assert state["entries"][f"qemu-{arch}"].endswith(f":{path}:POCF")
         assert row["platforms"] == [f"linux/{arch}"]
         assert (row["state"], row["registered"], row["enabled"]) == ("verified", True, True)
         assert (row["flags"], row["interpreter"], row["error"]) == ("POCF", str(path), None)
