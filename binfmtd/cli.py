@@ -339,6 +339,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{arch}: verified")
     for arch in failed:
         print(f"{arch}: FAILED (see `binfmtctl status`)")
+    for arch in answer.get("disabled") or []:
+        print(f"{arch}: disabled by the operator (not probed)")
     return ExitCode.NOT_OK if failed else ExitCode.OK
 
 

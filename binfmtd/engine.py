@@ -159,6 +159,13 @@ class Engine:
             )
         return found is not probe.Native.NO
 
+    def host_elf_machine(self) -> int | None:
+        """The e_machine emulators must carry: the running binary's own, else by `uname -m`."""
+        own = [a for h in self.self_headers[:1] for a in archmod.arches_of_header(h)]
+        if own:
+            return archmod.BY_NAME[own[0]].machine
+        return archmod.host_elf_machine(self.machine, self.order)
+
     @property
     def selected(self) -> tuple[str, ...]:
         """The arches binfmtd provisions."""
@@ -207,8 +214,8 @@ class Engine:
 
     def _interpreter_intact(self, arch: str) -> bool:
         record = self.installed.get(arch)
-        if record is None:
-            return False
+        if record is None or record.path != self.registration(arch).interpreter:
+            return False  # never installed, or install_dir moved since
         if self.source is not None and self._source_moved(arch, record):
             return False
         ident = _file_id(record.path)
@@ -252,12 +259,27 @@ class Engine:
             for arch in {getattr(a, "arch", None) for a in report.actions} - set(report.errors):
                 self.proofs.pop(str(arch), None)  # what binfmtd just changed is proven anew
         self._save_state_if_needed(report)
+        self._log_instance_change(obs)
         self.observation = obs
         started = time.monotonic()
         self.verify(self._due(obs, verify_also), report)
         report.durations_ms["verify"] = _ms(started)
         self._settle_errors(report)
         return report
+
+    def _log_instance_change(self, obs: Observation) -> None:
+        was = self.observation
+        if obs.enabled == (True if was is truth.EMPTY else was.enabled):
+            return
+        root = self.kernel.root
+        if obs.enabled:
+            self.log.info("binfmt_misc_enabled", path=str(root))
+        else:
+            self.log.error(
+                "binfmt_misc_disabled",
+                path=str(root),
+                error=f"{root}/status says disabled: no entry runs; `echo 1 > {root}/status`",
+            )
 
     def _due(self, obs: Observation, verify_also: Iterable[str]) -> list[str]:
         handlers = {a: obs.handler(self.header(a)) for a in self.selected}
@@ -367,7 +389,7 @@ class Engine:
                 arches, report, f"emulator source unavailable: {self._source_problem()}"
             )
             return
-        host = archmod.host_elf_machine(self.machine, self.order)
+        host = self.host_elf_machine()
         pending = set(arches)
         try:
             self.source.check_available()

@@ -321,8 +321,9 @@ class Daemon:
             unknown = [a for a in arches if a not in selected]
             if unknown:
                 raise ApiError(404, f"not configured: {', '.join(unknown)}")
-            report = self._tick(verify_also=tuple(arches))
-            return {"verified": report.verified, "failed": report.failed}
+            off = sorted(set(arches) & self.engine.operator_disabled)
+            report = self._tick(verify_also=tuple(a for a in arches if a not in off))
+            return {"verified": report.verified, "failed": report.failed, "disabled": off}
         if action == "reconcile":
             report = self._tick()
             return {"actions": [describe(a) for a in report.actions], "errors": report.errors}
