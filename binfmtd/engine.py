@@ -470,6 +470,20 @@ class Engine:
     def _save_state(self) -> None:
         self._state_dirty = True
 
+    def save_state(self) -> None:
+        """Write the state file now (a failure is logged and retried on the next pass)."""
+        self._state_dirty = True
+        self._save_state_if_needed(TickReport())
+
+    def own_entries(self) -> list[Entry]:
+        """The entries in the instance that are binfmtd's (by record; an old state file's
+        entries by adoption, as the next pass will record them)."""
+        obs = self.observe()
+        owned = dict(self.owned)
+        if self._adopt:
+            owned.update(truth.adopt(obs, {a: r.path for a, r in self.installed.items()}))
+        return [e for e in obs.entries if truth.is_ours(e, owned)]
+
     def _save_state_if_needed(self, report: TickReport, arches: Iterable[str] = ()) -> None:
         """Write installs and the ownership record; a failure (ENOSPC...) becomes the error
         of `arches` (default: every arch this pass acted on)."""
@@ -477,7 +491,7 @@ class Engine:
             return
         owned = {name: reg.register_string() for name, reg in self.owned.items()}
         try:
-            emulators.write_state(self.cfg.state_file, self.installed, owned)
+            emulators.write_state(self.cfg.state_file, self.installed, self.flags, owned)
         except OSError as exc:
             why = f"state file {self.cfg.state_file} not saved: {exc}; binfmtd retries every pass"
             acted = list(arches) or [str(getattr(a, "arch", None)) for a in report.actions]
@@ -494,20 +508,13 @@ class Engine:
         if not names:
             return
         handlers = {a: self.observation.handler(self.header(a)) for a in names}
-        try:
-            os.makedirs(self.probe_workdir, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            now = self.clock()
-            why = f"cannot prepare the probe roots in {self.probe_workdir}: {exc}"
-            results = {a: truth.ProbeResult(a, False, now, 0.0, why) for a in names}
-        else:
-            results = probe.run_probes(
-                names,
-                self.cfg.probe.timeout_s,
-                self.cfg.probe.parallelism,
-                self.clock,
-                self.probe_workdir,
-            )
+        results = probe.run_probes(
+            names,
+            self.cfg.probe.timeout_s,
+            self.cfg.probe.parallelism,
+            self.clock,
+            self.probe_workdir,
+        )
         for arch, result in results.items():
             self.proofs[arch] = Proof(result, handlers.get(arch))
             if report is not None:
