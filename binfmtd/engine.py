@@ -191,8 +191,7 @@ class Engine:
 
     def _world(self, obs: Observation) -> plan.World:
         if self._adopt:  # a state file from before the ownership record: migrate it
-            paths = {a: r.path for a, r in self.installed.items()}
-            self.owned.update(truth.adopt(obs, paths))
+            self.owned.update(truth.adopt(obs, self._adoptable()))
             self._adopt, self._state_dirty = False, True
         if not self._install_dir_trusted():
             intact = dict.fromkeys(self.selected, False)
@@ -200,6 +199,13 @@ class Engine:
             intact = {arch: self._interpreter_intact(arch) for arch in self.selected}
         headers = {a: self.header(a) for a in (*self.selected, *self.native)}
         return plan.World(obs, dict(self.owned), intact, headers, self.self_headers, self.native)
+
+    def _adoptable(self) -> dict[str, set[str]]:
+        """Per arch, the exact interpreter paths that were binfmtd's before the record existed."""
+        paths = {a: {self.registration(a).interpreter} for a in self.selected}
+        for arch, record in self.installed.items():
+            paths.setdefault(arch, set()).add(record.path)
+        return paths
 
     def _install_dir_trusted(self) -> bool:
         """A directory someone else can write to taints every interpreter in it (C flag)."""
@@ -481,7 +487,7 @@ class Engine:
         obs = self.observe()
         owned = dict(self.owned)
         if self._adopt:
-            owned.update(truth.adopt(obs, {a: r.path for a, r in self.installed.items()}))
+            owned.update(truth.adopt(obs, self._adoptable()))
         return [e for e in obs.entries if truth.is_ours(e, owned)]
 
     def _save_state_if_needed(self, report: TickReport, arches: Iterable[str] = ()) -> None:

@@ -9,7 +9,7 @@ code, platform list and log line is derived from these two answers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -91,16 +91,17 @@ def owner_of(entry: Entry | None, owned: Mapping[str, Registration]) -> Owner:
     return Owner.OURS if is_ours(entry, owned) else Owner.FOREIGN
 
 
-def adopt(obs: Observation, interpreters: Mapping[str, str]) -> dict[str, Registration]:
+def adopt(obs: Observation, interpreters: Mapping[str, Collection[str]]) -> dict[str, Registration]:
     """Ownership for a state file written before the record existed (migration).
 
-    `interpreters` maps arch -> the exact path the old state file says binfmtd installed. An
-    entry `qemu-<arch>` running exactly that file is binfmtd's; nothing is judged by prefix.
+    `interpreters` maps arch -> the exact paths binfmtd put that arch's emulator at (what the
+    old state file recorded, and the configured `install_dir/qemu-<arch>`). An entry
+    `qemu-<arch>` running exactly one of them is binfmtd's; nothing is judged by prefix.
     """
     owned: dict[str, Registration] = {}
-    for arch, path in interpreters.items():
+    for arch, paths in interpreters.items():
         entry = obs.get(f"qemu-{arch}")
-        if entry is None or entry.interpreter != path:
+        if entry is None or entry.interpreter not in paths:
             continue
         try:
             owned[entry.name] = entry.registration()

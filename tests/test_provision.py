@@ -240,7 +240,7 @@ def test_json_output_shape_and_state_file(tmp_path: Path) -> None:
             "owner": "binfmtd",
         }
         assert state["entries"][f"qemu-{arch}"].startswith(f":qemu-{arch}:M:0:")
-        assert state["entries"][f"qemu-{arch}"].endswith(f":{path}:POCF")
+        assert state["entries"][f"qemu-{arch}"].endswith(f":{path}:{row['flags']}")
         assert row["platforms"] == [f"linux/{arch}"]
         assert (row["state"], row["registered"], row["enabled"]) == ("verified", True, True)
         assert (row["flags"], row["interpreter"], row["error"]) == ("POF", str(path), None)

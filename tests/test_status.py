@@ -100,6 +100,6 @@ def test_adopt_takes_only_entries_running_exactly_the_recorded_emulators() -> No
     """Migration from a state file without the record: exact interpreter path, never a prefix."""
     other = entry("qemu-s390x", interp="/var/lib/binfmtd/qemu/qemu-s390x-theirs")
     obs = Observation(True, (OURS, other))
-    paths = {"aarch64": OUR_REG.interpreter, "s390x": "/var/lib/binfmtd/qemu/qemu-s390x"}
+    paths = {"aarch64": {OUR_REG.interpreter}, "s390x": {"/var/lib/binfmtd/qemu/qemu-s390x"}}
     assert set(adopt(obs, paths)) == {"qemu-aarch64"}
     assert OURS.matches(adopt(obs, paths)["qemu-aarch64"])

@@ -282,7 +282,7 @@ def test_unwritable_probe_roots_are_per_arch_errors(sandbox_sh: SandboxSh, tmp_p
     """Probe roots on a read-only file system: each arch failed with the reason, exit 1."""
     cfg = write_config(tmp_path, arches=["aarch64", "s390x"])
     roots = tmp_path / "state" / "probe-roots"
-    before = f"mkdir -p {roots} && mount -t tmpfs -o ro,size=64k tmpfs {roots}"
+    before = f"mkdir -p {roots} && mount -t tmpfs -o ro,size=64k,mode=0700 tmpfs {roots}"
     (run,) = oneshot(sandbox_sh, tmp_path, [cfg], before)
     assert run["rc"] == Exit.ARCH_FAILED
     for arch in ("aarch64", "s390x"):
