@@ -30,6 +30,7 @@ from binfmtd.binfmt import Entry, FormatError, Registration, normalize_flags, pa
 from binfmtd.config import Config, ConflictPolicy, SourceKind
 from binfmtd.emulators import Installed, InstallError, Source
 from binfmtd.kernel import BinfmtMisc, KernelError
+from binfmtd.log import Repeats
 from binfmtd.status import ArchState, ArchStatus, Facts, Proof, derive
 from binfmtd.truth import Observation, Owner
 
@@ -87,6 +88,11 @@ class Engine:
         self.observation: Observation = truth.EMPTY
         self._registrations: dict[tuple[str, str, str], Registration] = {}
         self._headers: dict[str, bytes] = {}
+        # Failures that recur every pass are logged when they start, change and end.
+        self._install_failures = Repeats(log, "install_failed", "install_recovered")
+        self._action_failures = Repeats(log, "action_failed", "action_recovered")
+        self._probe_failures = Repeats(log, "probe_failed", "probe_recovered")
+        self._untrusted = Repeats(log, "install_dir_untrusted", "install_dir_trusted", key="path")
         self.cfg = cfg
         self.apply_config(cfg)
 
@@ -214,8 +220,9 @@ class Engine:
         try:
             emulators.check_trusted_path(self.cfg.install_dir)
         except InstallError as exc:
-            self.log.warning("install_dir_untrusted", error=str(exc))
+            self._untrusted.seen(self.cfg.install_dir, str(exc))
             return False
+        self._untrusted.cleared(self.cfg.install_dir)
         return True
 
     def _interpreter_intact(self, arch: str) -> bool:
@@ -345,10 +352,11 @@ class Engine:
                 self._state_dirty = True
             key = str(getattr(action, "arch", None) or getattr(action, "name", "?"))
             report.errors[key] = str(exc)
-            self.log.warning(
-                "action_failed", arch=key, action=plan.describe(action), error=str(exc)
-            )
+            self._action_failures.seen(key, str(exc), action=plan.describe(action))
             return
+        self._action_failures.cleared(
+            str(getattr(action, "arch", None) or getattr(action, "name", "?"))
+        )
         if self.log.is_enabled_for(logging.INFO):  # skip building the event when filtered
             self.log.info(
                 _event(action),
@@ -449,6 +457,7 @@ class Engine:
         )
         self.file_ids[arch] = file_id
         self.log.info("emulator_installed", arch=arch, interpreter=path, sha256=digest)
+        self._install_failures.cleared(arch)
 
     def _add_versions(self, arches: list[str]) -> None:
         """`qemu-X --version` once every write is closed: a fork while another thread holds a
@@ -464,7 +473,7 @@ class Engine:
         for arch in arches:
             text = why.replace("ARCH", arch)
             report.errors[arch] = text
-            self._say(arch, "install_failed", error=text)  # once, not every tick
+            self._install_failures.seen(arch, text)  # once, not every tick
 
     def _source_problem(self) -> str:
         try:
@@ -527,8 +536,9 @@ class Engine:
                 (report.verified if result.ok else report.failed).append(arch)
             if result.ok:
                 self.log.info("probe_passed", arch=arch, duration_ms=round(result.duration_ms, 1))
+                self._probe_failures.cleared(arch)
             else:
-                self.log.warning("probe_failed", arch=arch, error=result.error)
+                self._probe_failures.seen(arch, result.error or "probe failed")
 
     def remove_own_entries(self) -> list[str]:
         """Remove every entry binfmtd registered (by record; never others', never `status`)."""

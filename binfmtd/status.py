@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from binfmtd.binfmt import Entry, Registration
 from binfmtd.truth import Observation, Owner, ProbeResult, is_ours, owner_of
@@ -161,7 +160,7 @@ def _foreign(f: Facts, handler: Entry) -> Verdict:
 
 @dataclass(frozen=True)
 class ArchStatus:
-    """What status shows for one arch."""
+    """What status shows for one arch (sent as `wire.ArchRecord`, built by `views`)."""
 
     arch: str
     platforms: tuple[str, ...]
@@ -176,34 +175,3 @@ class ArchStatus:
     error: str | None
     handler: Entry | None = None
     owner: Owner = Owner.NONE
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON shape of the status API."""
-        result = self.probe
-        return {
-            "arch": self.arch,
-            "platforms": list(self.platforms),
-            "state": self.state.value,
-            "registered": self.registered,
-            "enabled": self.enabled,
-            "flags": self.flags,
-            "interpreter": self.interpreter,
-            "sha256": self.sha256,
-            "qemu_version": self.qemu_version,
-            "handler": None
-            if self.handler is None
-            else {
-                "entry": self.handler.name,
-                "interpreter": self.handler.interpreter,
-                "owner": self.owner.value,
-            },
-            "probe": None
-            if result is None
-            else {
-                "ok": result.ok,
-                "at": result.at,
-                "duration_ms": round(result.duration_ms, 1),
-                "error": result.error,
-            },
-            "error": self.error,
-        }

@@ -470,11 +470,11 @@ def test_unexpected_exception_keeps_serving_stale_then_exits_72(tmp_path: Path) 
     daemon.engine.tick = tick  # type: ignore[method-assign]  # the seam for a fault
     daemon._publish()
     daemon._tick()
-    assert daemon.published.status["daemon"]["stale"] is True
+    assert daemon.published.status.daemon.stale is True
     assert not daemon.stopping
     fail = False
     daemon._tick()
-    assert daemon.published.status["daemon"]["stale"] is False
+    assert daemon.published.status.daemon.stale is False
     fail = True
     for _ in range(MAX_FAILED_PASSES):
         daemon._tick()
