@@ -268,8 +268,8 @@ def describe(action: Action) -> str:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Probe timing: re-verify a passed probe after `reverify_s`, retry a failed one after
-    `retry_s` (both wall-clock seconds)."""
+    """Probe timing: re-verify a proof after `reverify_s`, a failed one after `retry_s` at the
+    latest (both wall-clock seconds)."""
 
     reverify_s: float
     retry_s: float
@@ -293,7 +293,9 @@ def due_probes(
             due.append(arch)
             continue
         age = now - proof.result.at
-        limit = schedule.reverify_s if proof.result.ok else schedule.retry_s
+        limit = schedule.reverify_s
+        if not proof.result.ok:
+            limit = min(limit, schedule.retry_s)
         if age < 0 or age >= limit:
             due.append(arch)
     return tuple(due)
