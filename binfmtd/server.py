@@ -363,7 +363,7 @@ class ApiServer:
     def _send_finished(self) -> None:
         """At close: write the answers of finished mutations, best effort (one send each)."""
         while self._done:
-            conn, status, body, endpoint, keep_alive = self._done.popleft()
+            conn, status, body, endpoint, _keep_alive = self._done.popleft()
             if conn in self._conns:
                 conn.busy = False
                 self._send(conn, status, body, False, (), endpoint)
