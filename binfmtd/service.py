@@ -244,13 +244,12 @@ class Daemon:
     def _publish_stale(self) -> None:
         """Keep serving the last good views, marked stale (never re-derived from a bad pass)."""
         old = self.published
-        daemon = wire.replaced(
-            old.status.daemon,
+        daemon = old.status.daemon.replace(
             stale=True,
             stale_since=old.stale_since,
             failed_passes=self.failed_passes,
         )
-        old.swap(wire.replaced(old.status, daemon=daemon), old.platforms, old.binfmt, old.worker)
+        old.swap(old.status.replace(daemon=daemon), old.platforms, old.binfmt, old.worker)
 
     def _note_flags_upgrade(self) -> None:
         """Say it once when this install relied on binfmtd 0.1's default flags (with C)."""
