@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from binfmtd import arch as archmod
-from binfmtd import emulators, plan, probe
+from binfmtd import emulators, origin, plan, probe
 from binfmtd.binfmt import Entry, Registration, normalize_flags
 from binfmtd.config import Config, SourceKind
 from binfmtd.emulators import Installed, InstallError, Source
@@ -74,6 +74,9 @@ class Engine:
         self._registrations: dict[tuple[str, str, str], Registration] = {}
         self.operator_disabled: set[str] = set()
         self.native: tuple[str, ...] = ()
+        # Where boot-time tools keep their entries (read to say where a foreign one comes from).
+        self.origin_roots = origin.Roots()
+        self._origins: origin.Index | None = None
         self.cfg = cfg
         self.apply_config(cfg)
 
@@ -178,6 +181,7 @@ class Engine:
         report = TickReport()
         started = time.monotonic()
         self.conflicts = {}
+        self._origins = None
         observed = self.observe()
         desired = {
             a: plan.Desired(a, self.registration(a), a not in self.operator_disabled)
@@ -253,7 +257,8 @@ class Engine:
             elif isinstance(action, plan.Conflict):
                 self.conflicts[action.arch] = (
                     f"entry {action.name} ({action.interpreter}) was made by another tool and is "
-                    f"left alone: {action.reason}; set conflict_policy: replace to take it over"
+                    f"left alone: {action.reason}; set conflict_policy: replace to take it over; "
+                    f"origin: {self._origin_of(action.name)}"
                 )
                 return
         except (KernelError, OSError) as exc:
@@ -270,6 +275,12 @@ class Engine:
             self.log.info(
                 _event(action), arch=action.arch, reason=action.reason, **_action_fields(action)
             )
+
+    def _origin_of(self, name: str) -> str:
+        """Where a foreign entry comes from; the boot-time sources are read once per pass."""
+        if self._origins is None:
+            self._origins = origin.scan(self.origin_roots)
+        return self._origins.describe(name)
 
     def _install(self, arches: list[str], report: TickReport) -> None:
         if not arches:
