@@ -11,8 +11,9 @@ from binfmtd.preflight import Exit, PreflightError
 class Lock:
     """One binfmtd (daemon or --oneshot) per lock file: a second one is refused, clearly."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, sandbox: str | None = None) -> None:
         self.path = path
+        self.sandbox = sandbox  # the --sandbox name: the refusal names it, not systemctl
         self.fd = -1
 
     def acquire(self) -> None:
@@ -23,14 +24,22 @@ class Lock:
         except BlockingIOError:
             holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(self.fd)
-            raise PreflightError(
-                Exit.ALREADY_RUNNING,
-                f"another binfmtd (pid {holder}) holds {self.path}; while a daemon runs, use "
-                "`binfmtctl reconcile` / `binfmtctl verify`, or stop it first "
-                "(`systemctl stop binfmtd`)",
-            ) from None
+            raise PreflightError(Exit.ALREADY_RUNNING, self._refusal(holder)) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _refusal(self, holder: str) -> str:
+        if self.sandbox is not None:
+            return (
+                f"sandbox {self.sandbox!r} is in use: binfmtd --sandbox={self.sandbox} (pid "
+                f"{holder}) holds {self.path}; give this run another name (--sandbox=NAME) or "
+                f"stop that one (kill {holder})"
+            )
+        return (
+            f"another binfmtd (pid {holder}) holds {self.path}; while a daemon runs, use "
+            "`binfmtctl reconcile` / `binfmtctl verify`, or stop it first "
+            "(`systemctl stop binfmtd`)"
+        )
 
     def release(self) -> None:
         if self.fd >= 0:

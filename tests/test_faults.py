@@ -311,7 +311,7 @@ def test_wall_clock_jumps_neither_stall_nor_storm_probe_scheduling(tmp_path: Pat
     """Wall time jumping back re-verifies once (never waits out the jump); forward re-verifies."""
     cfg = configmod.load(str(write_config(tmp_path, arches=["aarch64", "s390x"])))
     clock = Clock(1_000_000.0)
-    daemon = Daemon(cfg, sandbox=False, config_path=None, clock=clock)
+    daemon = Daemon(cfg, sandbox=None, config_path=None, clock=clock)
     assert isinstance(daemon.engine, Engine) and daemon.engine.clock is clock
     daemon.engine.probes = {
         "aarch64": ProbeResult("aarch64", True, clock.now, 5.0),
