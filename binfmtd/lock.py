@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 
+from binfmtd.ns import SandboxDirs
 from binfmtd.preflight import Exit, PreflightError
 
 
@@ -22,23 +23,27 @@ class Lock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").split()
             os.close(self.fd)
-            raise PreflightError(Exit.ALREADY_RUNNING, self._refusal(holder)) from None
+            raise PreflightError(Exit.ALREADY_RUNNING, self._refusal(*holder[:2])) from None
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        # "PID [SANDBOX]": a refused binfmtd names the holder, a sandbox by its name.
+        os.pwrite(self.fd, f"{os.getpid()} {self.sandbox or ''}".strip().encode() + b"\n", 0)
 
-    def _refusal(self, holder: str) -> str:
-        if self.sandbox is not None:
+    def _refusal(self, pid: str = "?", sandbox: str | None = None) -> str:
+        what = f"another binfmtd (pid {pid}) holds {self.path}"
+        if sandbox is None:
             return (
-                f"sandbox {self.sandbox!r} is in use: binfmtd --sandbox={self.sandbox} (pid "
-                f"{holder}) holds {self.path}; give this run another name (--sandbox=NAME) or "
-                f"stop that one (kill {holder})"
+                f"{what}; while a daemon runs, use `binfmtctl reconcile` / `binfmtctl verify`, "
+                "or stop it first (`systemctl stop binfmtd`)"
             )
+        # Only a lock in the sandbox's own directory is freed by choosing another name.
+        named = os.path.dirname(self.path) == SandboxDirs(sandbox).runtime
         return (
-            f"another binfmtd (pid {holder}) holds {self.path}; while a daemon runs, use "
-            "`binfmtctl reconcile` / `binfmtctl verify`, or stop it first "
-            "(`systemctl stop binfmtd`)"
+            f"{what}: it is sandbox {sandbox!r} (binfmtd --sandbox={sandbox}); while it runs, "
+            f"use `binfmtctl reconcile` / `binfmtctl verify` on its socket, or stop it first "
+            f"(kill {pid})"
+            + (", or run this one under another name (--sandbox=NAME)" if named else "")
         )
 
     def release(self) -> None:

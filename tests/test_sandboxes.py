@@ -99,7 +99,8 @@ def test_two_sandboxes_side_by_side_and_nothing_left(
         assert demo.returncode == 0, demo.stderr
         again = du.run([*du.OUTER, du.BINFMTD, f"--sandbox={name}", "--config", str(cfg)], 60)
         assert again.returncode == 71, again.stderr
-        assert f"sandbox '{name}' is in use" in again.stderr
+        assert f"it is sandbox '{name}' (binfmtd --sandbox={name})" in again.stderr
+        assert "another name (--sandbox=NAME)" in again.stderr
         assert "systemctl" not in again.stderr
         assert du.ctl(sock, "check", timeout=5).returncode == 0  # the refused run removed nothing
     finally:
