@@ -145,7 +145,7 @@ def oneshot(cfg: config.Config, *, sandbox: ns.SandboxDirs | None, as_json: bool
     """Preflight, install, register, verify; print the table; exit 1 if any arch failed."""
     from binfmtd.lock import Lock
 
-    lock = Lock(cfg.lock_file, sandbox.name if sandbox else None)
+    lock = Lock(cfg.lock_file, cfg.install_dir, sandbox=sandbox.name if sandbox else None)
     lock.acquire()
     try:
         return _provision_once(cfg, sandbox=sandbox, as_json=as_json)
