@@ -129,6 +129,7 @@ def oneshot(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
 
 def _provision_once(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
     from binfmtd import preflight
+    from binfmtd.binfmt import credentials_warning
     from binfmtd.engine import Engine
     from binfmtd.plan import describe
     from binfmtd.status import ArchState
@@ -170,6 +171,8 @@ def _provision_once(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
     # A foreign entry left alone counts as a failure here even when it works: the conflict
     # is unresolved until the operator chooses (conflict_policy).
     bad = [s for s in statuses if s.state not in {ArchState.VERIFIED, ArchState.DISABLED}]
+    for name in sorted(n for n, e in engine.entries.items() if "C" in e.flags):
+        print(f"binfmtd: warning: {credentials_warning(name)}", file=sys.stderr)
     for row in bad:
         print(f"binfmtd: {row.arch}: {row.state}: {row.error or 'not verified'}", file=sys.stderr)
     return Exit.ARCH_FAILED if bad else Exit.OK

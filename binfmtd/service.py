@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from binfmtd import __version__, config, emulators, log, plan, preflight
+from binfmtd.binfmt import credentials_warning
 from binfmtd.engine import Engine, TickReport
 from binfmtd.kernel import KernelError
 from binfmtd.lock import Lock
@@ -232,12 +233,7 @@ class Daemon:
         return sorted(n for n, e in self.engine.entries.items() if "C" in e.flags)
 
     def _warnings(self) -> list[str]:
-        return [
-            f"entry {name} has the C flag: setuid foreign binaries run QEMU as root under the "
-            "caller's environment, so a local user can gain root; drop C from `flags` (or from "
-            "the tool that registered it) unless every local user is trusted with root"
-            for name in self._credential_entries()
-        ]
+        return [credentials_warning(name) for name in self._credential_entries()]
 
     def _log_credentials(self) -> None:
         """A warning whenever the set of entries carrying C changes to a non-empty one."""

@@ -370,3 +370,15 @@ def test_reload_names_keys_that_need_a_restart(tmp_path: Path, sock: str) -> Non
     assert f"another binfmtd works on {tmp_path / 'qemu'}" in second.stderr
     assert still == daemon.pid
     assert events and events[0]["keys"] == ["lock_file", "api"]
+
+
+@pytest.mark.parametrize("flags", ["POF", "POCF"])
+def test_oneshot_warns_while_an_entry_carries_c(
+    sandbox_sh: SandboxSh, tmp_path: Path, flags: str
+) -> None:
+    """--oneshot prints the C warning on stderr exactly when an entry carries C."""
+    cfg = write_config(tmp_path, arches=["s390x"], flags=flags)
+    run = du.run_oneshot(sandbox_sh, tmp_path, cfg)
+    assert run["rc"] == 0, run["stderr"]
+    warned = "binfmtd: warning: entry qemu-s390x has the C flag" in run["stderr"]
+    assert warned == ("C" in flags), run["stderr"]
