@@ -204,9 +204,13 @@ class Daemon:
             return
         recorded = emulators.read_state_flags(self.cfg.state_file)
         install_dir = self.cfg.install_dir
+        try:
+            entries = self.engine.kernel.snapshot().entries
+        except (KernelError, OSError):
+            entries = {}  # the first tick reports an unreadable instance
         with_c = sorted(
             name
-            for name, entry in self.engine.kernel.snapshot().entries.items()
+            for name, entry in entries.items()
             if "C" in entry.flags and plan.is_owned(entry, install_dir)
         )
         if not with_c and recorded != "" and "C" not in (recorded or ""):
