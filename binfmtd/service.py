@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from binfmtd import __version__, config, emulators, log, plan, preflight
 from binfmtd.binfmt import credentials_warning
 from binfmtd.engine import Engine, TickReport
@@ -28,6 +30,7 @@ from binfmtd.server import ApiError, ApiServer
 from binfmtd.status import ArchState
 
 RETRY_FAILED_S = 30.0
+STOP_POLL_S = 0.05  # how often, after SIGTERM, helpers the ending tick starts are killed
 # Keys a running daemon cannot change: the lock and socket it holds, the binfmt_misc mount and
 # install directory its entries belong to, the logger configured once at start.
 RESTART_KEYS = frozenset({"binfmt_misc", "install_dir", "lock_file", "api", "log"})
@@ -87,6 +90,8 @@ class Daemon:
         self.published = Published()
         self.commands: queue.Queue[_Command] = queue.Queue()
         self._queue_lock = threading.Lock()  # no mutation is queued after the stop drained it
+        self.in_loop = False
+        self._ender: threading.Thread | None = None
         self.wake = threading.Event()
         self.stopping = False
         self.reload_requested = False
@@ -107,6 +112,7 @@ class Daemon:
         self.engine.detect_native()
         self._note_flags_upgrade()
         self._start_worker()
+        self.in_loop = True  # from here on, SIGTERM also cuts the tick in progress short
         self._tick()
         self.published.ready = True
         self._publish()  # READY=1 must never be followed by a status that says "starting"
@@ -116,6 +122,7 @@ class Daemon:
         try:
             self._loop()
         finally:
+            self.in_loop = False
             self._shutdown()
         return Exit.OK
 
@@ -168,6 +175,22 @@ class Daemon:
     def _on_stop(self, _sig: int, _frame: object) -> None:
         self.stopping = True
         self.wake.set()
+        if self._ender is None and self.in_loop:
+            self._ender = threading.Thread(target=self._end_tick, name="binfmtd-stop", daemon=True)
+            self._ender.start()
+
+    def _end_tick(self) -> None:
+        """Until the loop has left its tick: kill every probe or `--version` run, including
+        ones the tick starts after the signal, so a tick in progress ends now rather than
+        after its timeouts. The BuildKit worker is left to its graceful stop."""
+        while self.in_loop:
+            worker = self.worker.status.pid if self.worker is not None else None
+            with contextlib.suppress(psutil.Error, OSError):
+                for child in psutil.Process().children():
+                    if child.pid != worker:
+                        with contextlib.suppress(psutil.Error):
+                            child.kill()
+            time.sleep(STOP_POLL_S)
 
     def _on_hup(self, _sig: int, _frame: object) -> None:
         self.reload_requested = True
