@@ -342,6 +342,15 @@ def test_stop_refuses_queued_and_later_mutations(tmp_path: Path) -> None:
     """At stop every queued mutation is answered 503 unrun, and any later one at once."""
     cfg = configmod.load(str(write_config(tmp_path, arches=["s390x"])))
     daemon = service.Daemon(cfg, sandbox=False, config_path=None)
+    # This Daemon runs in the host's namespaces: no command may reach the kernel, so the
+    # executor is replaced by a recorder (it must stay unused anyway).
+    executed: list[str] = []
+
+    def record(action: str, arg: dict[str, Any]) -> dict[str, Any]:
+        executed.append(action)
+        return {}
+
+    daemon._execute = record  # type: ignore[method-assign]
     outcomes: list[tuple[int, str]] = []
 
     def client() -> None:
@@ -361,6 +370,7 @@ def test_stop_refuses_queued_and_later_mutations(tmp_path: Path) -> None:
     client()
     refused = (503, "reconcile was not run: binfmtd is stopping")
     assert outcomes == [refused, refused]
+    assert executed == []
 
 
 def _post(sock: str, target: str) -> tuple[int, Any]:
