@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import os
 import queue
+import select
 import signal
 import threading
 import time
@@ -92,6 +93,7 @@ class Daemon:
         self._queue_lock = threading.Lock()  # no mutation is queued after the stop drained it
         self.in_loop = False
         self._ender: threading.Thread | None = None
+        self._ender_lock = threading.RLock()  # re-entrant: a second signal may nest the handler
         self.wake = threading.Event()
         self.stopping = False
         self.reload_requested = False
@@ -171,13 +173,39 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
+        # Python runs handlers in the main thread only, and a main thread blocked on a lock
+        # (waiting for probe threads) does not wake when the kernel hands the signal to another
+        # thread. The wakeup fd is written at C level by whichever thread receives it, so a
+        # watcher thread can act at once.
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        watcher = threading.Thread(
+            target=self._watch_signals, args=(read_end,), name="binfmtd-signals", daemon=True
+        )
+        watcher.start()
+
+    def _watch_signals(self, read_end: int) -> None:
+        while True:
+            select.select([read_end], [], [])
+            with contextlib.suppress(BlockingIOError):
+                received = os.read(read_end, 64)
+                if {signal.SIGTERM, signal.SIGINT} & set(received):
+                    self._stop_now()
+                if signal.SIGHUP in received:
+                    self._on_hup(signal.SIGHUP, None)
 
     def _on_stop(self, _sig: int, _frame: object) -> None:
+        self._stop_now()
+
+    def _stop_now(self) -> None:
+        """Stop: the loop ends after its current step; the tick in progress is cut short."""
         self.stopping = True
         self.wake.set()
-        if self._ender is None and self.in_loop:
+        with self._ender_lock:
+            if self._ender is not None or not self.in_loop:
+                return
             self._ender = threading.Thread(target=self._end_tick, name="binfmtd-stop", daemon=True)
-            self._ender.start()
+        self._ender.start()
 
     def _end_tick(self) -> None:
         """Until the loop has left its tick: kill every probe or `--version` run, including
