@@ -346,7 +346,7 @@ def test_stop_refuses_queued_and_later_mutations(tmp_path: Path) -> None:
     # executor is replaced by a recorder (it must stay unused anyway).
     executed: list[str] = []
 
-    def record(action: str, arg: dict[str, Any]) -> dict[str, Any]:
+    def record(action: str, arg: dict[str, Any]) -> Any:
         executed.append(action)
         return {}
 
