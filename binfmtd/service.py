@@ -192,10 +192,10 @@ class Daemon:
             select.select([read_end], [], [])
             with contextlib.suppress(BlockingIOError):
                 received = os.read(read_end, 64)
+                # Only stopping is urgent (and idempotent); SIGHUP's handler runs in the main
+                # thread within one loop wait, and acting twice would reload twice.
                 if {signal.SIGTERM, signal.SIGINT} & set(received):
                     self._stop_now()
-                if signal.SIGHUP in received:
-                    self._on_hup(signal.SIGHUP, None)
 
     def _on_stop(self, _sig: int, _frame: object) -> None:
         self._stop_now()

@@ -6,6 +6,7 @@ daemon in a private binfmt_misc instance, with real QEMU and real foreign binari
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -281,8 +282,9 @@ def hanging_qemu(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _probing(interpreter: Path) -> bool:
-    """Whether a probe runs `interpreter` (argv[0] /probe; its `--version` run does not count)."""
+def _probe_pids(interpreter: Path) -> list[int]:
+    """Processes running `interpreter` as a probe (its `--version` runs do not count)."""
+    found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             exe = os.readlink(f"/proc/{pid}/exe")
@@ -290,8 +292,13 @@ def _probing(interpreter: Path) -> bool:
         except OSError:
             continue
         if exe == str(interpreter) and b"--version" not in argv:
-            return True
-    return False
+            found.append(int(pid))
+    return found
+
+
+def _probing(interpreter: Path) -> bool:
+    """Whether a probe runs `interpreter` now."""
+    return bool(_probe_pids(interpreter))
 
 
 def test_sigterm_mid_tick_ends_the_daemon_promptly(
@@ -327,6 +334,9 @@ def test_sigterm_mid_tick_ends_the_daemon_promptly(
     finally:
         if daemon.proc.poll() is None:
             daemon.kill()
+        for pid in _probe_pids(tmp_path / "qemu" / "qemu-aarch64"):  # orphans of a failed run
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(daemon.work, ignore_errors=True)
     assert code == 0
     assert len(answers) == 1, answers
