@@ -15,6 +15,7 @@ import json
 import os
 import stat
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import IO
 
@@ -181,11 +182,18 @@ def fsync_dir(path: str) -> None:
 # ---------------------------------------------------------------- the state file
 
 
-def write_state(path: str, installed: dict[str, Installed], flags: str | None = None) -> None:
+def write_state(
+    path: str,
+    installed: dict[str, Installed],
+    flags: str | None = None,
+    owned: Mapping[str, str] | None = None,
+) -> None:
     """Replace the state file atomically (temp, fsync, rename, fsync dir).
 
     `flags`: the binfmt_misc flags the entries are registered with (recorded so that a later
-    version can tell what an install relied on).
+    version can tell what an install relied on). `owned` is the ownership record: every
+    binfmt_misc entry binfmtd registered, name -> register string. Only those entries are
+    binfmtd's (see `read_owned`).
     """
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -193,6 +201,8 @@ def write_state(path: str, installed: dict[str, Installed], flags: str | None = 
     if flags is not None:
         doc["flags"] = flags
     doc["emulators"] = {k: asdict(v) for k, v in sorted(installed.items())}
+    if owned is not None:
+        doc["entries"] = dict(sorted(owned.items()))
     body = json.dumps(doc, indent=2).encode()
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     try:
@@ -228,3 +238,15 @@ def read_state(path: str) -> dict[str, Installed]:
         return {k: Installed(**v) for k, v in data["emulators"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, trust.TrustError):
         return {}
+
+
+def read_owned(path: str) -> dict[str, str] | None:
+    """The ownership record (entry name -> register string); None when the file predates it
+    (or cannot be read): the caller then adopts entries running exactly its recorded emulators."""
+    try:
+        entries = json.loads(trust.read_file(path, max_bytes=STATE_MAX_BYTES))["entries"]
+    except (OSError, ValueError, KeyError, TypeError, trust.TrustError):
+        return None
+    if not isinstance(entries, dict):
+        return None
+    return {str(k): str(v) for k, v in entries.items() if isinstance(v, str)}
