@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from binfmtd import __version__, config, emulators, log, plan, preflight, views, wire
+from binfmtd import __version__, config, emulators, log, ns, plan, preflight, views, wire
 from binfmtd.binfmt import credentials_warning
 from binfmtd.engine import RETRY_FAILED_S, Engine, TickReport
 from binfmtd.kernel import KernelError
@@ -81,7 +81,7 @@ class Daemon:
         self,
         cfg: config.Config,
         *,
-        sandbox: bool,
+        sandbox: ns.SandboxDirs | None,
         config_path: str | None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -127,7 +127,11 @@ class Daemon:
         self._publish()  # READY=1 must never be followed by a status that says "starting"
         self._start_server()
         self.notifier.ready(self._summary())
-        self.log.info("daemon_ready", summary=self._summary(), sandbox=self.sandbox)
+        self.log.info(
+            "daemon_ready",
+            summary=self._summary(),
+            sandbox=self.sandbox.name if self.sandbox else None,
+        )
         try:
             self._loop()
         finally:
@@ -372,7 +376,7 @@ class Daemon:
             version=__version__,
             pid=os.getpid(),
             started_at=self.started_at,
-            sandbox=self.sandbox,
+            sandbox=self.sandbox is not None,
             binfmt_misc=self.cfg.binfmt_misc,
             ready=self.published.ready,
             last_reconcile=self.last_reconcile,
@@ -501,8 +505,8 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = config.load(self.config_path, require_safe_mode=_needs_safe_mode())
-            if self.sandbox:
-                new = config.for_sandbox(new)
+            if self.sandbox is not None:
+                new = config.for_sandbox(new, self.sandbox.runtime, self.sandbox.state)
         except config.ConfigError as exc:
             self.log.error("reload_failed", error=str(exc), keeping=self.cfg.config_file)
             self.notifier.ready(f"reload failed, running on the old configuration: {exc}")
@@ -619,9 +623,9 @@ def _needs_safe_mode() -> bool:
     return os.geteuid() == 0 and not ns.in_user_namespace()
 
 
-def serve(cfg: config.Config, *, sandbox: bool, config_path: str | None) -> int:
+def serve(cfg: config.Config, *, sandbox: ns.SandboxDirs | None, config_path: str | None) -> int:
     """Run the daemon until SIGTERM."""
-    lock = Lock(cfg.lock_file, cfg.install_dir)
+    lock = Lock(cfg.lock_file, cfg.install_dir, sandbox=sandbox.name if sandbox else None)
     lock.acquire()
     try:
         return Daemon(cfg, sandbox=sandbox, config_path=config_path).run()

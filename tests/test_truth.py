@@ -459,7 +459,7 @@ def test_unexpected_exception_keeps_serving_stale_then_exits_72(tmp_path: Path) 
     """A pass that raises: traceback logged, last good status kept and marked stale; a good pass
     clears it; MAX_FAILED_PASSES in a row stop the daemon with exit 72."""
     cfg = configmod.load(str(write_config(tmp_path, arches=["s390x"])))
-    daemon = Daemon(cfg, sandbox=False, config_path=None)
+    daemon = Daemon(cfg, sandbox=None, config_path=None)
     fail = True
 
     def tick(verify_also: Iterable[str] = ()) -> TickReport:
