@@ -351,7 +351,7 @@ def test_sigterm_mid_tick_ends_the_daemon_promptly(
 def test_stop_refuses_queued_and_later_mutations(tmp_path: Path) -> None:
     """At stop every queued mutation is answered 503 unrun, and any later one at once."""
     cfg = configmod.load(str(write_config(tmp_path, arches=["s390x"])))
-    daemon = service.Daemon(cfg, sandbox=False, config_path=None)
+    daemon = service.Daemon(cfg, sandbox=None, config_path=None)
     # This Daemon runs in the host's namespaces: no command may reach the kernel, so the
     # executor is replaced by a recorder (it must stay unused anyway).
     executed: list[str] = []
