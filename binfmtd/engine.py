@@ -207,7 +207,8 @@ class Engine:
         snap = self.kernel.snapshot()
         return Observation(snap.enabled, tuple(snap.entries.values()), tuple(snap.broken.items()))
 
-    def _world(self, obs: Observation) -> plan.World:
+    def world(self, obs: Observation) -> plan.World:
+        """Everything `plan.plan` needs besides the desired state, for observation `obs`."""
         if self._adopt:  # a state file from before the ownership record: migrate it
             self.owned.update(truth.adopt(obs, self._adoptable()))
             self._adopt, self._state_dirty = False, True
@@ -276,7 +277,7 @@ class Engine:
             )
             for a in self.selected
         }
-        actions = plan.plan(desired, self._world(obs), self.replace)
+        actions = plan.plan(desired, self.world(obs), self.replace)
         self.operator_changed.clear()
         report.durations_ms["observe"] = _ms(started)
         self.execute(actions, report)
