@@ -168,9 +168,16 @@ _NAME_LISTS = frozenset({"arches", "exclude"})
 
 
 def load(path: str | None, *, require_safe_mode: bool = False) -> Config:
-    """Read and validate the YAML at `path` (None: all defaults)."""
+    """Read and validate the YAML at `path` (None: all defaults).
+
+    With `require_safe_mode` (root on the host) the file and every directory above it must
+    pass the trust rule, and so must the directory that will hold `state_file`.
+    """
     if path is None:
-        return Config()
+        cfg = Config()
+        if require_safe_mode:
+            _check_state_dir(cfg, "<defaults>")
+        return cfg
     try:
         raw = _read_trusted(path) if require_safe_mode else Path(path).read_bytes()
         text = raw.decode("utf-8")
@@ -178,7 +185,26 @@ def load(path: str | None, *, require_safe_mode: bool = False) -> Config:
         raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: configuration is not UTF-8 text") from None
-    return parse(text, path)
+    cfg = parse(text, path)
+    if require_safe_mode:
+        _check_state_dir(cfg, path)
+    return cfg
+
+
+def _check_state_dir(cfg: Config, path: str) -> None:
+    """Refuse a state_file whose directory (or the nearest existing one above it, since root
+    makes the missing ones) is not trusted: a user who can write there controls root's state."""
+    directory = os.path.dirname(cfg.state_file) or "/"
+    while not os.path.lexists(directory) and directory != "/":
+        directory = os.path.dirname(directory)
+    try:
+        trust.check_dir(directory, symlinks=True)
+    except trust.TrustError as exc:
+        raise ConfigError(f"{path}: state_file: {cfg.state_file}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: state_file: {cfg.state_file}: cannot use {exc.filename}: {exc.strerror}"
+        ) from None
 
 
 def _read_trusted(path: str) -> bytes:
@@ -188,11 +214,8 @@ def _read_trusted(path: str) -> bytes:
     """
     try:
         return trust.read_file(path, max_bytes=MAX_CONFIG_BYTES, symlinks=True)
-    except trust.TrustError as exc:
-        fix = f"; run: chown root: {path} && chmod 644 {path}" if exc.path == path else ""
-        raise ConfigError(
-            f"{path}: refusing a configuration writable by others or not owned by root: {exc}{fix}"
-        ) from None
+    except trust.TrustError as exc:  # its message names the one reason and the one fix
+        raise ConfigError(f"{path}: refusing this configuration: {exc}") from None
 
 
 def parse(text: str, path: str = "<string>") -> Config:

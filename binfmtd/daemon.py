@@ -75,6 +75,9 @@ def _sandbox_arg(text: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run binfmtd; returns the exit code."""
     args = parse_args(argv)
+    if args.config is not None:
+        # Relative to where binfmtd was started: reload (maybe in a sandbox) reads the same file.
+        args.config = os.path.abspath(args.config)
     try:
         cfg = _load_config(args.config)
     except config.ConfigError as exc:
@@ -103,7 +106,7 @@ def _run(args: argparse.Namespace, cfg: config.Config) -> int:
             return _run_command(args.command)
         from binfmtd.service import serve
 
-        return serve(cfg, sandbox=sandbox, config_path=args.config)
+        return serve(cfg, sandbox=sandbox, config_path=args.config, safe_mode=_safe_mode)
     except ns.SandboxError as exc:
         print(f"binfmtd: --sandbox: {exc}", file=sys.stderr)
         return Exit.SANDBOX_UNSUPPORTED
@@ -145,7 +148,12 @@ def _socket_gids(cfg: config.Config) -> list[int]:
 def _load_config(path: str | None) -> config.Config:
     if path is None and os.path.exists(config.DEFAULT_PATH):
         path = config.DEFAULT_PATH
-    return config.load(path, require_safe_mode=os.geteuid() == 0 and not ns.in_user_namespace())
+    return config.load(path, require_safe_mode=_safe_mode)
+
+
+# Decided once, before --sandbox enters its user namespace: a reload inside the sandbox must
+# apply the same trust rule as the start did (root on the host reads only root's files).
+_safe_mode = os.geteuid() == 0 and not ns.in_user_namespace()
 
 
 def oneshot(cfg: config.Config, *, sandbox: ns.SandboxDirs | None, as_json: bool) -> int:

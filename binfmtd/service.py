@@ -84,10 +84,13 @@ class Daemon:
         sandbox: ns.SandboxDirs | None,
         config_path: str | None,
         clock: Callable[[], float] = time.time,
+        safe_mode: bool | None = None,
     ) -> None:
         self.cfg = cfg
         self.sandbox = sandbox
         self.config_path = config_path
+        # Whether a reload applies the trust rule: as decided at start (None: decide now).
+        self.safe_mode = _needs_safe_mode() if safe_mode is None else safe_mode
         self.clock = clock
         self.log = log.get("binfmtd.daemon")
         self.engine = Engine(cfg, log.get("binfmtd.engine"), clock)
@@ -505,7 +508,7 @@ class Daemon:
         self.reload_requested = False
         self.notifier.reloading()
         try:
-            new = config.load(self.config_path, require_safe_mode=_needs_safe_mode())
+            new = config.load(self.config_path, require_safe_mode=self.safe_mode)
             if self.sandbox is not None:
                 new = config.for_sandbox(new, self.sandbox.runtime, self.sandbox.state)
         except config.ConfigError as exc:
@@ -624,11 +627,17 @@ def _needs_safe_mode() -> bool:
     return os.geteuid() == 0 and not ns.in_user_namespace()
 
 
-def serve(cfg: config.Config, *, sandbox: ns.SandboxDirs | None, config_path: str | None) -> int:
-    """Run the daemon until SIGTERM."""
+def serve(
+    cfg: config.Config,
+    *,
+    sandbox: ns.SandboxDirs | None,
+    config_path: str | None,
+    safe_mode: bool | None = None,
+) -> int:
+    """Run the daemon until SIGTERM (`safe_mode`: reloads apply the trust rule, as at start)."""
     lock = Lock(cfg.lock_file, cfg.install_dir, sandbox=sandbox.name if sandbox else None)
     lock.acquire()
     try:
-        return Daemon(cfg, sandbox=sandbox, config_path=config_path).run()
+        return Daemon(cfg, sandbox=sandbox, config_path=config_path, safe_mode=safe_mode).run()
     finally:
         lock.release()

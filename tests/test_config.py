@@ -289,7 +289,7 @@ def test_unsafe_config_refused_in_safe_mode(tmp_path: Path, mode: int, uid: int)
     path.write_text("flags: FPC\n", encoding="utf-8")
     os.chown(path, uid, 0)
     path.chmod(mode)
-    with pytest.raises(ConfigError, match="refusing a configuration") as info:
+    with pytest.raises(ConfigError, match="refusing this configuration") as info:
         config.load(str(path), require_safe_mode=True)
     assert f"chown root: {path}" in str(info.value)
     assert config.load(str(path)).flags == "FPC"  # without safe mode it is read
@@ -331,7 +331,7 @@ def test_config_in_a_user_directory_refused(tmp_path: Path, local_user: LocalUse
     path.write_text("arches: [s390x]\n", encoding="utf-8")
     path.chmod(0o644)
     os.chown(theirs, local_user.uid, local_user.gid)
-    with pytest.raises(ConfigError, match="refusing a configuration") as info:
+    with pytest.raises(ConfigError, match="refusing this configuration") as info:
         config.load(str(path), require_safe_mode=True)
     assert f"chown root: {theirs} && chmod go-w {theirs}" in str(info.value)
 
@@ -384,3 +384,44 @@ while True:
     except OSError:
         pass
 """
+
+
+def test_state_file_in_a_world_writable_directory_refused(tmp_path: Path) -> None:
+    """Safe mode: state_file's directory must pass the trust rule at load, before any install."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # world-writable, not sticky: anyone may replace root's state file
+    path = tmp_path / "binfmtd.yaml"
+    path.write_text(f"state_file: {shared}/state.json\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="state_file: ") as info:
+        config.load(str(path), require_safe_mode=True)
+    assert f"chown root: {shared} && chmod go-w {shared}" in str(info.value)
+    missing = tmp_path / "binfmtd2.yaml"  # a missing directory: its nearest parent is checked
+    missing.write_text(f"state_file: {shared}/new/state.json\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="state_file: "):
+        config.load(str(missing), require_safe_mode=True)
+    shared.chmod(0o755)
+    assert config.load(str(path), require_safe_mode=True).state_file == f"{shared}/state.json"
+
+
+def test_relative_config_is_resolved_and_refused_for_its_real_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--config c.yaml` is read from the cwd; refusals give one reason and one fix."""
+    from binfmtd import daemon
+
+    monkeypatch.setattr(daemon, "_safe_mode", True)
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("arches: [s390x]\n", encoding="utf-8")
+    cfg.chmod(0o666)
+    assert daemon.main(["--config", "c.yaml", "--oneshot"]) == 78
+    err = capsys.readouterr().err
+    assert "absolute path" not in err
+    assert f"{cfg} is writable by a non-root user" in err
+    assert err.count("run `") == 1 and f"chown root: {cfg} && chmod go-w {cfg}" in err
+    (tmp_path / "d.yaml").mkdir()
+    assert daemon.main(["--config", "d.yaml", "--oneshot"]) == 78
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'd.yaml'} is not a regular file" in err
+    assert "writable" not in err

@@ -345,8 +345,9 @@ def test_unsafe_config_file_is_refused_as_root(tmp_path: Path, mode: int, owner:
     # the refusal happens before --sandbox would create anything.
     result = du.run([*du.sandbox_argv(cfg, outer=False), "--oneshot"], 60)
     assert result.returncode == Exit.CONFIG, result.stderr
-    assert "refusing a configuration writable by others or not owned by root" in result.stderr
-    assert f"chmod 644 {cfg}" in result.stderr
+    assert "refusing this configuration" in result.stderr
+    assert f"chown root: {cfg} && chmod go-w {cfg}" in result.stderr
+    assert result.stderr.count("run `") == 1  # one fix, not two different ones
     assert not (tmp_path / "qemu").exists()
 
 

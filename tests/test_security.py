@@ -438,3 +438,31 @@ def test_oneshot_warns_while_an_entry_carries_c(
     assert run["rc"] == 0, run["stderr"]
     warned = "binfmtd: warning: entry qemu-s390x has the C flag" in run["stderr"]
     assert warned == ("C" in flags), run["stderr"]
+
+
+@pytest.mark.parametrize("unsafe", ["chmod 666", "chown 1000"])
+def test_reload_refuses_a_config_others_can_write(tmp_path: Path, sock: str, unsafe: str) -> None:
+    """Reload (binfmtctl and SIGHUP) reads through the start's trust rule: refused, old kept."""
+    body: dict[str, Any] = {"arches": ["s390x"], "api": {"socket": sock, "group": None}}
+    cfg = daemon_config(tmp_path, **body)
+    # From the host's root (not in an outer namespace): the start applies the trust rule.
+    with du.running(cfg, sock, outer=False) as daemon:
+        daemon.wait_verified(["s390x"])
+        daemon_config(tmp_path, reconcile_interval_s=0.3, **body)
+        if unsafe == "chmod 666":
+            cfg.chmod(0o666)
+        else:
+            os.chown(cfg, 1000, -1)
+        refused = daemon.ctl("reload")
+        daemon.signal(signal.SIGHUP)
+        du.wait_until("SIGHUP reload refused", lambda: len(daemon.events("reload_failed")) >= 2, 30)
+        os.chown(cfg, 0, -1)
+        cfg.chmod(0o644)
+        accepted = daemon.ctl("reload")
+    assert refused.returncode == 5, refused.stdout + refused.stderr
+    assert "still running on the old configuration" in refused.stderr
+    assert "writable by a non-root user" in refused.stderr
+    assert f"chown root: {cfg} && chmod go-w {cfg}" in refused.stderr
+    # Nothing of the refused file was applied: the change is still new to the next reload.
+    assert accepted.returncode == 0, accepted.stderr
+    assert "reloaded; changed: reconcile_interval_s" in accepted.stdout

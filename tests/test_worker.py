@@ -20,6 +20,7 @@ import structlog
 from conftest import LocalUser
 from structlog.testing import CapturingLogger
 
+from binfmtd import worker
 from binfmtd.buildkit import BuildkitConfig, list_workers
 from binfmtd.supervision import WorkerState
 from binfmtd.worker import (
@@ -462,3 +463,28 @@ def test_pidfile_is_removed_on_stop(harness: Harness) -> None:
     assert Path(harness.sup.pidfile).exists()
     harness.sup.stop()
     assert not Path(harness.sup.pidfile).exists()
+
+
+@pytest.mark.parametrize("lookup", ["path", "name"])
+def test_buildkitd_anyone_can_write_is_never_run(
+    harness: Harness, config: BuildkitConfig, short_dir: Path, lookup: str
+) -> None:
+    """A 0777 buildkitd in a non-sticky 0777 directory: FATAL naming the fix, never executed."""
+    shared = short_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    marker = short_dir / "ran"
+    binary = shared / "buildkitd"
+    binary.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    binary.chmod(0o777)
+    with pytest.MonkeyPatch.context() as patch:
+        if lookup == "name":  # found through PATH: the same rule on what the lookup found
+            patch.setattr(worker, "SAFE_PATH", str(shared))
+        with_args(harness, config, path=str(binary) if lookup == "path" else "buildkitd")
+        harness.run_until(A, harness.in_state(WorkerState.FATAL), timeout=5.0)
+    error = harness.sup.snapshot().last_error or ""
+    assert f"refusing to run buildkitd {binary}" in error
+    assert error.count("run `") == 1
+    # The first component that fails the rule is named: here the shared directory.
+    assert f"chown root: {shared} && chmod go-w {shared}" in error
+    assert not marker.exists()
