@@ -41,6 +41,13 @@ class ConflictPolicy(StrEnum):
     REPLACE = "replace"
 
 
+class InstallMethod(StrEnum):
+    """How emulator bytes reach the install directory."""
+
+    AUTO = "auto"  # hard link when allowed, else reflink, else an in-kernel copy
+    COPY = "copy"  # always bytes of our own: reflink, else an in-kernel copy
+
+
 class LogFormat(StrEnum):
     """How log events are rendered."""
 
@@ -92,7 +99,8 @@ class Config:
     exclude: tuple[str, ...] = ()
     flags: str = "FPC"
     conflict_policy: ConflictPolicy = ConflictPolicy.LEAVE
-    reconcile_interval_s: float = 1.0
+    install_method: InstallMethod = InstallMethod.AUTO
+    reconcile_interval_s: float = 30.0
     reverify_interval_s: float = 600.0
     remove_on_stop: bool = False
     lock_file: str = "/run/binfmtd/binfmtd.lock"

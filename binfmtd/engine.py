@@ -13,7 +13,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 from binfmtd import arch as archmod
 from binfmtd import emulators, plan, probe
 from binfmtd.binfmt import Entry, Registration, normalize_flags
-from binfmtd.config import Config, SourceKind
+from binfmtd.config import Config, InstallMethod, SourceKind
 from binfmtd.emulators import Installed, InstallError, Source
 from binfmtd.kernel import BinfmtMisc, KernelError
 from binfmtd.probe import ProbeResult
@@ -86,6 +86,7 @@ class Engine:
         self.source = Source(cfg.source) if _source_ok(cfg) else None
         self.flags = normalize_flags(cfg.flags)
         self.installed = emulators.read_state(cfg.state_file)
+        self.hashes = emulators.read_hashes(cfg.state_file)
         for directory in (cfg.install_dir, os.path.dirname(cfg.state_file)):
             with contextlib.suppress(OSError):  # left by a killed install or state write
                 emulators.clean_temp_files(directory)
@@ -161,7 +162,8 @@ class Engine:
         # restart: an unchanged file is not hashed again, so a warm start stays fast.
         if ident is not None and ident in (self.file_ids.get(arch), record.file_id):
             return True
-        if emulators.sha256_of(record.path) != record.sha256:
+        links_ok = record.method == emulators.Method.LINK
+        if emulators.sha256_of(record.path, links_ok=links_ok) != record.sha256:
             return False
         self.file_ids[arch] = ident or ""
         return True
@@ -173,8 +175,19 @@ class Engine:
         except (OSError, InstallError):
             return False  # source gone: keep what works, report it elsewhere
 
-    def tick(self, verify_also: Iterable[str] = ()) -> TickReport:
-        """Observe, plan, execute, then probe every arch that changed (and `verify_also`)."""
+    def tick(
+        self,
+        verify_also: Iterable[str] = (),
+        hold: Mapping[str, str] | None = None,
+        before_verify: Callable[[], None] | None = None,
+    ) -> TickReport:
+        """Observe, plan, execute, then probe every arch that changed (and `verify_also`).
+
+        `hold`: {arch: why} arches not to repair in this pass (reported as conflicts).
+        `before_verify`: called once the entries are as this pass leaves them and the probes
+        of replaced entries are forgotten, before the (slower) probes run: status can be
+        published then, so it never shows a vanished entry as verified for a probe's length.
+        """
         report = TickReport()
         started = time.monotonic()
         self.conflicts = {}
@@ -184,6 +197,7 @@ class Engine:
             for a in self.selected
         }
         actions = plan.plan(desired, observed, self.cfg.install_dir, self.cfg.conflict_policy)
+        actions = self._hold(actions, hold or {})
         report.durations_ms["observe"] = _ms(started)
         touched = self.execute(actions, report)
         if actions:
@@ -191,10 +205,23 @@ class Engine:
         self._forget_probes_of_replaced_entries()
         stale = {a for a in self.selected if a not in self.probes and self._probe_due(a)}
         to_verify = sorted((touched | stale | set(verify_also)) & set(self.selected))
+        if before_verify is not None and to_verify:
+            before_verify()
         started = time.monotonic()
         self.verify(to_verify, report)
         report.durations_ms["verify"] = _ms(started)
         return report
+
+    def _hold(self, actions: list[plan.Action], hold: Mapping[str, str]) -> list[plan.Action]:
+        """Drop the repairs of held arches; say why in their status."""
+        kept = []
+        for action in actions:
+            arch = action.arch
+            if arch is not None and arch in hold and not isinstance(action, plan.Conflict):
+                self.conflicts[arch] = hold[arch]
+            else:
+                kept.append(action)
+        return kept
 
     def _forget_probes_of_replaced_entries(self) -> None:
         """A probe proves the entries it ran against; a replaced or added one is unproven."""
@@ -323,20 +350,42 @@ class Engine:
         assert self.source is not None
         try:
             source_id = self.source.identity(arch)
-            path, digest = emulators.install_stream(stream, arch, self.cfg.install_dir, host)
+            done = emulators.install_stream(
+                stream,
+                arch,
+                self.cfg.install_dir,
+                host,
+                allow_link=self.cfg.install_method is InstallMethod.AUTO,
+                hashes=self.hashes,
+            )
         except (InstallError, OSError) as exc:
             self._fail_install([arch], report, str(exc))
             return
-        file_id = _file_id(path) or ""
+        file_id = _file_id(done.path) or ""
         self.installed[arch] = Installed(
-            arch, path, digest, None, self.source.describe(), source_id, self.clock(), file_id
+            arch,
+            done.path,
+            done.sha256,
+            done.version,
+            self.source.describe(),
+            source_id,
+            self.clock(),
+            file_id,
+            done.method,
         )
         self.file_ids[arch] = file_id
-        self.log.info("emulator_installed", arch=arch, interpreter=path, sha256=digest)
+        self.log.info(
+            "emulator_installed",
+            arch=arch,
+            interpreter=done.path,
+            sha256=done.sha256,
+            method=done.method,
+        )
 
     def _add_versions(self, arches: list[str]) -> None:
         """`qemu-X --version` once every write is closed: a fork while another thread holds a
         new emulator open for writing could make that emulator's exec fail with ETXTBSY."""
+        arches = [a for a in arches if self.installed[a].version is None]  # not read while hashing
         if not arches:
             return
         with ThreadPoolExecutor(min(INSTALL_PARALLELISM, len(arches))) as pool:
@@ -360,7 +409,7 @@ class Engine:
         return "unknown"
 
     def _save_state(self) -> None:
-        emulators.write_state(self.cfg.state_file, self.installed)
+        emulators.write_state(self.cfg.state_file, self.installed, self.hashes)
 
     def verify(self, arches: Iterable[str], report: TickReport | None = None) -> None:
         """Probe `arches` in parallel and record the results."""

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from binfmtd import __version__, config, log, preflight
+from binfmtd import __version__, config, log, preflight, watch
 from binfmtd.engine import Engine, TickReport
 from binfmtd.kernel import KernelError
 from binfmtd.lock import Lock
@@ -27,6 +27,7 @@ from binfmtd.server import ApiError, ApiServer
 from binfmtd.status import ArchState
 
 RETRY_FAILED_S = 30.0
+POLL_FALLBACK_S = 1.0  # the pass interval when inotify is unavailable
 
 
 @dataclass
@@ -82,7 +83,8 @@ class Daemon:
         self.notifier = Notifier()
         self.published = Published()
         self.commands: queue.Queue[_Command] = queue.Queue()
-        self.wake = threading.Event()
+        self.wake = watch.Waker()
+        self.pacer = watch.Pacer()
         self.stopping = False
         self.reload_requested = False
         self.started_at = clock()
@@ -113,19 +115,61 @@ class Daemon:
         return Exit.OK
 
     def _loop(self) -> None:
-        next_tick = time.monotonic() + self.cfg.reconcile_interval_s
-        while not self.stopping:
-            self.wake.wait(timeout=max(0.0, min(next_tick - time.monotonic(), 0.5)))
-            self.wake.clear()
-            if self.reload_requested:
-                with contextlib.suppress(ApiError):  # logged; the old configuration runs on
-                    self._reload()
-            self._run_commands()
-            if time.monotonic() >= next_tick:
-                self._tick()
-                next_tick = time.monotonic() + self.cfg.reconcile_interval_s  # reload may change it
-            self._tick_worker()
-            self.notifier.watchdog()
+        """Sleep until something changes (inotify), a command or signal arrives, a held repair
+        is released, or the slow safety pass is due; then reconcile once for all of it."""
+        watcher = watch.Watcher(self.wake)
+        if not watcher.active:
+            self.log.warning("inotify_unavailable", error=watcher.error, poll_s=POLL_FALLBACK_S)
+        due = watcher.watch(self._watch_targets())
+        next_pass = time.monotonic() + self._safety_s(watcher)
+        try:
+            while not self.stopping:
+                release = self.pacer.next_release(time.monotonic()) or float("inf")
+                change = watcher.wait(self._wait_s(min(next_pass, release)))
+                self.wake.clear()
+                if self.reload_requested:
+                    with contextlib.suppress(ApiError):  # logged; the old configuration runs on
+                        self._reload()
+                self._run_commands()
+                now = time.monotonic()
+                if change or due or now >= min(next_pass, release):
+                    self._loop_pass(change)
+                    next_pass = time.monotonic() + self._safety_s(watcher)
+                due = watcher.watch(self._watch_targets())  # re-watch after unmount, reload
+                self._tick_worker()
+                self.notifier.watchdog()
+        finally:
+            watcher.close()
+
+    def _loop_pass(self, change: watch.Change) -> None:
+        """One reconcile pass of the loop; repeated repairs of an arch put it on hold."""
+        report = self._tick()
+        repaired = [a.arch for a in report.actions if a.arch is not None]
+        now = time.monotonic()
+        for arch in self.pacer.repaired(repaired, now):
+            self.log.warning(
+                "repair_backed_off",
+                arch=arch,
+                trigger=change.reason,
+                why=self.pacer.held(now)[arch],
+            )
+
+    def _watch_targets(self) -> list[watch.Target]:
+        return watch.targets(self.cfg.binfmt_misc, self.cfg.install_dir, self.engine.source)
+
+    def _safety_s(self, watcher: watch.Watcher) -> float:
+        interval = self.cfg.reconcile_interval_s
+        return interval if watcher.active else min(interval, POLL_FALLBACK_S)
+
+    def _wait_s(self, next_pass: float) -> float:
+        """Until the next deadline: a pass (safety, held repair), worker tick, watchdog ping."""
+        now = time.monotonic()
+        deadlines = [next_pass]
+        if self.worker is not None:
+            deadlines.append(now + 0.5)
+        if self.notifier.watchdog_s:
+            deadlines.append(now + self.notifier.watchdog_s / 4)
+        return max(0.0, min(deadlines) - now)
 
     def _tick_worker(self) -> None:
         """Let the supervisor follow the verified set; publish when what it shows changed."""
@@ -168,7 +212,11 @@ class Daemon:
     def _tick(self, verify_also: tuple[str, ...] = ()) -> TickReport:
         started = time.monotonic()
         try:
-            report = self.engine.tick(verify_also=(*verify_also, *self._due_for_probe()))
+            report = self.engine.tick(
+                verify_also=(*verify_also, *self._due_for_probe()),
+                hold=self.pacer.held(time.monotonic()),
+                before_verify=self._publish,  # a vanished entry stops showing as verified now
+            )
         except KernelError as exc:
             report = self._recover_mount(exc)
         self.last_reconcile = self.clock()
