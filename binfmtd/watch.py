@@ -298,6 +298,7 @@ class Pacer:
 
     def repaired(self, arches: Iterable[str], now: float) -> list[str]:
         """Record one pass's repairs; returns the arches this starts (or extends) a hold for."""
+        self._forget_quiet(now)
         started = []
         for arch in set(arches):
             fight = self.fights.setdefault(arch, _Fight())
@@ -309,7 +310,6 @@ class Pacer:
                 fight.until = now + fight.backoff_s
                 fight.repairs.clear()
                 started.append(arch)
-        self._forget_quiet(now)
         return sorted(started)
 
     def held(self, now: float) -> dict[str, str]:
