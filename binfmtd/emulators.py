@@ -235,11 +235,12 @@ def clean_temp_files(path: str) -> list[str]:
 # ---------------------------------------------------------------- checks of installed files
 
 
-def sha256_of(path: str, *, links_ok: bool = False) -> str | None:
+def sha256_of(path: str, *, linked_inode: int | None = None) -> str | None:
     """sha256 of a root-owned regular file nobody else may write, else None (not trusted).
 
-    A copy must have a single link: another name means someone meddled. An emulator installed
-    by hard link shares its inode with the source (`links_ok`): writing it still needs root or a
+    A copy must have a single link: another name means someone meddled (a planted hard link).
+    An emulator installed by hard link shares its inode with the source: that inode (and only
+    that one, `linked_inode`) may have other names; writing it still needs root or a
     group/other write bit, and both are checked.
     """
     try:
@@ -248,7 +249,7 @@ def sha256_of(path: str, *, links_ok: bool = False) -> str | None:
         return None
     try:
         st = os.fstat(fd)
-        if not _root_only(st) or (st.st_nlink != 1 and not links_ok):
+        if not _root_only(st) or (st.st_nlink != 1 and st.st_ino != linked_inode):
             return None
         return _digest_fd(fd, None).sha256
     except OSError:

@@ -162,8 +162,7 @@ class Engine:
         # restart: an unchanged file is not hashed again, so a warm start stays fast.
         if ident is not None and ident in (self.file_ids.get(arch), record.file_id):
             return True
-        links_ok = record.method == emulators.Method.LINK
-        if emulators.sha256_of(record.path, links_ok=links_ok) != record.sha256:
+        if emulators.sha256_of(record.path, linked_inode=_linked_inode(record)) != record.sha256:
             return False
         self.file_ids[arch] = ident or ""
         return True
@@ -179,14 +178,14 @@ class Engine:
         self,
         verify_also: Iterable[str] = (),
         hold: Mapping[str, str] | None = None,
-        before_verify: Callable[[], None] | None = None,
+        progress: Callable[[], None] | None = None,
     ) -> TickReport:
         """Observe, plan, execute, then probe every arch that changed (and `verify_also`).
 
         `hold`: {arch: why} arches not to repair in this pass (reported as conflicts).
-        `before_verify`: called once the entries are as this pass leaves them and the probes
-        of replaced entries are forgotten, before the (slower) probes run: status can be
-        published then, so it never shows a vanished entry as verified for a probe's length.
+        `progress`: called when status changed in the middle of the pass: once the drift is
+        observed (before any slow repair: an install, a state file write) and once the entries
+        are restored (before the probes), so a publisher never shows a broken arch as verified.
         """
         report = TickReport()
         started = time.monotonic()
@@ -199,14 +198,20 @@ class Engine:
         actions = plan.plan(desired, observed, self.cfg.install_dir, self.cfg.conflict_policy)
         actions = self._hold(actions, hold or {})
         report.durations_ms["observe"] = _ms(started)
+        if actions and progress is not None:
+            for action in actions:
+                if action.arch is not None and not isinstance(action, plan.Conflict):
+                    self.probes.pop(action.arch, None)  # about to change: unproven from now on
+            self._forget_probes_of_replaced_entries()
+            progress()
         touched = self.execute(actions, report)
         if actions:
             self.entries = dict(self.kernel.snapshot().entries)
         self._forget_probes_of_replaced_entries()
         stale = {a for a in self.selected if a not in self.probes and self._probe_due(a)}
         to_verify = sorted((touched | stale | set(verify_also)) & set(self.selected))
-        if before_verify is not None and to_verify:
-            before_verify()
+        if progress is not None and to_verify:
+            progress()
         started = time.monotonic()
         self.verify(to_verify, report)
         report.durations_ms["verify"] = _ms(started)
@@ -494,6 +499,14 @@ def _file_id(path: str) -> str | None:
     except OSError:
         return None
     return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_mode}:{st.st_uid}"
+
+
+def _linked_inode(record: Installed) -> int | None:
+    """The inode a hard-link install shares with its source (the first field of file_id)."""
+    if record.method != emulators.Method.LINK:
+        return None
+    head = record.file_id.split(":", 1)[0]
+    return int(head) if head.isdigit() else None
 
 
 def _kernel_config_has(option: str) -> bool:

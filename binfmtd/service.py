@@ -215,7 +215,7 @@ class Daemon:
             report = self.engine.tick(
                 verify_also=(*verify_also, *self._due_for_probe()),
                 hold=self.pacer.held(time.monotonic()),
-                before_verify=self._publish,  # a vanished entry stops showing as verified now
+                progress=self._publish,  # a vanished entry stops showing as verified now
             )
         except KernelError as exc:
             report = self._recover_mount(exc)
