@@ -94,16 +94,28 @@ def _hex(data: bytes) -> str:
 
 def validate_name(name: str) -> None:
     """Entry names become file names under binfmt_misc: no '/', no dot-names, no separators."""
-    if not NAME_RE.match(name) or name in {".", ".."} or name in {"register", "status"}:
+    if not NAME_RE.fullmatch(name) or name in {".", ".."} or name in {"register", "status"}:
         raise FormatError(f"invalid binfmt_misc entry name {name!r}")
+
+
+def control_characters(text: str) -> str:
+    """The control characters (C0, DEL, C1) in `text`, each once, in order; "" when none.
+
+    Line-breaking ones (\r, \v, \f, \x1c-\x1e, \x85) split the kernel's entry text for
+    Python's `splitlines`, and every one of them makes a path or name unreadable in logs.
+    """
+    seen = dict.fromkeys(c for c in text if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0)
+    return "".join(seen)
 
 
 def validate_interpreter(path: str) -> None:
     """An absolute path with none of the register string's separators, within the kernel limit."""
     if not path.startswith("/"):
         raise FormatError(f"interpreter {path!r} must be an absolute path")
-    if any(c in path for c in ":\n\x00") or "\\x" in path:
-        raise FormatError(f"interpreter {path!r} contains ':', a newline, NUL or '\\x'")
+    if bad := control_characters(path):
+        raise FormatError(f"interpreter {path!r} contains control characters {bad!r}")
+    if ":" in path or "\\x" in path:
+        raise FormatError(f"interpreter {path!r} contains ':' or '\\x'")
     if not path.isascii():
         # binfmt_misc keeps bytes and shows them back raw; ASCII keeps both sides identical.
         raise FormatError(f"interpreter {path!r} is not ASCII: choose an ASCII install directory")
@@ -177,7 +189,8 @@ class Entry:
 
 def parse_entry(name: str, text: str) -> Entry:
     """Parse the text of binfmt_misc/<name>; raises FormatError on anything unexpected."""
-    lines = text.splitlines()
+    # The kernel ends lines with "\n" only; splitlines() would also split a path at \r, \x1c...
+    lines = text.rstrip("\n").split("\n") if text else []
     if not lines or lines[0] not in {"enabled", "disabled"}:
         raise FormatError(f"{name}: first line must be enabled/disabled, got {lines[:1]!r}")
     fields: dict[str, str] = {}

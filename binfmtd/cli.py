@@ -199,6 +199,7 @@ def render_status(status: dict[str, Any], now: float) -> str:
         "",
         table(ARCH_HEADER, arch_rows(status["arches"], now)),
     ]
+    lines[3:3] = [f"warning: {text}" for text in status.get("warnings") or []]
     lines += [f"{a['arch']}: {problem}" for a in status["arches"] if (problem := arch_problem(a))]
     return "\n".join(lines)
 
@@ -345,7 +346,11 @@ def render_mutation(answer: dict[str, Any]) -> str:
     if "arch" in answer and "state" in answer:
         return f"{answer['arch']}: {answer['state']}"
     if "reloaded" in answer:
-        return f"reloaded; changed: {', '.join(answer.get('changed') or []) or 'nothing'}"
+        text = f"reloaded; changed: {', '.join(answer.get('changed') or []) or 'nothing'}"
+        later = answer.get("needs_restart") or []
+        if later:
+            text += f"\nnot applied, need a restart (systemctl restart binfmtd): {', '.join(later)}"
+        return text
     return json.dumps(answer, indent=2)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,10 +19,16 @@ from typing import Any
 import yaml
 
 from binfmtd import arch as archmod
-from binfmtd.binfmt import FormatError, normalize_flags, validate_interpreter
+from binfmtd import trust
+from binfmtd.binfmt import FormatError, control_characters, normalize_flags, validate_interpreter
 from binfmtd.buildkit import BuildkitConfig
 
 DEFAULT_PATH = "/etc/binfmtd/binfmtd.yaml"
+MAX_CONFIG_BYTES = 1 << 20
+# No C: with C, a setuid foreign binary runs QEMU as root, and QEMU obeys its caller's
+# environment (QEMU_LOG_FILENAME, QEMU_STRACE...), so any local user can write root's files.
+DEFAULT_FLAGS = "POF"
+OLD_DEFAULT_FLAGS = "POCF"  # binfmtd 0.1's default ("FPC"), for the upgrade notice
 
 
 class SourceKind(StrEnum):
@@ -97,7 +102,7 @@ class Config:
     state_file: str = "/var/lib/binfmtd/state.json"
     arches: tuple[str, ...] = ("all",)
     exclude: tuple[str, ...] = ()
-    flags: str = "FPC"
+    flags: str = DEFAULT_FLAGS
     conflict_policy: ConflictPolicy = ConflictPolicy.LEAVE
     install_method: InstallMethod = InstallMethod.AUTO
     reconcile_interval_s: float = 30.0
@@ -166,9 +171,8 @@ def load(path: str | None, *, require_safe_mode: bool = False) -> Config:
     if path is None:
         return Config()
     try:
-        if require_safe_mode:
-            _check_file_safe(path)
-        text = Path(path).read_text(encoding="utf-8")
+        raw = _read_trusted(path) if require_safe_mode else Path(path).read_bytes()
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
     except UnicodeDecodeError:
@@ -176,15 +180,18 @@ def load(path: str | None, *, require_safe_mode: bool = False) -> Config:
     return parse(text, path)
 
 
-def _check_file_safe(path: str) -> None:
-    """A root daemon must not read a config that others can write."""
-    st = os.stat(path)
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_uid != 0:
+def _read_trusted(path: str) -> bytes:
+    """A root daemon reads only a config that root alone can change, file and directories.
+
+    Checked and read on one descriptor (see `trust`), so a rename race cannot swap the file.
+    """
+    try:
+        return trust.read_file(path, max_bytes=MAX_CONFIG_BYTES, symlinks=True)
+    except trust.TrustError as exc:
+        fix = f"; run: chown root: {path} && chmod 644 {path}" if exc.path == path else ""
         raise ConfigError(
-            f"{path}: refusing a configuration writable by others or not owned by root "
-            f"(mode {stat.filemode(st.st_mode)}, uid {st.st_uid}); run: chown root: {path} && "
-            f"chmod 644 {path}"
-        )
+            f"{path}: refusing a configuration writable by others or not owned by root: {exc}{fix}"
+        ) from None
 
 
 def parse(text: str, path: str = "<string>") -> Config:
@@ -257,6 +264,11 @@ def _scalar(hint: Any, node: yaml.Node, path: str, key: str) -> Any:
             raise ConfigError(
                 f"{_where(path, node, key)}: {value!r} is not one of: {allowed}"
             ) from None
+    if isinstance(value, str) and (bad := control_characters(value)):
+        raise ConfigError(
+            f"{_where(path, node, key)}: contains control characters {bad!r}; paths and names "
+            "become binfmt_misc register strings and file names, where those break parsing"
+        )
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

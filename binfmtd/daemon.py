@@ -119,7 +119,7 @@ def oneshot(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
     """Preflight, install, register, verify; print the table; exit 1 if any arch failed."""
     from binfmtd.lock import Lock
 
-    lock = Lock(cfg.lock_file)
+    lock = Lock(cfg.lock_file, cfg.install_dir)
     lock.acquire()
     try:
         return _provision_once(cfg, sandbox=sandbox, as_json=as_json)

@@ -27,13 +27,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
-from binfmtd import elf
+from binfmtd import elf, trust
 from binfmtd.config import SourceConfig, SourceKind
 from binfmtd.run import run
 
 AUTO_DIRS = ("/usr/bin", "/usr/local/bin")
 CHUNK = 1 << 20
 TEMP_PREFIX = ".binfmtd-tmp-"
+STATE_MAX_BYTES = 4 << 20
 
 
 class InstallError(RuntimeError):
@@ -190,34 +191,23 @@ class _Window(io.RawIOBase):
 
 
 def check_trusted_path(path: str) -> None:
-    """Refuse a path whose file or any parent directory a non-root user could change.
+    """Refuse an install directory that a non-root user could change (the rule in `trust`).
 
-    With the C flag an interpreter runs with the credentials of setuid programs, so whoever can
-    replace it owns the host. A sticky directory (like /tmp) is accepted as a parent: there only
-    the owner of an entry can rename or remove it, and the entries below it are checked too.
+    Whoever can replace an interpreter runs code in every emulated process, as root with the
+    C flag. Raises InstallError with the chown/chmod to run.
     """
-    current = Path(path)
-    for part in [current, *current.parents]:
-        try:
-            st = os.lstat(part)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            raise InstallError(f"{part} is a symbolic link; binfmtd needs real directories")
-        sticky = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
-        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if st.st_uid != 0 or (writable and not sticky):
-            raise InstallError(
-                f"{part} is writable by a non-root user (owner uid {st.st_uid}, mode "
-                f"{stat.filemode(st.st_mode)}); with the C flag that is a root hole: "
-                f"run `chown root: {part} && chmod go-w {part}`"
-            )
+    try:
+        trust.check_dir(path)
+    except (trust.TrustError, OSError) as exc:
+        raise InstallError(str(exc)) from None
 
 
 def ensure_install_dir(path: str) -> None:
     """Create the install directory (0755, root) and check it and its parents."""
-    os.makedirs(path, mode=0o755, exist_ok=True)
-    check_trusted_path(path)
+    try:
+        os.close(trust.open_dir(path, create_mode=0o755))
+    except (trust.TrustError, OSError) as exc:
+        raise InstallError(str(exc)) from None
     clean_temp_files(path)
 
 
@@ -625,18 +615,25 @@ def fsync_dir(path: str) -> None:
 
 
 def write_state(
-    path: str, installed: dict[str, Installed], hashes: HashCache | None = None
+    path: str,
+    installed: dict[str, Installed],
+    flags: str | None = None,
+    hashes: HashCache | None = None,
 ) -> None:
-    """Replace the state file atomically (temp, fsync, rename, fsync dir)."""
+    """Replace the state file atomically (temp, fsync, rename, fsync dir).
+
+    `flags`: the binfmt_misc flags the entries are registered with (recorded so that a later
+    version can tell what an install relied on). `hashes`: the digest cache, kept beside.
+    """
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o755, exist_ok=True)
-    document: dict[str, object] = {
-        "version": 1,
-        "emulators": {k: asdict(v) for k, v in sorted(installed.items())},
-    }
+    doc: dict[str, object] = {"version": 1}
+    if flags is not None:
+        doc["flags"] = flags
+    doc["emulators"] = {k: asdict(v) for k, v in sorted(installed.items())}
     if hashes is not None:
-        document["hashes"] = hashes.to_json()
-    body = json.dumps(document, indent=2).encode()
+        doc["hashes"] = hashes.to_json()
+    body = json.dumps(doc, indent=2).encode()
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     try:
         os.write(fd, body)
@@ -652,20 +649,31 @@ def write_state(
     fsync_dir(directory)
 
 
-def read_state(path: str) -> dict[str, Installed]:
-    """The recorded emulators; a missing or unreadable file means none are trusted."""
+def read_state_flags(path: str) -> str | None:
+    """The flags the state file records; "" for a state file from before they were recorded
+    (binfmtd 0.1), None when there is no readable state file."""
     try:
         with open(path, "rb") as handle:
             data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    flags = data.get("flags", "") if isinstance(data, dict) else None
+    return flags if isinstance(flags, str) else None
+
+
+def read_state(path: str) -> dict[str, Installed]:
+    """The recorded emulators; a missing, unreadable or untrusted file means none are trusted."""
+    try:
+        data = json.loads(trust.read_file(path, max_bytes=STATE_MAX_BYTES))
         return {k: Installed(**v) for k, v in data["emulators"].items()}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, trust.TrustError):
         return {}
 
 
 def read_hashes(path: str) -> HashCache:
     """The digest cache kept in the state file (empty when missing or unreadable)."""
     try:
-        with open(path, "rb") as handle:
-            return HashCache.from_json(json.load(handle).get("hashes"))
-    except (OSError, ValueError, AttributeError):
+        data = json.loads(trust.read_file(path, max_bytes=STATE_MAX_BYTES))
+        return HashCache.from_json(data.get("hashes"))
+    except (OSError, ValueError, AttributeError, trust.TrustError):
         return HashCache()

@@ -414,12 +414,11 @@ class Engine:
         return "unknown"
 
     def _save_state(self) -> None:
-        emulators.write_state(self.cfg.state_file, self.installed, self.hashes)
+        emulators.write_state(self.cfg.state_file, self.installed, self.flags, self.hashes)
 
     def verify(self, arches: Iterable[str], report: TickReport | None = None) -> None:
         """Probe `arches` in parallel and record the results."""
         names = list(arches)
-        os.makedirs(self.probe_workdir, mode=0o700, exist_ok=True)
         results = probe.run_probes(
             names,
             self.cfg.probe.timeout_s,

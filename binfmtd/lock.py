@@ -5,15 +5,22 @@ from __future__ import annotations
 import fcntl
 import os
 
+from binfmtd import trust
 from binfmtd.preflight import Exit, PreflightError
 
 
 class Lock:
-    """One binfmtd (daemon or --oneshot) per lock file: a second one is refused, clearly."""
+    """One binfmtd (daemon or --oneshot) per lock file and per install directory.
 
-    def __init__(self, path: str) -> None:
+    The install directory is locked too (flock on its descriptor), so a second daemon whose
+    configuration names another lock file still cannot work on the same emulators and entries.
+    """
+
+    def __init__(self, path: str, install_dir: str | None = None) -> None:
         self.path = path
+        self.install_dir = install_dir
         self.fd = -1
+        self.dir_fd = -1
 
     def acquire(self) -> None:
         os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
@@ -31,8 +38,29 @@ class Lock:
             ) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_install_dir()
+
+    def _lock_install_dir(self) -> None:
+        if self.install_dir is None:
+            return
+        try:
+            self.dir_fd = trust.open_dir(self.install_dir, create_mode=0o755)
+        except (trust.TrustError, OSError):
+            return  # the install step reports why the directory is unusable, per arch
+        try:
+            fcntl.flock(self.dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            raise PreflightError(
+                Exit.ALREADY_RUNNING,
+                f"another binfmtd works on {self.install_dir} (with a lock file other than "
+                f"{self.path}); run one binfmtd per install directory: stop the other first",
+            ) from None
 
     def release(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from binfmtd import trust
 from binfmtd.run import run
 
 PROBE_DIR = Path(__file__).parent / "probes"
@@ -127,10 +128,22 @@ def run_probes(
     clock: Callable[[], float] = time.time,
     workdir: str | None = None,
 ) -> dict[str, ProbeResult]:
-    """Run the probes in parallel; every arch gets a result. Roots go under `workdir`."""
+    """Run the probes in parallel; every arch gets a result.
+
+    Each root is made fresh (mkdtemp) and removed afterwards, never reused. With `workdir`, the
+    roots go into that directory, which must be root-only (0700) under a trusted parent: it is
+    made so when missing and refused, never adopted, otherwise (a user who made it first, or
+    who can rename it, would choose what runs as /probe).
+    """
     names = list(arches)
     if not names:
         return {}
+    if workdir is not None:
+        try:
+            trust.private_dir(os.path.dirname(workdir), os.path.basename(workdir))
+        except (trust.TrustError, OSError) as exc:
+            why = f"probe roots refused: {exc}"
+            return {a: ProbeResult(a, False, clock(), 0.0, why) for a in names}
     roots = {a: prepare_root(a, workdir) for a in names}
     try:
         with ThreadPoolExecutor(max_workers=min(parallelism, len(names))) as pool:

@@ -7,6 +7,7 @@ reads pre-rendered snapshots; mutations are queued to the loop and answered when
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import signal
@@ -16,18 +17,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from binfmtd import __version__, config, log, preflight, watch
+from binfmtd import __version__, config, emulators, log, plan, preflight, watch
 from binfmtd.engine import Engine, TickReport
 from binfmtd.kernel import KernelError
 from binfmtd.lock import Lock
 from binfmtd.notify import Notifier
-from binfmtd.plan import describe
 from binfmtd.preflight import Exit, PreflightError
 from binfmtd.server import ApiError, ApiServer
 from binfmtd.status import ArchState
 
 RETRY_FAILED_S = 30.0
 POLL_FALLBACK_S = 1.0  # the pass interval when inotify is unavailable
+# Keys a running daemon cannot change: the lock and socket it holds, the binfmt_misc mount and
+# install directory its entries belong to, the logger configured once at start.
+RESTART_KEYS = frozenset({"binfmt_misc", "install_dir", "lock_file", "api", "log"})
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Daemon:
         self.notifier = Notifier()
         self.published = Published()
         self.commands: queue.Queue[_Command] = queue.Queue()
+        self._queue_lock = threading.Lock()  # no mutation is queued after the stop drained it
         self.wake = watch.Waker()
         self.pacer = watch.Pacer()
         self.stopping = False
@@ -92,6 +96,7 @@ class Daemon:
         self.worker: Any = None
         self._worker_key: tuple[Any, ...] = ()
         self._last_errors: dict[str, str] = {}
+        self._logged_credentials: list[str] = []
         self.server: Any = None
 
     # ------------------------------------------------------------ lifecycle
@@ -101,6 +106,7 @@ class Daemon:
         preflight.run_all(self.engine.kernel)
         self._install_signals()
         self.engine.detect_native()
+        self._note_flags_upgrade()
         self._start_worker()
         self._tick()
         self.published.ready = True
@@ -127,6 +133,8 @@ class Daemon:
                 release = self.pacer.next_release(time.monotonic()) or float("inf")
                 change = watcher.wait(self._wait_s(min(next_pass, release)))
                 self.wake.clear()
+                if self.stopping:
+                    break
                 if self.reload_requested:
                     with contextlib.suppress(ApiError):  # logged; the old configuration runs on
                         self._reload()
@@ -184,7 +192,8 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
-        self.log.info("daemon_stopping", remove_on_stop=self.cfg.remove_on_stop)
+        refused = self._refuse_queued()
+        self.log.info("daemon_stopping", remove_on_stop=self.cfg.remove_on_stop, refused=refused)
         if self.server is not None:
             self.server.close()
         if self.worker is not None:
@@ -220,13 +229,14 @@ class Daemon:
         except KernelError as exc:
             report = self._recover_mount(exc)
         self.last_reconcile = self.clock()
+        self._log_credentials()
         self._publish()
         errors_changed = report.errors != self._last_errors
         self._last_errors = dict(report.errors)
         if report.changed or errors_changed:
             self.log.info(
                 "reconcile_finished",
-                repaired=[describe(a) for a in report.actions],
+                repaired=[plan.describe(a) for a in report.actions],
                 verified=report.verified,
                 failed=report.failed,
                 errors=report.errors,
@@ -234,6 +244,59 @@ class Daemon:
             )
             self.notifier.status(self._summary())
         return report
+
+    def _note_flags_upgrade(self) -> None:
+        """Say it once when this install relied on binfmtd 0.1's default flags (with C)."""
+        if "C" in self.engine.flags:
+            return
+        recorded = emulators.read_state_flags(self.cfg.state_file)
+        install_dir = self.cfg.install_dir
+        with_c = sorted(
+            name
+            for name, entry in self.engine.kernel.snapshot().entries.items()
+            if "C" in entry.flags and plan.is_owned(entry, install_dir)
+        )
+        if not with_c and recorded != "" and "C" not in (recorded or ""):
+            return
+        self.log.warning(
+            "flags_default_changed",
+            flags=self.engine.flags,
+            previous=recorded or config.OLD_DEFAULT_FLAGS,
+            entries=with_c,
+            hint=(
+                "binfmtd's default flags changed from FPC to POF: entries are registered without "
+                "C, so setuid programs (sudo) inside emulated containers no longer run with "
+                "their owner's credentials; that closes a local root hole. If you need them, "
+                f"set `flags: {config.OLD_DEFAULT_FLAGS}` explicitly (see the config reference "
+                "for what C costs)"
+            ),
+        )
+        if recorded is not None:  # record the new flags so the notice is said once
+            with contextlib.suppress(OSError):
+                emulators.write_state(self.cfg.state_file, self.engine.installed, self.engine.flags)
+
+    def _credential_entries(self) -> list[str]:
+        """Entries in the instance carrying C (ours or another tool's)."""
+        return sorted(n for n, e in self.engine.entries.items() if "C" in e.flags)
+
+    def _warnings(self) -> list[str]:
+        return [
+            f"entry {name} has the C flag: setuid foreign binaries run QEMU as root under the "
+            "caller's environment, so a local user can gain root; drop C from `flags` (or from "
+            "the tool that registered it) unless every local user is trusted with root"
+            for name in self._credential_entries()
+        ]
+
+    def _log_credentials(self) -> None:
+        """A warning whenever the set of entries carrying C changes to a non-empty one."""
+        entries = self._credential_entries()
+        if entries != self._logged_credentials and entries:
+            self.log.warning(
+                "credentials_flag_set",
+                entries=entries,
+                hint="C runs QEMU as root for setuid foreign binaries: a local root hole",
+            )
+        self._logged_credentials = entries
 
     def _recover_mount(self, exc: KernelError) -> TickReport:
         """binfmt_misc vanished under us (unmounted): mount it again, then reconcile."""
@@ -281,6 +344,7 @@ class Daemon:
                 "reconcile_interval_s": self.cfg.reconcile_interval_s,
             },
             "arches": statuses,
+            "warnings": self._warnings(),
             "native": native_platforms,
             "worker": worker,
         }
@@ -307,9 +371,16 @@ class Daemon:
     # ------------------------------------------------------------ commands from the API
 
     def submit(self, action: str, arg: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
-        """Queue a mutation for the loop thread and wait for its answer."""
+        """Queue a mutation for the loop thread and wait for its answer.
+
+        Raises ApiError: 503 once the daemon is stopping (the mutation was not run), 504 when
+        the loop did not answer within `timeout` seconds, or the mutation's own error.
+        """
         command = _Command(action, arg)
-        self.commands.put(command)
+        with self._queue_lock:
+            if self.stopping:
+                raise ApiError(503, f"{action} was not run: binfmtd is stopping")
+            self.commands.put(command)
         self.wake.set()
         if not command.done.wait(timeout):
             raise ApiError(504, f"{action} did not finish within {timeout:g} s")
@@ -317,8 +388,22 @@ class Daemon:
             raise command.error
         return command.result or {}
 
+    def _refuse_queued(self) -> list[str]:
+        """At stop: answer every mutation still queued with 503; none of them ran."""
+        refused: list[str] = []
+        with self._queue_lock:
+            self.stopping = True
+            while True:
+                try:
+                    command = self.commands.get_nowait()
+                except queue.Empty:
+                    return refused
+                command.error = ApiError(503, f"{command.action} was not run: binfmtd is stopping")
+                command.done.set()
+                refused.append(command.action)
+
     def _run_commands(self) -> None:
-        while True:
+        while not self.stopping:  # at stop, what is still queued is refused, not run
             try:
                 command = self.commands.get_nowait()
             except queue.Empty:
@@ -344,7 +429,7 @@ class Daemon:
             return {"verified": report.verified, "failed": report.failed}
         if action == "reconcile":
             report = self._tick()
-            return {"actions": [describe(a) for a in report.actions], "errors": report.errors}
+            return {"actions": [plan.describe(a) for a in report.actions], "errors": report.errors}
         if action in {"enable", "disable"}:
             return self._set_enabled(str(arg.get("arch", "")), action == "enable", selected)
         if action == "reload":
@@ -378,6 +463,10 @@ class Daemon:
                 422, f"reload failed, still running on the old configuration: {exc}"
             ) from None
         changed = _changed_keys(self.cfg, new)
+        later = [k for k in changed if k in RESTART_KEYS]
+        changed = [k for k in changed if k not in later]
+        # What only a restart can change keeps its running value, so status stays true.
+        new = dataclasses.replace(new, **{k: getattr(self.cfg, k) for k in later})
         self.cfg = new
         self.engine.apply_config(new)
         if "buildkit" in changed:
@@ -386,9 +475,15 @@ class Daemon:
                 self.worker = None
             self._start_worker()
         self._tick()
-        self.log.info("config_reloaded", changed=changed)
+        self.log.info("config_reloaded", changed=changed, needs_restart=later)
+        if later:
+            self.log.warning(
+                "config_needs_restart",
+                keys=later,
+                hint="these keys keep their running values until `systemctl restart binfmtd`",
+            )
         self.notifier.ready(self._summary())
-        return {"reloaded": True, "changed": changed}
+        return {"reloaded": True, "changed": changed, "needs_restart": later}
 
     # ------------------------------------------------------------ parts
 
@@ -450,8 +545,6 @@ class DaemonApi:
 
 
 def _changed_keys(old: config.Config, new: config.Config) -> list[str]:
-    import dataclasses
-
     return [
         f.name
         for f in dataclasses.fields(old)
@@ -467,7 +560,7 @@ def _needs_safe_mode() -> bool:
 
 def serve(cfg: config.Config, *, sandbox: bool, config_path: str | None) -> int:
     """Run the daemon until SIGTERM."""
-    lock = Lock(cfg.lock_file)
+    lock = Lock(cfg.lock_file, cfg.install_dir)
     lock.acquire()
     try:
         return Daemon(cfg, sandbox=sandbox, config_path=config_path).run()

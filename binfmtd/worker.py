@@ -25,6 +25,7 @@ import psutil
 import structlog
 from structlog.typing import FilteringBoundLogger
 
+from binfmtd import trust
 from binfmtd.buildkit import (
     BuildkitConfig,
     WorkerUnreachable,
@@ -112,15 +113,34 @@ def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
         os.close(dir_fd)
 
 
+def read_trusted(path: str, what: str, max_bytes: int = 1 << 20) -> bytes:
+    """The bytes of a file root's buildkitd will use (base config, TLS certificate or key).
+
+    Only under the trust rule (`binfmtd.trust`: root-owned, not writable by group/others along
+    the whole path, checked and read on one descriptor). Raises ValueError naming `what`, the
+    file and the fix.
+    """
+    try:
+        return trust.read_file(path, max_bytes=max_bytes, symlinks=True)
+    except trust.TrustError as exc:
+        raise ValueError(f"refusing buildkit {what} {path}: {exc}") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read buildkit {what} {path}: {exc.strerror}") from None
+
+
 def load_base_config(path: str | None) -> dict[str, Any]:
-    """The user's buildkitd.toml to merge ours into; a readable error names the file."""
+    """The user's buildkitd.toml to merge ours into; a readable error names the file.
+
+    Its keys reach root's buildkitd (entitlements, grpc uid, worker binary), so it must pass
+    the trust rule like everything else root reads.
+    """
     if path is None:
         return {}
+    raw = read_trusted(path, "base_config")
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except OSError as exc:
-        raise ValueError(f"cannot read buildkit base_config {path}: {exc.strerror}") from exc
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"buildkit base_config {path} is not UTF-8 text") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"buildkit base_config {path} is not valid TOML: {exc}") from exc
 

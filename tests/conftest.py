@@ -8,9 +8,12 @@ new user + mount namespace with its own instance, and a session guard proves the
 from __future__ import annotations
 
 import os
+import pwd
+import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,3 +217,73 @@ def daemons() -> Iterator[list[du.Daemon]]:
     yield started
     for daemon in started:
         daemon.close()
+
+
+# ---------------------------------------------------------------- a real unprivileged user
+
+
+@dataclass(frozen=True)
+class LocalUser:
+    """A system user (and its own group) made for one test; see the `local_user` fixture."""
+
+    name: str
+    uid: int
+    gid: int
+
+    def run(self, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run `argv` as this user (no supplementary groups), stdin from /dev/null."""
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            user=self.uid,
+            group=self.gid,
+            extra_groups=[],
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"},
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+
+    def popen(self, argv: list[str]) -> subprocess.Popen[str]:
+        """Start `argv` as this user in the background (the caller ends it)."""
+        return subprocess.Popen(
+            argv,
+            text=True,
+            user=self.uid,
+            group=self.gid,
+            extra_groups=[],
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+
+def _shadow(argv: list[str], *, gone_ok: bool = False) -> None:
+    """Run a shadow-utils command, retrying while another process holds /etc/passwd's lock."""
+    for _ in range(40):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        if done.returncode == 0 or (gone_ok and done.returncode == 6):  # 6: no such account
+            return
+        if "lock" not in done.stderr:
+            break
+        time.sleep(0.25)
+    raise AssertionError(f"{' '.join(argv)} failed: {done.stderr}")
+
+
+@pytest.fixture
+def local_user() -> Iterator[LocalUser]:
+    """An unprivileged local user with its own group, made for the test and removed after it."""
+    name = f"bfmt-u{secrets.token_hex(3)}"
+    _shadow(
+        ["useradd", "--system", "--no-create-home", "--user-group", "-s", "/usr/sbin/nologin", name]
+    )
+    try:
+        entry = pwd.getpwnam(name)
+        yield LocalUser(name, entry.pw_uid, entry.pw_gid)
+    finally:
+        _shadow(["userdel", name], gone_ok=True)
+        _shadow(["groupdel", name], gone_ok=True)

@@ -5,11 +5,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
+import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from conftest import LocalUser
+from daemonutil import SYSTEM_PYTHON, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -88,7 +93,7 @@ def test_defaults() -> None:
     assert cfg.binfmt_misc == "/proc/sys/fs/binfmt_misc"
     assert cfg.install_dir == "/var/lib/binfmtd/qemu"
     assert cfg.arches == ("all",) and cfg.exclude == ()
-    assert cfg.flags == "FPC" and cfg.conflict_policy is ConflictPolicy.LEAVE
+    assert cfg.flags == "POF" and cfg.conflict_policy is ConflictPolicy.LEAVE
     assert cfg.source == SourceConfig(SourceKind.AUTO, None)
     assert cfg.log == LogConfig("info", LogFormat.AUTO)
     assert cfg.install_method is InstallMethod.AUTO
@@ -301,3 +306,66 @@ def test_for_sandbox_moves_only_default_paths() -> None:
     kept = config.for_sandbox(Config(install_dir="/srv/q"))
     assert kept.install_dir == "/srv/q"
     assert kept.state_file == "/var/lib/binfmtd-sandbox/state.json"
+
+
+def test_config_in_a_user_directory_refused(tmp_path: Path, local_user: LocalUser) -> None:
+    """A root-owned 0644 config in a directory a user owns is refused: they could swap it."""
+    theirs = tmp_path / "etc"
+    theirs.mkdir()
+    path = theirs / "binfmtd.yaml"
+    path.write_text("arches: [s390x]\n", encoding="utf-8")
+    path.chmod(0o644)
+    os.chown(theirs, local_user.uid, local_user.gid)
+    with pytest.raises(ConfigError, match="refusing a configuration") as info:
+        config.load(str(path), require_safe_mode=True)
+    assert f"chown root: {theirs} && chmod go-w {theirs}" in str(info.value)
+
+
+def test_config_rename_race_never_accepts_the_users_file(local_user: LocalUser) -> None:
+    """A user renaming their config over root's in a loop never gets theirs loaded (was 10 %)."""
+    base = Path(tempfile.mkdtemp(prefix="binfmtd-cfg-"))
+    try:
+        base.chmod(0o755)
+        theirs = base / "etc"
+        theirs.mkdir()
+        (theirs / "good").write_text("arches: [s390x]\n", encoding="utf-8")
+        (theirs / "evil").write_text("arches: [aarch64]\n", encoding="utf-8")
+        (theirs / "good").chmod(0o644)
+        (theirs / "evil").chmod(0o644)
+        os.chown(theirs, local_user.uid, local_user.gid)
+        os.chown(theirs / "evil", local_user.uid, local_user.gid)
+        first = (theirs / "good").stat().st_ino
+        swapper = local_user.popen([SYSTEM_PYTHON, "-I", "-c", SWAPPER, str(theirs)])
+        loaded = Counter[str]()
+        try:
+            wait_until("the swapper to run", lambda: _inode(theirs / "good") != first, 10)
+            for _ in range(20000):
+                try:
+                    loaded[config.load(str(theirs / "good"), require_safe_mode=True).arches[0]] += 1
+                except ConfigError:
+                    loaded["refused"] += 1
+        finally:
+            swapper.kill()
+            swapper.wait()
+        assert loaded["aarch64"] == 0, loaded
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+SWAPPER = """
+import os, sys
+d = sys.argv[1]
+while True:
+    try:
+        os.rename(d + "/good", d + "/tmp"); os.rename(d + "/evil", d + "/good")
+        os.rename(d + "/good", d + "/evil"); os.rename(d + "/tmp", d + "/good")
+    except OSError:
+        pass
+"""

@@ -37,7 +37,7 @@ from binfmtd.binfmt import Entry, Registration, parse_entry
 ARCHES = ["aarch64", "s390x", "riscv64"]
 INTERVAL = 0.2
 REPAIR_S = 5.0  # two intervals plus probe time, with a wide margin for a loaded machine
-OUR_FLAGS = "POCF"
+OUR_FLAGS = "POF"
 SEEN_MARGIN_S = 0.6  # a tick that ended this long after the drift started after it
 
 
@@ -127,7 +127,7 @@ def genuine_sha(cache: Cache, arch: str) -> str:
 
 
 def is_right(row: dict[str, Any], install: Path, sha: str | None = None) -> bool:
-    """Verified with binfmtd's own enabled POCF entry (and, if given, the genuine sha)."""
+    """Verified with binfmtd's own enabled POF entry (and, if given, the genuine sha)."""
     return (
         row["state"] == "verified"
         and row["registered"]
@@ -146,7 +146,7 @@ def assert_never_falsely_verified(
     drifted: tuple[str, ...],
     times: tuple[float, float],
 ) -> None:
-    """No snapshot calls an arch verified unless its entry is ours, enabled, POCF, genuine; and
+    """No snapshot calls an arch verified unless its entry is ours, enabled, POF, genuine; and
     once the daemon has had a tick to see the drift, only on a probe run after it."""
     before, done = times
     for status in snapshots:
@@ -902,7 +902,7 @@ def test_binfmtctl_exec_runs_inside_the_sandbox(
     entry = daemon.ctl("exec", "--", "cat", f"{ENTRIES}/qemu-aarch64")
     assert entry.returncode == 0, entry.stderr
     parsed = parse_entry("qemu-aarch64", entry.stdout)
-    assert (parsed.interpreter, parsed.flags) == (str(tmp_path / "qemu" / "qemu-aarch64"), "POCF")
+    assert (parsed.interpreter, parsed.flags) == (str(tmp_path / "qemu" / "qemu-aarch64"), "POF")
     assert not os.path.exists(f"{ENTRIES}/qemu-aarch64")  # the host's instance is not mounted
     hello = daemon.ctl("exec", "--", str(cache.busybox("arm64")), "echo", "hello from arm64")
     assert (hello.returncode, hello.stdout) == (0, "hello from arm64\n")

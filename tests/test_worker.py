@@ -17,11 +17,18 @@ from typing import Any
 
 import pytest
 import structlog
+from conftest import LocalUser
 from structlog.testing import CapturingLogger
 
 from binfmtd.buildkit import BuildkitConfig, list_workers
 from binfmtd.supervision import WorkerState
-from binfmtd.worker import WorkerSupervisor, buildkitd_argv, resolve_binary, write_atomic
+from binfmtd.worker import (
+    WorkerSupervisor,
+    buildkitd_argv,
+    read_trusted,
+    resolve_binary,
+    write_atomic,
+)
 
 FAKE = Path(__file__).with_name("fake_buildkitd")
 A = ("linux/amd64", "linux/arm64")
@@ -322,3 +329,33 @@ def test_broken_base_config_is_a_clear_fatal_error(
     with_args(harness, config, base_config=str(base))
     harness.run_until(A, harness.in_state(WorkerState.FATAL), timeout=5.0)
     assert str(base) in (harness.sup.status.last_error or "")
+
+
+@pytest.mark.parametrize("who", ["file", "directory"])
+def test_base_config_a_user_could_change_is_refused(
+    harness: Harness, config: BuildkitConfig, short_dir: Path, local_user: LocalUser, who: str
+) -> None:
+    """A base_config a user owns (or whose directory they own) never reaches root's buildkitd."""
+    theirs = short_dir / "theirs"
+    theirs.mkdir()
+    base = theirs / "base.toml"
+    base.write_text('insecure-entitlements = ["security.insecure"]\n[grpc]\nuid = 1000\n')
+    owned = base if who == "file" else theirs
+    os.chown(owned, local_user.uid, local_user.gid)
+    with_args(harness, config, base_config=str(base))
+    harness.run_until(A, harness.in_state(WorkerState.FATAL), timeout=5.0)
+    error = harness.sup.status.last_error or ""
+    assert f"refusing buildkit base_config {base}" in error
+    assert f"chown root: {owned} && chmod go-w {owned}" in error
+    assert not Path(config.config_path).exists()
+
+
+def test_read_trusted_for_tls_files(short_dir: Path, local_user: LocalUser) -> None:
+    """read_trusted (for the worker's TLS files) reads root's file and refuses a user's."""
+    cert = short_dir / "cert.pem"
+    cert.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    cert.chmod(0o644)
+    assert read_trusted(str(cert), "tls cert") == cert.read_bytes()
+    os.chown(cert, local_user.uid, local_user.gid)
+    with pytest.raises(ValueError, match=f"refusing buildkit tls cert {cert}"):
+        read_trusted(str(cert), "tls cert")

@@ -1,0 +1,372 @@
+"""Issue 11: no local user can turn the root daemon against root.
+
+Each test plays the unprivileged local user (a real account made for the test) against a real
+daemon in a private binfmt_misc instance, with real QEMU and real foreign binaries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import daemonutil as du
+import pytest
+import yaml
+from conftest import LocalUser, daemon_config, write_config
+from daemonutil import SandboxSh
+
+from binfmtd import arch as archmod
+from binfmtd import config as configmod
+from binfmtd.binfmt import FormatError, Registration, parse_entry
+from binfmtd.preflight import Exit
+
+SECRET = b"root's secret\n"
+
+
+@pytest.fixture
+def lab() -> Iterator[Path]:
+    """A root-owned 0755 directory under /tmp that the test user can traverse (tmp_path is not)."""
+    path = Path(tempfile.mkdtemp(prefix="binfmtd-sec-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _setuid_attack(
+    daemon: du.Daemon, user: LocalUser, lab: Path, busybox: Callable[[str], Path]
+) -> tuple[bytes, str]:
+    """As `user`: run a setuid-root arm64 binary asking QEMU to log into a root-only file."""
+    suid = lab / "su-arm64"
+    shutil.copyfile(busybox("arm64"), suid)
+    suid.chmod(0o4755)
+    secret = lab / "secret"
+    secret.write_bytes(SECRET)
+    secret.chmod(0o600)
+    done = daemon.ns(
+        f"setpriv --reuid {user.uid} --regid {user.gid} --clear-groups "
+        f"env -i QEMU_STRACE=1 QEMU_LOG_FILENAME={secret} {suid} true 2>&1"
+    )
+    return secret.read_bytes(), done.stdout
+
+
+def test_default_flags_deny_setuid_foreign_binaries_root(
+    tmp_path: Path,
+    sock: str,
+    lab: Path,
+    local_user: LocalUser,
+    busybox: Callable[[str], Path],
+) -> None:
+    """Default flags (POF): a user's setuid arm64 binary + QEMU_LOG_FILENAME cannot write root's."""
+    cfg = daemon_config(tmp_path, arches=["aarch64"], api={"socket": sock, "group": None})
+    with du.running(cfg, sock, mode="compose") as daemon:
+        row = daemon.wait_verified(["aarch64"])["aarch64"]
+        content, output = _setuid_attack(daemon, local_user, lab, busybox)
+        assert content == SECRET, f"a local user rewrote a root-only file through QEMU: {output}"
+        assert row["flags"] == "POF"
+        assert daemon.status().get("warnings") == []
+        assert not daemon.events("credentials_flag_set")
+
+
+def test_explicit_c_flag_works_and_is_warned_about(
+    tmp_path: Path,
+    sock: str,
+    lab: Path,
+    local_user: LocalUser,
+    busybox: Callable[[str], Path],
+) -> None:
+    """flags: POCF is honoured (setuid runs as root: the hole) and warned in log and status."""
+    cfg = daemon_config(
+        tmp_path, arches=["aarch64"], flags="POCF", api={"socket": sock, "group": None}
+    )
+    with du.running(cfg, sock, mode="compose") as daemon:
+        assert daemon.wait_verified(["aarch64"])["aarch64"]["flags"] == "POCF"
+        warnings = daemon.status()["warnings"]
+        shown = daemon.ctl("status").stdout
+        content, _ = _setuid_attack(daemon, local_user, lab, busybox)
+        events = daemon.events("credentials_flag_set")
+    assert content != SECRET  # what C costs: the reason it is no longer the default
+    assert len(warnings) == 1 and "qemu-aarch64" in warnings[0] and "C flag" in warnings[0]
+    assert f"warning: {warnings[0]}" in shown
+    (event,) = events
+    assert event["entries"] == ["qemu-aarch64"] and event["level"] == "warning"
+
+
+def _state_from_before(tmp_path: Path) -> None:
+    """A state file as binfmtd <= 0.x wrote it: no record of the flags it registered with."""
+    state = tmp_path / "state" / "state.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"version": 1, "emulators": {}}), encoding="utf-8")
+
+
+@pytest.mark.parametrize("evidence", ["entry", "state_file"])
+def test_upgrade_from_the_old_c_default_is_logged(
+    tmp_path: Path, sock: str, evidence: str, qemu_dir: Path
+) -> None:
+    """An install that relied on the old FPC default gets one clear log line when upgraded."""
+    cfg = daemon_config(tmp_path, arches=["aarch64"], api={"socket": sock, "group": None})
+    before = ""
+    if evidence == "entry":  # an older binfmtd's entry, still registered
+        interpreter = tmp_path / "qemu" / "qemu-aarch64"
+        interpreter.parent.mkdir()
+        shutil.copyfile(qemu_dir / "qemu-aarch64-static", interpreter)
+        interpreter.chmod(0o755)
+        before = f"printf '%s' '{_old_entry(str(interpreter))}' > {du.ENTRIES}/register"
+    else:
+        _state_from_before(tmp_path)
+    with du.running(cfg, sock, mode="compose", before=before) as daemon:
+        assert daemon.wait_verified(["aarch64"])["aarch64"]["flags"] == "POF"
+        (event,) = daemon.events("flags_default_changed")
+    assert event["level"] == "warning"
+    assert "flags: POCF" in event["hint"]
+    assert event["entries"] == (["qemu-aarch64"] if evidence == "entry" else [])
+
+
+def _old_entry(interpreter: str) -> str:
+    row = archmod.BY_NAME["aarch64"]
+    return Registration(row.entry_name, row.magic, row.mask, interpreter, "POCF").register_string()
+
+
+# ---------------------------------------------------------------- item 8: control characters
+
+CONTROL = ["\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x1f", "\t", "\x7f"]
+
+
+@pytest.mark.parametrize("char", CONTROL, ids=[f"{ord(c):02x}" for c in CONTROL])
+def test_control_characters_in_install_dir_are_config_errors(tmp_path: Path, char: str) -> None:
+    """install_dir with a control character: exit 78 naming it, before any kernel call."""
+    install = tmp_path / f"q{char}dir"
+    cfg = write_config(tmp_path, arches=["s390x"], install_dir=str(install))
+    result = du.run([*du.sandbox_argv(cfg), "--oneshot"], 60)
+    assert result.returncode == Exit.CONFIG, result.stderr
+    assert "install_dir: contains control characters" in result.stderr
+    assert not install.exists()
+
+
+@pytest.mark.parametrize(
+    "key", ["state_file", "lock_file", "api.socket", "source.path", "buildkit.base_config"]
+)
+def test_control_characters_rejected_in_every_path(key: str) -> None:
+    """Every configured path or name refuses control characters, naming its key."""
+    section, _, leaf = key.rpartition(".")
+    value = "/srv/x\x1cy"
+    inner: dict[str, str] = {leaf: value, **({"kind": "directory"} if section == "source" else {})}
+    doc: dict[str, object] = {section: inner} if section else {leaf: value}
+    with pytest.raises(configmod.ConfigError, match=f"{key}: contains control characters"):
+        configmod.parse(yaml.safe_dump(doc))
+
+
+@pytest.mark.parametrize("char", CONTROL, ids=[f"{ord(c):02x}" for c in CONTROL])
+def test_register_string_refuses_control_characters(char: str) -> None:
+    """A register string never carries a control character in its interpreter or name."""
+    row = archmod.BY_NAME["s390x"]
+    with pytest.raises(FormatError, match="control characters"):
+        Registration(row.entry_name, row.magic, row.mask, f"/srv/q{char}/qemu-s390x", "POF")
+    with pytest.raises(FormatError, match="invalid binfmt_misc entry name"):
+        Registration(f"qemu-s390x{char}", row.magic, row.mask, "/srv/qemu-s390x", "POF")
+
+
+def test_another_tools_entry_with_control_characters_is_read_exactly(
+    sandbox_sh: SandboxSh, tmp_path: Path, qemu_dir: Path
+) -> None:
+    """An entry the kernel shows with \\x1c/\\r in its interpreter parses to that exact path."""
+    odd = tmp_path / "odd\x1cdir\rx"
+    odd.mkdir()
+    shutil.copyfile(qemu_dir / "qemu-s390x-static", odd / "qemu-s390x")
+    (odd / "qemu-s390x").chmod(0o755)
+    row = archmod.BY_NAME["s390x"]
+    magic = "".join(f"\\x{b:02x}" for b in row.magic)
+    mask = "".join(f"\\x{b:02x}" for b in row.mask)
+    out = tmp_path / "entry"
+    done = sandbox_sh(
+        f"printf '%s' ':other-s390x:M:0:{magic}:{mask}:'\"$ODD\"':F' > {du.ENTRIES}/register\n"
+        f"cat {du.ENTRIES}/other-s390x > {out}\n",
+        env={"ODD": str(odd / "qemu-s390x")},
+    )
+    assert done.returncode == 0, done.stderr
+    entry = parse_entry("other-s390x", out.read_bytes().decode("latin-1"))
+    assert entry.interpreter == str(odd / "qemu-s390x")
+    assert entry.flags == "F" and entry.enabled
+
+
+# ---------------------------------------------------------------- item 2b: probe roots
+
+
+def test_probe_roots_in_a_shared_state_directory_are_refused(
+    tmp_path: Path, sock: str, lab: Path, local_user: LocalUser
+) -> None:
+    """state_file in a world-writable directory: a user's own probe-roots is never used."""
+    shared = lab / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    cfg = daemon_config(
+        tmp_path,
+        arches=["s390x"],
+        state_file=str(shared / "state.json"),
+        api={"socket": sock, "group": None},
+    )
+    takeover = (
+        f"cd {shared} && {{ [ ! -e probe-roots ] || mv probe-roots old-roots; }} && "
+        "mkdir -m 0777 probe-roots"
+    )
+    with du.running(cfg, sock) as daemon:
+        done = local_user.run(["sh", "-c", takeover])
+        assert done.returncode == 0, done.stderr
+        assert daemon.post("/v1/verify")[0] in (200, 422)
+        row = daemon.arch("s390x")
+        events = daemon.events("probe_failed")
+    assert row["state"] != "verified"
+    assert f"{shared} is writable by a non-root user" in (row["error"] or "")
+    assert f"chown root: {shared} && chmod go-w {shared}" in row["error"]
+    assert events and "probe roots refused" in events[-1]["error"]
+    assert os.listdir(shared / "probe-roots") == []
+
+
+def test_probe_roots_dir_made_by_someone_else_is_not_adopted(
+    tmp_path: Path, sock: str, lab: Path, local_user: LocalUser
+) -> None:
+    """In a sticky shared directory, a probe-roots a user made first is never used."""
+    shared = lab / "sticky"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    done = local_user.run(["mkdir", "-m", "0777", str(shared / "probe-roots")])
+    assert done.returncode == 0, done.stderr
+    cfg = daemon_config(
+        tmp_path,
+        arches=["s390x"],
+        state_file=str(shared / "state.json"),
+        api={"socket": sock, "group": None},
+    )
+    with du.running(cfg, sock) as daemon:
+        daemon.wait_verified(["s390x"])
+        st = (shared / "probe-roots").stat()
+        taken = local_user.run(["mv", str(shared / "probe-roots"), str(shared / "mine")])
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700)
+    assert taken.returncode != 0  # and, sticky, the user cannot move root's away
+
+
+def test_probe_roots_are_fresh_and_root_only(tmp_path: Path, sock: str) -> None:
+    """Probe roots live in a 0700 root directory beside the state file and are never reused."""
+    cfg = daemon_config(tmp_path, arches=["s390x"], api={"socket": sock, "group": None})
+    with du.running(cfg, sock) as daemon:
+        daemon.wait_verified(["s390x"])
+        workdir = tmp_path / "state" / "probe-roots"
+        st = workdir.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700)
+        assert daemon.post("/v1/verify")[0] == 200
+        assert os.listdir(workdir) == []  # each run's roots were removed, none kept for reuse
+
+
+# ---------------------------------------------------------------- item 6: stop and reload
+
+
+@pytest.fixture(scope="module")
+def hanging_qemu(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A static x86_64 "emulator" that hangs (test_faults' misbehaving QEMU, built with gcc)."""
+    from test_faults import FAKE_QEMU
+
+    work = tmp_path_factory.mktemp("hangqemu")
+    (work / "fake.c").write_text(FAKE_QEMU, encoding="utf-8")
+    out = work / "hang"
+    built = du.run(["gcc", "-static", "-O2", "-DHANG", "-o", str(out), str(work / "fake.c")], 120)
+    assert built.returncode == 0, built.stderr
+    return out
+
+
+def _running_exe(path: Path) -> bool:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/exe") == str(path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_sigterm_mid_tick_answers_the_queued_mutation_and_exits(
+    tmp_path: Path, sock: str, hanging_qemu: Path
+) -> None:
+    """SIGTERM while a tick probes, a root mutation queued: it gets 503 and the daemon exits."""
+    source = tmp_path / "source"
+    source.mkdir()
+    shutil.copyfile(hanging_qemu, source / "qemu-aarch64-static")
+    cfg = daemon_config(
+        tmp_path,
+        arches=["aarch64"],
+        source={"kind": "directory", "path": str(source)},
+        probe={"timeout_s": 8.0, "parallelism": 1},
+        reverify_interval_s=1.0,
+        api={"socket": sock, "group": None},
+    )
+    daemon = du.start(cfg, sock, timeout=90)
+    answers: list[Any] = []
+    try:
+        interpreter = tmp_path / "qemu" / "qemu-aarch64"
+        du.wait_until("a periodic tick's probe", lambda: _running_exe(interpreter), 60, 0.05)
+        poster = threading.Thread(target=lambda: answers.append(_post(sock, "/v1/reconcile")))
+        poster.start()
+        du.wait_until("the request to be sent", lambda: _client_connected(sock), 10, 0.01)
+        daemon.signal(signal.SIGTERM)
+        poster.join(30)
+        # The old daemon waited 120 s for the queued request (beyond systemd's stop timeout).
+        code = daemon.proc.wait(20)
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.kill()
+        shutil.rmtree(daemon.work, ignore_errors=True)
+    assert code == 0
+    assert len(answers) == 1, answers
+    status, body = answers[0]
+    assert status == 503, answers
+    assert "reconcile was not run: binfmtd is stopping" in body["error"]
+
+
+def _post(sock: str, target: str) -> tuple[int, Any]:
+    try:
+        answer = du.http(sock, "POST", target, timeout=60)
+    except (OSError, AssertionError) as exc:
+        return -1, {"error": f"no answer: {exc!r}"}
+    return answer.status, answer.json()
+
+
+def _client_connected(sock: str) -> bool:
+    """Whether the daemon accepted a client on `sock` (/proc/net/unix shows the bound name,
+    a temp name in the socket's directory that was then renamed)."""
+    where = os.path.dirname(sock) + "/"
+    with open("/proc/net/unix", encoding="ascii", errors="replace") as handle:
+        return sum(1 for line in handle if where in line) >= 2
+
+
+def test_reload_names_keys_that_need_a_restart(tmp_path: Path, sock: str) -> None:
+    """reload applies arches, names lock_file and api as needing a restart, and keeps both."""
+    body: dict[str, Any] = {"arches": ["s390x"], "api": {"socket": sock, "group": None}}
+    cfg = daemon_config(tmp_path, **body)
+    other_sock = os.path.join(os.path.dirname(sock), "other.sock")
+    with du.running(cfg, sock) as daemon:
+        daemon.wait_verified(["s390x"])
+        daemon_config(
+            tmp_path,
+            arches=["s390x", "aarch64"],
+            lock_file=str(tmp_path / "run" / "other.lock"),
+            api={"socket": other_sock, "group": None},
+        )
+        code, answer = daemon.post("/v1/reload")
+        shown = daemon.ctl("reload").stdout
+        daemon.wait_verified(["s390x", "aarch64"])
+        second = du.run(du.sandbox_argv(cfg), 60)  # the new config: another lock file
+        still = daemon.status()["daemon"]["pid"]
+        events = daemon.events("config_needs_restart")
+    assert code == 200
+    assert (answer["changed"], answer["needs_restart"]) == (["arches"], ["lock_file", "api"])
+    assert "not applied, need a restart (systemctl restart binfmtd): lock_file, api" in shown
+    assert not os.path.exists(other_sock)
+    assert second.returncode == Exit.ALREADY_RUNNING, second.stderr
+    assert f"another binfmtd works on {tmp_path / 'qemu'}" in second.stderr
+    assert still == daemon.pid
+    assert events and events[0]["keys"] == ["lock_file", "api"]
