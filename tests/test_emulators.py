@@ -380,7 +380,7 @@ def test_hash_cache_survives_in_the_state_file(qemu_dir: Path, tmp_path: Path) -
         qemu_dir / "qemu-s390x-static", install_dir(tmp_path), "s390x", link=False, hashes=hashes
     )
     state = tmp_path / "state.json"
-    emulators.write_state(str(state), {}, hashes)
+    emulators.write_state(str(state), {}, hashes=hashes)
     again = emulators.read_hashes(str(state))
     st = os.stat(qemu_dir / "qemu-s390x-static")
     assert again.get(st) == emulators.Digest(written.sha256, written.version)
