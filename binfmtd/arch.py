@@ -7,6 +7,7 @@ row (class, byte order, e_machine, and the few per-target quirks), never pasted 
 
 from __future__ import annotations
 
+import difflib
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
@@ -188,12 +189,105 @@ def host_elf_machine(machine: str) -> int | None:
     return BY_NAME[native[0][0]].machine if native else None
 
 
+class UnknownArch(KeyError):
+    """A name no catalog row answers to; `message` holds the "did you mean" hint."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# Names operators already use for a target beyond its QEMU name and OCI platforms: Debian
+# architectures (dpkg), `uname -m`, tonistiigi/binfmt's and Go's GOARCH names.
+_EXTRA_NAMES: dict[str, str] = {
+    "arm64": "aarch64",
+    "arm64/v8": "aarch64",
+    "armv8": "aarch64",
+    "armhf": "arm",
+    "armel": "arm",
+    "armv7": "arm",
+    "armv7l": "arm",
+    "armv6": "arm",
+    "armv6l": "arm",
+    "armv5": "arm",
+    "386": "i386",
+    "i486": "i386",
+    "i586": "i386",
+    "i686": "i386",
+    "x86": "i386",
+    "amd64": "x86_64",
+    "x86-64": "x86_64",
+    "amd64/v1": "x86_64",
+    "amd64/v2": "x86_64",
+    "amd64/v3": "x86_64",
+    "amd64/v4": "x86_64",
+    "ppc64el": "ppc64le",
+    "powerpc64le": "ppc64le",
+    "powerpc64": "ppc64",
+    "powerpc": "ppc",
+    "mips64le": "mips64el",
+    "mipsle": "mipsel",
+    "loong64": "loongarch64",
+    "riscv64gc": "riscv64",
+    "sparc64v9": "sparc64",
+    "s390": "s390x",
+}
+
+
+def _aliases() -> dict[str, str]:
+    """Every accepted spelling -> QEMU name: QEMU names, entry names, OCI platforms with and
+    without `linux/`, and the extra names above."""
+    names: dict[str, str] = {}
+    for row in CATALOG:
+        names[row.name] = row.name
+        names[row.entry_name] = row.name
+        for platform in row.platforms:
+            names[platform] = row.name
+            names[platform.removeprefix("linux/")] = row.name
+    for alias, target in _EXTRA_NAMES.items():
+        names.setdefault(alias, target)
+        names.setdefault(f"linux/{alias}", target)
+    return names
+
+
+ALIASES: dict[str, str] = _aliases()
+
+
+def resolve(name: str) -> Arch:
+    """The catalog row `name` stands for: a QEMU name (`aarch64`), an OCI platform
+    (`linux/arm64`, `arm/v7`), a Docker/Go or Debian name (`arm64`, `386`, `armhf`,
+    `ppc64el`, `loong64`) or an entry name (`qemu-aarch64`), spelled exactly (lower case).
+    Raises `UnknownArch` with the closest known names."""
+    target = ALIASES.get(name)
+    if target is None:
+        raise UnknownArch(name, f"unknown architecture {name!r}{did_you_mean(name)}")
+    return BY_NAME[target]
+
+
+def canonical(name: str) -> str:
+    """The QEMU name for any accepted spelling (see `resolve`)."""
+    return resolve(name).name
+
+
+def did_you_mean(name: str) -> str:
+    """'; did you mean arm64 (aarch64)?' for the closest accepted names, or a pointer."""
+    close = difflib.get_close_matches(name.strip().lower(), ALIASES, n=8, cutoff=0.6)
+    best: dict[str, str] = {}  # one spelling per target, closest first
+    for candidate in close:
+        best.setdefault(ALIASES[candidate], candidate)
+    if not best:
+        return "; see `binfmtctl status` or the catalog in the README for the names"
+    shown = [c if t == c else f"{c} ({t})" for t, c in list(best.items())[:3]]
+    return f"; did you mean {' or '.join(shown)}?"
+
+
 def lookup(name: str) -> Arch:
-    """The catalog row for `name`, or a KeyError that lists what exists."""
-    try:
-        return BY_NAME[name]
-    except KeyError:
-        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(BY_NAME)}") from None
+    """The catalog row for `name` (any spelling `resolve` accepts), or `UnknownArch`."""
+    return resolve(name)
 
 
 def platforms_of(names: tuple[str, ...] | list[str]) -> list[str]:

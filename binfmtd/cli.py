@@ -3,15 +3,21 @@
 Exit codes:
   0  ok
   1  check failed, or not every requested architecture verified
-  2  usage error
-  3  binfmtd is not reachable (not running, stale socket, no answer)
+  3  binfmtd is not reachable (not running, stale socket, no answer), or for
+     status --offline: binfmt_misc is not mounted or not readable
   4  permission denied (socket not accessible, or the action needs root)
   5  binfmtd answered with an error
+  64  usage error (bad option, unknown command, no command)
   127  exec: the command (or nsenter) was not found
+  141  stdout was closed early (e.g. `binfmtctl status | head -1`); nothing else is printed
+
+Architectures may be named as QEMU does (aarch64), as Docker/OCI platforms (linux/arm64,
+arm64, arm/v7, amd64, 386, ppc64le, loong64) or as Debian does (armhf, ppc64el).
 
 Imports stay stdlib-only and few: this runs in shell prompts and CI steps, so start-up time
 matters. The HTTP client is a few lines over a raw socket because http.client (with email and
-ssl behind it) costs more start-up time than the rest of this command together.
+ssl behind it) costs more start-up time than the rest of this command together. Answers are
+read into `binfmtd.wire` records, the contract the daemon builds them from.
 """
 
 from __future__ import annotations
@@ -24,10 +30,15 @@ import sys
 import time
 from enum import IntEnum
 
+from binfmtd import render, wire
+from binfmtd.wire import ExitError as CliError
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-    from typing import Any
+    from collections.abc import Callable, Sequence
+    from typing import Any, NoReturn
+
+    from binfmtd.wire import R
 
 DEFAULT_SOCKET = "/run/binfmtd/binfmtd.sock"
 SANDBOX_SOCKET = "/run/binfmtd-sandbox/binfmtd.sock"
@@ -39,20 +50,12 @@ class ExitCode(IntEnum):
 
     OK = 0
     NOT_OK = 1
-    USAGE = 2
     UNREACHABLE = 3
     DENIED = 4
     DAEMON_ERROR = 5
+    USAGE = 64
     NOT_FOUND = 127
-
-
-class CliError(Exception):
-    """A failure to report on stderr with its exit code."""
-
-    def __init__(self, code: ExitCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    CLOSED_PIPE = 141
 
 
 # --- HTTP over AF_UNIX -----------------------------------------------------------------------
@@ -138,130 +141,25 @@ def _decode(status: int, data: bytes) -> Any:
     raise CliError(code, f"binfmtd refused: {message} (HTTP {status})")
 
 
-# --- rendering (pure) ------------------------------------------------------------------------
-
-
-def age(seconds: float) -> str:
-    """A short human age: 42s, 5m, 3h, 2d."""
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns, two spaces apart, no trailing blanks."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]
-    ]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def verified_cell(probe: dict[str, Any] | None, now: float) -> str:
-    """The VERIFIED column: when the last probe passed, or that it failed."""
-    if not probe:
-        return "never"
-    when = f"{age(now - probe['at'])} ago"
-    return when if probe["ok"] else f"failed {when}"
-
-
-def arch_rows(arches: Sequence[dict[str, Any]], now: float) -> list[list[str]]:
-    """One table row per arch entry of the status JSON."""
-    return [
-        [
-            a["arch"],
-            ",".join(a["platforms"]) or "-",
-            a["state"],
-            a["flags"] or "-",
-            a["interpreter"] or "-",
-            verified_cell(a["probe"], now),
-        ]
-        for a in arches
-    ]
-
-
-ARCH_HEADER = ("ARCH", "PLATFORMS", "STATE", "FLAGS", "INTERPRETER", "VERIFIED")
-
-
-def render_status(status: dict[str, Any], now: float) -> str:
-    """The human `binfmtctl status` page."""
-    daemon = status["daemon"]
-    last = daemon.get("last_reconcile")
-    lines = [
-        f"binfmtd {daemon['version']}, pid {daemon['pid']}"
-        + (" (sandbox)" if daemon.get("sandbox") else "")
-        + (", ready" if daemon.get("ready") else ", starting")
-        + (f", last reconcile {age(now - last)} ago" if last else ", not reconciled yet"),
-        f"config {daemon.get('config')}, binfmt_misc {daemon.get('binfmt_misc')}",
-        f"native: {', '.join(status.get('native') or []) or '-'}",
-        "",
-        table(ARCH_HEADER, arch_rows(status["arches"], now)),
-    ]
-    lines[3:3] = [f"warning: {text}" for text in status.get("warnings") or []]
-    lines += [f"{a['arch']}: {problem}" for a in status["arches"] if (problem := arch_problem(a))]
-    return "\n".join(lines)
-
-
-def arch_problem(entry: dict[str, Any]) -> str | None:
-    """Why an arch is not registered-with-F-and-verified, or None when it is."""
-    probe = entry.get("probe") or {}
-    detail = entry.get("error") or probe.get("error")
-    if not entry.get("registered"):
-        reason = "not registered"
-    elif not entry.get("enabled"):
-        reason = "registered but disabled"
-    elif "F" not in (entry.get("flags") or ""):
-        reason = f"registered without the F flag (flags {entry.get('flags') or 'none'})"
-    elif entry.get("state") != "verified":
-        reason = f"not verified (state {entry.get('state')})"
-    else:
-        return None
-    return f"{reason}: {detail}" if detail else reason
-
-
-def check_problems(status: dict[str, Any]) -> list[str]:
-    """Every reason `binfmtctl check` fails, one line each; empty means healthy."""
-    problems = [] if status["daemon"].get("ready") else ["binfmtd: not ready (first pass running)"]
-    for entry in status["arches"]:
-        problem = arch_problem(entry)
-        if problem:
-            problems.append(f"{entry['arch']}: {problem}")
-    return problems
-
-
-def render_worker(worker: dict[str, Any]) -> str:
-    """The worker's scalar fields, then the buildx command to use it."""
-    command = worker.get("buildx_command")
-    lines = [
-        f"{key}: {'-' if value is None else value}"
-        for key, value in worker.items()
-        if key != "buildx_command" and not isinstance(value, dict | list)
-    ]
-    lines += [
-        f"{k}: {', '.join(map(str, v)) or '-'}" for k, v in worker.items() if isinstance(v, list)
-    ]
-    if command:
-        lines += [
-            "",
-            "use it with:",
-            f"  {command if isinstance(command, str) else ' '.join(command)}",
-        ]
-    return "\n".join(lines)
+def read(kind: type[R], answer: Any) -> R:
+    """The daemon's JSON answer as a wire record, or exit 5 saying what did not fit."""
+    try:
+        return kind.from_json(answer)
+    except ValueError as exc:
+        raise CliError(ExitCode.DAEMON_ERROR, f"binfmtd sent an unexpected answer: {exc}") from None
 
 
 # --- offline ---------------------------------------------------------------------------------
 
 
 def offline_rows(root: str) -> list[list[str]]:
-    """binfmt_misc entries read directly; nothing was executed, so all are unverified."""
+    """binfmt_misc entries read directly; nothing was executed, so all are unverified.
+    Raises CliError (exit 3) when binfmt_misc is not mounted at `root` or not readable."""
     from binfmtd.binfmt import FormatError, parse_entry
 
+    names = _offline_names(root)
     rows = []
-    for name in sorted(os.listdir(root)):
-        if name in {"register", "status"}:
-            continue
+    for name in sorted(names - {"register", "status"}):
         try:
             with open(os.path.join(root, name), encoding="latin-1") as handle:
                 entry = parse_entry(name, handle.read())
@@ -273,14 +171,29 @@ def offline_rows(root: str) -> list[list[str]]:
     return rows
 
 
+def _offline_names(root: str) -> set[str]:
+    mount = f"run: mount -t binfmt_misc binfmt_misc {root}"
+    try:
+        names = set(os.listdir(root))
+    except FileNotFoundError:
+        raise CliError(
+            ExitCode.UNREACHABLE, f"cannot read {root}: is binfmt_misc mounted? ({mount})"
+        ) from None
+    except OSError as exc:
+        raise CliError(
+            ExitCode.UNREACHABLE, f"cannot read {root}: {exc.strerror} (binfmt_misc not readable)"
+        ) from None
+    if "register" not in names:
+        raise CliError(ExitCode.UNREACHABLE, f"binfmt_misc is not mounted at {root}; {mount}")
+    if not os.access(os.path.join(root, "status"), os.R_OK):
+        raise CliError(ExitCode.DENIED, f"binfmt_misc at {root} is not readable by this user")
+    return names
+
+
 def offline_status(root: str) -> int:
     """`status --offline`: what the kernel has, without asking the daemon."""
-    try:
-        rows = offline_rows(root)
-    except OSError as exc:
-        hint = "is binfmt_misc mounted?" if isinstance(exc, FileNotFoundError) else exc.strerror
-        raise CliError(ExitCode.UNREACHABLE, f"cannot read {root}: {hint}") from None
-    print(table(("ENTRY", "ENABLED", "FLAGS", "INTERPRETER", "STATE"), rows))
+    rows = offline_rows(root)
+    print(render.table(("ENTRY", "ENABLED", "FLAGS", "INTERPRETER", "STATE"), rows))
     print(f"\n{len(rows)} entries; offline: read from {root}, no probe ran, so none is verified")
     return ExitCode.OK
 
@@ -296,29 +209,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     """status: the daemon's view, or the kernel's with --offline."""
     if args.offline:
         return offline_status(args.binfmt_misc)
-    status = call(args.socket, "GET", "/v1/status", timeout=args.timeout)
-    print(json.dumps(status, indent=2) if args.json else render_status(status, time.time()))
+    answer = call(args.socket, "GET", "/v1/status", timeout=args.timeout)
+    status = read(wire.StatusRecord, answer)
+    print(json.dumps(answer, indent=2) if args.json else render.status_page(status, time.time()))
     return ExitCode.OK
 
 
 def cmd_platforms(args: argparse.Namespace) -> int:
     """platforms: ready for `docker buildx build --platform`."""
     if args.format == "binfmt":
-        _print_json(call(args.socket, "GET", "/v1/platforms?format=binfmt", timeout=args.timeout))
+        answer = call(args.socket, "GET", "/v1/platforms?format=binfmt", timeout=args.timeout)
+        _print_json(read(wire.BinfmtRecord, answer).to_json())
         return ExitCode.OK
     answer = call(args.socket, "GET", "/v1/platforms", timeout=args.timeout)
-    print(json.dumps(answer, indent=2) if args.json else ",".join(answer["platforms"]))
+    platforms = read(wire.PlatformsRecord, answer)
+    print(json.dumps(answer, indent=2) if args.json else ",".join(platforms.platforms))
     return ExitCode.OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """check: exit 0 only when every configured arch is registered with F and verified."""
-    status = call(args.socket, "GET", "/v1/status", timeout=args.timeout)
-    problems = check_problems(status)
+    status = read(wire.StatusRecord, call(args.socket, "GET", "/v1/status", timeout=args.timeout))
+    problems = render.check_problems(status)
     for line in problems:
         print(line)
     if not problems:
-        print(f"ok: {len(status['arches'])} architectures registered with F and verified")
+        print(f"ok: {len(status.arches)} architectures registered with F and verified")
     return ExitCode.NOT_OK if problems else ExitCode.OK
 
 
@@ -326,60 +242,79 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """verify: probe now; exit 1 when any probe failed."""
     body = {"arches": args.arches} if args.arches else None
     answer = call(args.socket, "POST", "/v1/verify", body, timeout=args.timeout)
+    result = read(wire.VerifyResult, answer)
     if args.json:
         _print_json(answer)
-    failed = answer.get("failed") or []
-    for arch in answer.get("verified") or []:
+    for arch in result.verified:
         print(f"{arch}: verified")
-    for arch in failed:
+    for arch in result.failed:
         print(f"{arch}: FAILED (see `binfmtctl status`)")
-    return ExitCode.NOT_OK if failed else ExitCode.OK
+    return ExitCode.NOT_OK if result.failed else ExitCode.OK
 
 
-def render_mutation(answer: dict[str, Any]) -> str:
-    """What reconcile, enable, disable and reload answered, in words; JSON if unknown."""
-    if "actions" in answer:
-        lines = [f"done: {action}" for action in answer["actions"]] or ["nothing to do"]
-        return "\n".join(
-            lines + [f"error: {k}: {v}" for k, v in (answer.get("errors") or {}).items()]
-        )
-    if "arch" in answer and "state" in answer:
-        return f"{answer['arch']}: {answer['state']}"
-    if "reloaded" in answer:
-        text = f"reloaded; changed: {', '.join(answer.get('changed') or []) or 'nothing'}"
-        later = answer.get("needs_restart") or []
-        if later:
-            text += f"\nnot applied, need a restart (systemctl restart binfmtd): {', '.join(later)}"
+def render_mutation(command: str, answer: Any) -> str:
+    """What reconcile, enable, disable and reload answered, in words."""
+    if command == "reconcile":
+        result = read(wire.ReconcileResult, answer)
+        lines = [f"done: {action}" for action in result.actions] or ["nothing to do"]
+        return "\n".join(lines + [f"error: {k}: {v}" for k, v in (result.errors or {}).items()])
+    if command == "reload":
+        reloaded = read(wire.ReloadResult, answer)
+        text = f"reloaded; changed: {', '.join(reloaded.changed) or 'nothing'}"
+        if reloaded.needs_restart:
+            later = ", ".join(reloaded.needs_restart)
+            text += f"\nnot applied, need a restart (systemctl restart binfmtd): {later}"
         return text
-    return json.dumps(answer, indent=2)
+    change = read(wire.ArchChange, answer)
+    return f"{change.arch}: {change.state}"
 
 
 def cmd_mutate(args: argparse.Namespace) -> int:
     """reconcile, enable, disable, reload: ask and show the answer."""
-    target = f"/v1/arches/{args.arch}/{args.command}" if "arch" in args else f"/v1/{args.command}"
+    if "arch" in args:
+        target = f"/v1/arches/{_quote(args.arch)}/{args.command}"
+    else:
+        target = f"/v1/{args.command}"
     answer = call(args.socket, "POST", target, timeout=args.timeout)
-    print(render_mutation(answer))
+    print(render_mutation(args.command, answer))
     return ExitCode.OK
+
+
+def _quote(name: str) -> str:
+    """Percent-encode what may not appear in a request target (slashes stay: linux/arm64)."""
+    safe = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-/"
+    return "".join(c if c in safe else "".join(f"%{b:02X}" for b in c.encode()) for c in name)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """worker: the BuildKit worker's state and the buildx command for it."""
-    worker = call(args.socket, "GET", "/v1/worker", timeout=args.timeout)
-    print(json.dumps(worker, indent=2) if args.json else render_worker(worker))
+    answer = call(args.socket, "GET", "/v1/worker", timeout=args.timeout)
+    worker = read(wire.WorkerRecord, answer)
+    print(json.dumps(answer, indent=2) if args.json else render.worker_page(worker))
     return ExitCode.OK
 
 
-def exec_argv(daemon: dict[str, Any], command: Sequence[str]) -> list[str]:
-    """What to exec so `command` sees the daemon's registrations.
+def exec_argv(daemon: wire.DaemonRecord, command: Sequence[str], cwd: str) -> list[str]:
+    """What to exec so `command` sees the daemon's registrations, in the caller's `cwd`.
 
     A --sandbox daemon registers in its own user namespace's binfmt_misc, so the command must
-    join that user namespace (and the mount namespace, for the same files). No
-    --preserve-credentials: nsenter then switches to uid/gid 0 inside, i.e. root there; with it,
-    host root stays unmapped (nobody) when the sandbox maps root elsewhere.
+    join that user namespace (and the mount namespace, for the same files); `--wd` keeps the
+    caller's working directory there, so relative commands and paths mean what they mean
+    here. No --preserve-credentials: nsenter then switches to uid/gid 0 inside, i.e. root
+    there; with it, host root stays unmapped (nobody) when the sandbox maps root elsewhere.
     """
-    if not daemon.get("sandbox"):
+    if not daemon.sandbox:
         return list(command)
-    return ["nsenter", "--target", str(daemon["pid"]), "--user", "--mount", "--", *command]
+    return [
+        "nsenter",
+        "--target",
+        str(daemon.pid),
+        "--user",
+        "--mount",
+        f"--wd={cwd}",
+        "--",
+        *command,
+    ]
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -387,8 +322,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
         raise CliError(ExitCode.USAGE, "exec needs a command: binfmtctl exec -- CMD [ARG...]")
-    status = call(args.socket, "GET", "/v1/status", timeout=args.timeout)
-    argv = exec_argv(status["daemon"], command)
+    status = read(wire.StatusRecord, call(args.socket, "GET", "/v1/status", timeout=args.timeout))
+    argv = exec_argv(status.daemon, command, os.getcwd())
     if argv[0] == "nsenter" and os.geteuid() != 0:
         raise CliError(ExitCode.DENIED, "entering the sandbox's namespaces needs root")
     sys.stdout.flush()
@@ -424,12 +359,14 @@ def _platforms_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _verify_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("arches", nargs="*", metavar="ARCH", help="default: every configured one")
+    parser.add_argument(
+        "arches", nargs="*", metavar="ARCH", help="aarch64, linux/arm64, arm64...; default: all"
+    )
     _json_arg(parser)
 
 
 def _arch_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("arch", metavar="ARCH")
+    parser.add_argument("arch", metavar="ARCH", help="QEMU or Docker name: aarch64, arm64, arm/v7")
 
 
 def _json_arg(parser: argparse.ArgumentParser) -> None:
@@ -456,19 +393,28 @@ COMMANDS = {
     "disable": ("disable an architecture's binfmt_misc entry", _arch_arg, cmd_mutate, 300.0),
     "reload": ("re-read the configuration", _no_args, cmd_mutate, 300.0),
     "worker": ("the BuildKit worker's state and buildx command", _json_arg, cmd_worker, 10.0),
-    "exec": ("run CMD where the daemon's emulators are registered", _exec_args, cmd_exec, 10.0),
+    "exec": ("run CMD where the emulators are registered, in this cwd", _exec_args, cmd_exec, 10.0),
 }
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with our usage exit code (64, EX_USAGE) instead of its 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Usage line and the problem on stderr, exit 64."""
+        self.print_usage(sys.stderr)
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Global options and the command name; the command's own options are parsed after."""
     listing = "\n".join(f"  {name:10s} {entry[0]}" for name, entry in COMMANDS.items())
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="binfmtctl",
         usage="binfmtctl [--socket PATH] [--timeout S] COMMAND [ARGS...]",
         description="Query and control binfmtd, the QEMU binfmt_misc registration daemon.",
         epilog=f"commands (binfmtctl COMMAND --help for more):\n{listing}\n\n"
-        + __doc__.split("\n\n")[1],
+        + "\n\n".join(__doc__.split("\n\n")[1:3]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -480,19 +426,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, metavar="S", help="seconds to wait (10; 300 for mutations)"
     )
-    parser.add_argument("command", choices=COMMANDS, metavar="COMMAND", help=argparse.SUPPRESS)
+    parser.add_argument("command", nargs="?", metavar="COMMAND", help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Both parsing stages; argparse's SystemExit (usage errors, --help) passes through."""
-    args = build_parser().parse_args(argv)
+    """Both parsing stages; argparse's SystemExit (usage errors, --help) passes through.
+    No command at all prints the help (on stderr) and exits 64."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        raise SystemExit(ExitCode.USAGE)
+    if args.command not in COMMANDS:
+        parser.error(f"unknown command {args.command!r}{_closest(args.command)}")
     text, add_arguments, handler, wait = COMMANDS[args.command]
-    sub = argparse.ArgumentParser(prog=f"binfmtctl {args.command}", description=text)
+    sub = Parser(prog=f"binfmtctl {args.command}", description=text)
     add_arguments(sub)
     sub.set_defaults(func=handler, wait=wait)
     return sub.parse_args(args.rest, namespace=args)
+
+
+def _closest(command: str) -> str:
+    close = [name for name in COMMANDS if name.startswith(command[:2])]
+    return f"; did you mean {' or '.join(close)}?" if close else f"; one of: {', '.join(COMMANDS)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -503,13 +461,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     if args.timeout is None:
         args.timeout = args.wait
+    return run_quietly(lambda: int(args.func(args)), "binfmtctl")
+
+
+def run_quietly(func: Callable[[], int], prog: str) -> int:
+    """Run `func`; an ExitError becomes its message and code, a closed stdout exit 141 with
+    nothing printed (no traceback, no "Exception ignored" at exit)."""
     try:
-        return int(args.func(args))
+        code = func()
+        sys.stdout.flush()
+        return code
     except CliError as exc:
-        print(f"binfmtctl: {exc.message}", file=sys.stderr)
+        print(f"{prog}: {exc.message}", file=sys.stderr)
         return int(exc.code)
     except BrokenPipeError:
-        return ExitCode.OK
+        # The reader went away: stop quietly, and keep the interpreter's final flush quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return ExitCode.CLOSED_PIPE
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ class ApiConfig:
 
     socket: str = "/run/binfmtd/binfmtd.sock"
     group: str | None = "binfmtd"
+    metrics_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,11 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "reverify_interval_s": (1, 86400),
     "timeout_s": (0.1, 600),
     "parallelism": (1, 64),
+    "metrics_port": (1, 65535),
 }
+
+
+_NAME_LISTS = frozenset({"arches", "exclude"})
 
 
 def load(path: str | None, *, require_safe_mode: bool = False) -> Config:
@@ -205,7 +210,14 @@ def parse(text: str, path: str = "<string>") -> Config:
     cfg: Config = _build(Config, node, path, "")
     cfg = dataclasses.replace(cfg, config_file=path)
     _check_semantics(cfg, path)
-    return cfg
+    return dataclasses.replace(
+        cfg, arches=_canonical_names(cfg.arches), exclude=_canonical_names(cfg.exclude)
+    )
+
+
+def _canonical_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """QEMU names for whatever spelling the operator used (`arm64`, `linux/arm/v7`), once each."""
+    return tuple(dict.fromkeys(n if n == "all" else archmod.canonical(n) for n in names))
 
 
 def _where(path: str, node: yaml.Node, key: str) -> str:
@@ -264,6 +276,8 @@ def _scalar(hint: Any, node: yaml.Node, path: str, key: str) -> Any:
             raise ConfigError(
                 f"{_where(path, node, key)}: {value!r} is not one of: {allowed}"
             ) from None
+    if hint is str and key in _NAME_LISTS and type(value) is int:
+        value = str(value)  # `arches: [386]`: YAML reads Docker's name for i386 as a number
     if isinstance(value, str) and (bad := control_characters(value)):
         raise ConfigError(
             f"{_where(path, node, key)}: contains control characters {bad!r}; paths and names "
@@ -299,9 +313,12 @@ def _type_name(hint: Any) -> str:
 
 
 def _check_semantics(cfg: Config, path: str) -> None:
-    for name in (*cfg.arches, *cfg.exclude):
-        if name != "all" and name not in archmod.BY_NAME:
-            raise ConfigError(f"{path}: arches: unknown architecture {name!r}")
+    for key in ("arches", "exclude"):
+        for name in getattr(cfg, key):
+            try:
+                _ = name == "all" or archmod.resolve(name)
+            except archmod.UnknownArch as exc:
+                raise ConfigError(f"{path}: {key}: {exc.message}") from None
     try:
         flags = normalize_flags(cfg.flags)
     except FormatError as exc:

@@ -7,21 +7,22 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from binfmtd import __version__, config, log, ns
-from binfmtd.preflight import Exit, PreflightError
+from binfmtd.cli import Parser, run_quietly
+from binfmtd.preflight import Exit
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="binfmtd",
         description="Keep QEMU user-mode emulators registered in binfmt_misc with the F flag, "
         "each proven by running a probe of its architecture.",
         epilog="Exit codes: 0 ok; 1 an architecture failed; 64 usage; 65 kernel < 4.8; "
         "66 no binfmt_misc; 67 cannot mount binfmt_misc; 68 binfmt_misc disabled; 69 not root; "
-        "70 sandbox unsupported; 71 already running; 72 internal error; 78 bad configuration.",
+        "70 sandbox unsupported; 71 already running; 72 internal error; 78 bad configuration; "
+        "141 stdout closed early (e.g. piped into head).",
     )
     parser.add_argument(
         "--config",
@@ -51,6 +52,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.command = args.command[1:]
     if args.command and not args.oneshot:
         parser.error("a command after -- needs --oneshot")
+    if args.json and not args.oneshot:
+        parser.error("--json needs --oneshot (the daemon logs JSON when not on a terminal)")
     return args
 
 
@@ -63,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"binfmtd: bad configuration: {exc}", file=sys.stderr)
         return Exit.CONFIG
     log.configure(cfg.log.level, cfg.log.format)
+    return run_quietly(lambda: _run(args, cfg), "binfmtd")
+
+
+def _run(args: argparse.Namespace, cfg: config.Config) -> int:
     try:
         if args.sandbox:
             ns.enter_sandbox(cfg.binfmt_misc, _socket_gids(cfg))
@@ -78,9 +85,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ns.SandboxError as exc:
         print(f"binfmtd: --sandbox: {exc}", file=sys.stderr)
         return Exit.SANDBOX_UNSUPPORTED
-    except PreflightError as exc:
-        print(f"binfmtd: {exc.message}", file=sys.stderr)
-        return exc.code
 
 
 def _run_command(command: list[str]) -> int:
@@ -128,9 +132,8 @@ def oneshot(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
 
 
 def _provision_once(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
-    from binfmtd import preflight
+    from binfmtd import preflight, render, views
     from binfmtd.engine import Engine
-    from binfmtd.plan import describe
     from binfmtd.status import ArchState
 
     logger = log.get("binfmtd.oneshot")
@@ -139,61 +142,27 @@ def _provision_once(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
     started = time.monotonic()
     engine.detect_native()
     report = engine.tick()
-    total = round((time.monotonic() - started) * 1000, 1)
-    statuses = engine.statuses()
+    durations = {**report.durations_ms, "total": round((time.monotonic() - started) * 1000, 1)}
+    record = views.oneshot_record(engine, report.actions, durations, sandbox=sandbox)
     if as_json:
         import json
 
-        print(
-            json.dumps(
-                {
-                    "sandbox": sandbox,
-                    "durations_ms": {**report.durations_ms, "total": total},
-                    "actions": [describe(a) for a in report.actions],
-                    "native": engine.native,
-                    "platforms": engine.verified_platforms(),
-                    "arches": [s.to_json() for s in statuses],
-                },
-                indent=2,
-            )
-        )
+        print(json.dumps(record.to_json(), indent=2))
     else:
-        print(render_table([s.to_json() for s in statuses]))
+        print(render.arch_table(record.arches, time.time()))
         print(
-            f"\nnative: {', '.join(engine.native) or '-'}; verified platforms: "
-            f"{','.join(engine.verified_platforms())}"
+            f"\nnative: {', '.join(record.native) or '-'}; verified platforms: "
+            f"{','.join(record.platforms)}"
         )
-        print(
-            "timings (ms): "
-            + ", ".join(f"{k} {v}" for k, v in {**report.durations_ms, "total": total}.items())
-        )
+        print("timings (ms): " + ", ".join(f"{k} {v}" for k, v in durations.items()))
     # A foreign entry left alone counts as a failure here even when it works: the conflict
     # is unresolved until the operator chooses (conflict_policy).
+    statuses = engine.statuses()
     bad = [s for s in statuses if s.state not in {ArchState.VERIFIED, ArchState.DISABLED}]
+    sys.stdout.flush()
     for row in bad:
         print(f"binfmtd: {row.arch}: {row.state}: {row.error or 'not verified'}", file=sys.stderr)
     return Exit.ARCH_FAILED if bad else Exit.OK
-
-
-def render_table(rows: list[dict[str, Any]]) -> str:
-    """An aligned table: arch, OCI platform, state, flags, interpreter, verified."""
-    from binfmtd.cli import table
-
-    header = ("ARCH", "PLATFORM", "STATE", "FLAGS", "INTERPRETER", "VERIFIED")
-    return table(header, [_table_row(row) for row in rows])
-
-
-def _table_row(row: dict[str, Any]) -> list[str]:
-    probe = row.get("probe") or {}
-    verified = f"yes ({probe['duration_ms']} ms)" if probe.get("ok") else "no"
-    return [
-        row["arch"],
-        ",".join(row["platforms"]) or "-",
-        row["state"],
-        row["flags"] or "-",
-        row["interpreter"] or "-",
-        verified,
-    ]
 
 
 if __name__ == "__main__":

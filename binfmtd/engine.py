@@ -24,6 +24,7 @@ from binfmtd.binfmt import Entry, Registration, normalize_flags
 from binfmtd.config import Config, InstallMethod, SourceKind
 from binfmtd.emulators import Installed, InstallError, Source
 from binfmtd.kernel import BinfmtMisc, KernelError
+from binfmtd.log import Repeats
 from binfmtd.probe import ProbeResult
 from binfmtd.status import ArchStatus, derive_state
 
@@ -74,6 +75,11 @@ class Engine:
         self._registrations: dict[tuple[str, str, str], Registration] = {}
         self.operator_disabled: set[str] = set()
         self.native: tuple[str, ...] = ()
+        # Failures that recur every pass are logged when they start, change and end.
+        self._install_failures = Repeats(log, "install_failed", "install_recovered")
+        self._action_failures = Repeats(log, "action_failed", "action_recovered")
+        self._probe_failures = Repeats(log, "probe_failed", "probe_recovered")
+        self._untrusted = Repeats(log, "install_dir_untrusted", "install_dir_trusted", key="path")
         self.cfg = cfg
         self.apply_config(cfg)
 
@@ -147,8 +153,9 @@ class Engine:
         try:
             emulators.check_trusted_path(self.cfg.install_dir)
         except InstallError as exc:
-            self.log.warning("install_dir_untrusted", error=str(exc))
+            self._untrusted.seen(self.cfg.install_dir, str(exc))
             return False
+        self._untrusted.cleared(self.cfg.install_dir)
         return True
 
     def _interpreter_intact(self, arch: str) -> bool:
@@ -292,12 +299,12 @@ class Engine:
             report.errors[str(action.arch or getattr(action, "name", "?"))] = str(exc)
             if action.arch:
                 self.errors[action.arch] = str(exc)
-            self.log.warning(
-                "action_failed", arch=action.arch, action=plan.describe(action), error=str(exc)
-            )
+            key = str(action.arch or getattr(action, "name", "?"))
+            self._action_failures.seen(key, str(exc), action=plan.describe(action))
             return
         if action.arch:
             self.errors.pop(action.arch, None)
+            self._action_failures.cleared(action.arch)
         if self.log.is_enabled_for(logging.INFO):  # skip building the event when filtered
             self.log.info(
                 _event(action), arch=action.arch, reason=action.reason, **_action_fields(action)
@@ -386,6 +393,7 @@ class Engine:
             sha256=done.sha256,
             method=done.method,
         )
+        self._install_failures.cleared(arch)
 
     def _add_versions(self, arches: list[str]) -> None:
         """`qemu-X --version` once every write is closed: a fork while another thread holds a
@@ -402,8 +410,7 @@ class Engine:
         for arch in arches:
             text = why.replace("ARCH", arch)
             report.errors[arch] = text
-            if self.errors.get(arch) != text:  # say it once, not every tick
-                self.log.warning("install_failed", arch=arch, error=text)
+            self._install_failures.seen(arch, text)
             self.errors[arch] = text
 
     def _source_problem(self) -> str:
@@ -433,8 +440,9 @@ class Engine:
                 (report.verified if result.ok else report.failed).append(arch)
             if result.ok:
                 self.log.info("probe_passed", arch=arch, duration_ms=round(result.duration_ms, 1))
+                self._probe_failures.cleared(arch)
             else:
-                self.log.warning("probe_failed", arch=arch, error=result.error)
+                self._probe_failures.seen(arch, result.error or "probe failed")
 
     def remove_own_entries(self) -> list[str]:
         """Remove every entry binfmtd owns (never others', never `status`)."""

@@ -8,6 +8,7 @@ from enum import IntEnum
 
 from binfmtd.kernel import BinfmtMisc, KernelError, mount_type
 from binfmtd.ns import kernel_version
+from binfmtd.wire import ExitError
 
 MIN_KERNEL = (4, 8)
 
@@ -29,13 +30,8 @@ class Exit(IntEnum):
     CONFIG = 78
 
 
-class PreflightError(Exception):
-    """A failed check: what is wrong and what to do, and the exit code."""
-
-    def __init__(self, code: Exit, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class PreflightError(ExitError):
+    """A failed check: what is wrong and what to do (`message`), and the exit code (`code`)."""
 
 
 def check_kernel(release: str | None = None) -> None:

@@ -7,7 +7,9 @@ the others. Reads are served from memory: encoded bodies are cached per `Api.ver
 Mutations run one at a time on a worker thread; the loop keeps serving while they run.
 Who may do what is decided by the peer's credentials (SO_PEERCRED): anyone who can connect
 may read (the socket's 0660 root:<group> mode limits that), only uid 0 may mutate.
-Parsing lives in `httpproto`, routing in `routes`, binding the socket in `listener`.
+Fairness: `Limits.root_reserved` of the `max_connections` slots are kept for root, and each
+other uid may hold at most `Limits.per_uid` connections, so no local user can crowd root out.
+HTTP is h11's (`protocol`), routing `routes`, binding the socket `listener`.
 """
 
 from __future__ import annotations
@@ -25,13 +27,7 @@ from typing import Any, Final, Protocol, cast
 
 import structlog
 
-from binfmtd.httpproto import (
-    ProtocolError,
-    Request,
-    RequestReader,
-    error_body,
-    response,
-)
+from binfmtd import wire
 from binfmtd.listener import (
     DRAIN_LIMIT,
     Listener,
@@ -41,12 +37,15 @@ from binfmtd.listener import (
     open_listener,
     peer_of,
 )
-from binfmtd.routes import Mutation, Read, Reject, View, ViewCache, route
+from binfmtd.protocol import Connection, ProtocolError, Request, encode_json, error_body
+from binfmtd.routes import OTHER, Mutation, Read, Reject, View, ViewCache, route, to_json
 
 log = structlog.get_logger("binfmtd.server")
 
 _RECV_SIZE: Final = 64 * 1024
 _OUT_HIGH_WATER: Final = 256 * 1024
+METRICS_TYPE: Final = b"text/plain; version=0.0.4; charset=utf-8"
+INTERNAL_ERROR: Final = "internal error; see the daemon log"
 
 
 class ApiError(Exception):
@@ -64,19 +63,27 @@ class Api(Protocol):
     view changes (bump it after publishing the new snapshot). `health()` is never cached."""
 
     def version(self) -> int: ...
-    def status(self) -> Mapping[str, Any]: ...
-    def platforms(self) -> Mapping[str, Any]: ...
-    def platforms_binfmt(self) -> Mapping[str, Any]: ...
-    def health(self) -> Mapping[str, Any]: ...
-    def worker(self) -> Mapping[str, Any]: ...
-    def mutate(self, action: str, arg: dict[str, Any]) -> Mapping[str, Any]: ...
+    def status(self) -> wire.StatusRecord | Mapping[str, Any]: ...
+    def platforms(self) -> wire.PlatformsRecord | Mapping[str, Any]: ...
+    def platforms_binfmt(self) -> wire.BinfmtRecord | Mapping[str, Any]: ...
+    def health(self) -> wire.HealthRecord | Mapping[str, Any]: ...
+    def worker(self) -> wire.WorkerRecord | Mapping[str, Any]: ...
+    def metrics(self) -> bytes: ...
+    def mutate(self, action: str, arg: dict[str, Any]) -> wire.Record | Mapping[str, Any]: ...
+
+
+Observer = Callable[[str, int], None]
+"""Called once per answered request with (endpoint template, HTTP status)."""
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-connection budgets, in seconds, and the connection cap."""
+    """Per-connection budgets, in seconds; the connection cap, the slots only root may use,
+    and how many connections one non-root uid may hold."""
 
     max_connections: int = 512
+    root_reserved: int = 32
+    per_uid: int = 64
     request_timeout: float = 5.0
     idle_timeout: float = 30.0
     send_timeout: float = 5.0
@@ -92,7 +99,7 @@ class _Conn:
     sock: socket.socket
     peer: Peer
     mark: float
-    reader: RequestReader = field(default_factory=RequestReader)
+    http: Connection = field(default_factory=Connection)
     out: bytearray = field(default_factory=bytearray)
     events: int = 0
     busy: bool = False
@@ -120,8 +127,10 @@ class ApiServer:
         limits: Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
         environ: Mapping[str, str] | None = None,
+        observe: Observer | None = None,
     ) -> None:
         self._path, self._group, self._mode, self._environ = path, group, mode, environ
+        self._observe = observe
         self._api = api
         self._listener: Listener | None = None
         self._limits = limits or Limits()
@@ -129,7 +138,8 @@ class ApiServer:
         self._views = ViewCache(api)
         self._sel = selectors.DefaultSelector()
         self._conns: set[_Conn] = set()
-        self._done: deque[tuple[_Conn, bytes, bool]] = deque()
+        self._per_uid: dict[int, int] = {}
+        self._done: deque[tuple[_Conn, int, bytes, str, bool]] = deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="binfmtd-mutate")
@@ -216,18 +226,35 @@ class ApiServer:
 
     def _admit(self, sock: socket.socket) -> None:
         sock.setblocking(False)
-        if len(self._conns) >= self._limits.max_connections:
-            _refuse(sock, 503, "too many connections")
-            sock.close()
-            log.warning("api_connection_rejected", reason="too_many_connections")
-            return
         try:
-            conn = _Conn(sock, peer_of(sock), mark=self._now)
+            peer = peer_of(sock)
         except OSError:
             sock.close()
             return
+        refusal = self._refusal(peer.uid)
+        if refusal is not None:
+            _refuse(sock, 503, refusal)
+            sock.close()
+            log.warning("api_connection_rejected", reason=refusal, uid=peer.uid)
+            return
+        conn = _Conn(sock, peer, mark=self._now)
         self._conns.add(conn)
+        self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
         self._set_interest(conn)
+
+    def _refusal(self, uid: int) -> str | None:
+        """Why a new connection from `uid` is refused, or None: root may use every slot,
+        others leave `root_reserved` free and hold at most `per_uid` each."""
+        limits, total = self._limits, len(self._conns)
+        if total >= limits.max_connections:
+            return "too many connections"
+        if uid == 0:
+            return None
+        if total >= limits.max_connections - limits.root_reserved:
+            return "too many connections (the remaining slots are reserved for root)"
+        if self._per_uid.get(uid, 0) >= limits.per_uid:
+            return f"too many connections from uid {uid} (at most {limits.per_uid})"
+        return None
 
     def _on_ready(self, conn: _Conn, mask: int) -> None:
         if conn.lingering:
@@ -253,24 +280,24 @@ class ApiServer:
             return
         if not data:
             conn.eof = True
-        elif conn.reader.buffered == 0:
+        elif conn.http.buffered == 0:
             conn.mark = self._now
-        conn.reader.feed(data)
+        conn.http.feed(data)
 
     def _process(self, conn: _Conn) -> None:
         """Answer every complete buffered request, in order, until one must wait."""
         drained = consumed = False
         while not (conn.busy or conn.closing) and len(conn.out) < _OUT_HIGH_WATER:
-            parsed = conn.reader.next_request()
+            parsed = conn.http.next_request()
             if isinstance(parsed, Request):
                 self._handle(conn, parsed)
             elif isinstance(parsed, ProtocolError):
-                self._reply(conn, parsed.status, error_body(parsed.status, parsed.message), False)
+                self._send(conn, parsed.status, error_body(parsed.status, parsed.message), False)
             else:
                 drained = True
                 break
             consumed = True
-        if consumed and conn.reader.buffered:
+        if consumed and conn.http.buffered:
             conn.mark = self._now
         # A half-closed peer gets answers to what it sent, then we close.
         conn.closing = conn.closing or (conn.eof and drained)
@@ -279,40 +306,59 @@ class ApiServer:
     def _handle(self, conn: _Conn, request: Request) -> None:
         conn.served = True
         target = route(request)
+        alive = request.keep_alive
         if isinstance(target, Reject):
             extra = (("Allow", target.allow),) if target.allow else ()
             body = error_body(target.status, target.message)
-            conn.out += response(target.status, body, keep_alive=request.keep_alive, headers=extra)
+            self._send(conn, target.status, body, alive, extra, target.endpoint)
         elif isinstance(target, Read):
-            self._serve_read(conn, target.view, request.keep_alive)
+            self._serve_read(conn, target, alive)
         elif conn.peer.uid != 0:
             message = f"{target.action} needs root; peer uid is {conn.peer.uid}"
-            self._reply(conn, 403, error_body(403, message), request.keep_alive)
+            self._send(conn, 403, error_body(403, message), alive, endpoint=target.endpoint)
         else:
-            self._start_mutation(conn, target, request.keep_alive)
-        conn.closing = conn.closing or not request.keep_alive
+            self._start_mutation(conn, target, alive)
 
-    def _reply(self, conn: _Conn, status: int, obj: object, keep_alive: bool) -> None:
-        conn.out += response(status, obj, keep_alive=keep_alive)
-        conn.closing = conn.closing or not keep_alive
+    def _send(
+        self,
+        conn: _Conn,
+        status: int,
+        body: bytes,
+        keep_alive: bool,
+        headers: tuple[tuple[str, str], ...] = (),
+        endpoint: str = OTHER,
+        content_type: bytes | None = None,
+    ) -> None:
+        """Queue one answer through h11; close after it unless both sides keep the connection."""
+        kind = {} if content_type is None else {"content_type": content_type}
+        conn.out += conn.http.respond(status, body, keep_alive=keep_alive, headers=headers, **kind)
+        conn.closing = conn.closing or not keep_alive or not conn.http.open
+        if self._observe is not None:
+            self._observe(endpoint, status)
 
-    def _serve_read(self, conn: _Conn, view: View, keep_alive: bool) -> None:
+    def _serve_read(self, conn: _Conn, target: Read, keep_alive: bool) -> None:
         try:
-            conn.out += self._views.response(view, keep_alive)
+            body = self._views.body(target.view)
         except Exception:
-            log.exception("api_read_failed", view=str(view))
-            self._reply(
-                conn, 500, error_body(500, "internal error; see the daemon log"), keep_alive
-            )
+            log.exception("api_read_failed", view=str(target.view))
+            self._send(conn, 500, error_body(500, INTERNAL_ERROR), keep_alive, (), target.endpoint)
+            return
+        kind = METRICS_TYPE if target.view is View.METRICS else None
+        self._send(conn, 200, body, keep_alive, (), target.endpoint, kind)
 
     def _start_mutation(self, conn: _Conn, mutation: Mutation, keep_alive: bool) -> None:
         conn.busy = True
-        future = self._pool.submit(_run_mutation, self._api, mutation, keep_alive)
-        future.add_done_callback(lambda done: self._mutation_done(conn, done, keep_alive))
+        future = self._pool.submit(_run_mutation, self._api, mutation)
+        future.add_done_callback(
+            lambda done: self._mutation_done(conn, done, mutation.endpoint, keep_alive)
+        )
 
-    def _mutation_done(self, conn: _Conn, future: Future[bytes], keep_alive: bool) -> None:
+    def _mutation_done(
+        self, conn: _Conn, future: Future[tuple[int, bytes]], endpoint: str, keep_alive: bool
+    ) -> None:
         if not future.cancelled():
-            self._done.append((conn, future.result(), keep_alive))
+            status, body = future.result()
+            self._done.append((conn, status, body, endpoint, keep_alive))
             self._wake()
 
     def _wake(self) -> None:
@@ -323,11 +369,10 @@ class ApiServer:
         with contextlib.suppress(BlockingIOError):
             self._wake_r.recv(4096)
         while self._done:
-            conn, payload, keep_alive = self._done.popleft()
+            conn, status, body, endpoint, keep_alive = self._done.popleft()
             if conn in self._conns:
                 conn.busy = False
-                conn.out += payload
-                conn.closing = conn.closing or not keep_alive
+                self._send(conn, status, body, keep_alive, (), endpoint)
                 self._process(conn)
 
     def _flush(self, conn: _Conn) -> None:
@@ -386,13 +431,13 @@ class ApiServer:
             return float("inf")
         if conn.out:
             return conn.mark + limits.send_timeout
-        if conn.lingering or conn.reader.buffered or not conn.served:
+        if conn.lingering or conn.http.buffered or not conn.served:
             return conn.mark + limits.request_timeout
         return conn.mark + limits.idle_timeout
 
     def _sweep(self) -> None:
         for conn in [c for c in self._conns if self._deadline(c) <= self._now]:
-            if conn.reader.buffered and not conn.out and not conn.lingering:
+            if conn.http.buffered and not conn.out and not conn.lingering:
                 _refuse(conn.sock, 408, "request not received in time")
             self._drop(conn)
 
@@ -401,26 +446,28 @@ class ApiServer:
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(conn.sock)
         conn.events = 0
-        self._conns.discard(conn)
+        if conn in self._conns:
+            self._conns.discard(conn)
+            left = self._per_uid.pop(conn.peer.uid, 1) - 1
+            if left:
+                self._per_uid[conn.peer.uid] = left
         conn.sock.close()
 
 
 def _refuse(sock: socket.socket, status: int, message: str) -> None:
     """Answer with an error in one best-effort send, then half-close before the caller closes."""
+    answer = Connection().respond(status, error_body(status, message), keep_alive=False)
     with contextlib.suppress(OSError):
-        sock.send(response(status, error_body(status, message), keep_alive=False))
+        sock.send(answer)
     half_close(sock)
 
 
-def _run_mutation(api: Api, mutation: Mutation, keep_alive: bool) -> bytes:
-    """Call the api on the worker thread and turn any outcome into a complete response."""
+def _run_mutation(api: Api, mutation: Mutation) -> tuple[int, bytes]:
+    """Call the api on the worker thread: (status, encoded body) for any outcome."""
     try:
-        result = api.mutate(mutation.action, mutation.arg)
-        return response(200, result, keep_alive=keep_alive)
+        return 200, encode_json(to_json(api.mutate(mutation.action, mutation.arg)))
     except ApiError as exc:
-        return response(exc.status, error_body(exc.status, exc.message), keep_alive=keep_alive)
+        return exc.status, error_body(exc.status, exc.message)
     except Exception:
         log.exception("api_mutation_failed", action=str(mutation.action))
-        return response(
-            500, error_body(500, "internal error; see the daemon log"), keep_alive=keep_alive
-        )
+        return 500, error_body(500, INTERNAL_ERROR)

@@ -17,10 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from binfmtd import __version__, config, emulators, log, plan, preflight, watch
+from binfmtd import __version__, config, emulators, log, plan, preflight, views, watch, wire
 from binfmtd.engine import Engine, TickReport
 from binfmtd.kernel import KernelError
 from binfmtd.lock import Lock
+from binfmtd.metrics import Metrics
 from binfmtd.notify import Notifier
 from binfmtd.preflight import Exit, PreflightError
 from binfmtd.server import ApiError, ApiServer
@@ -38,28 +39,28 @@ class _Command:
     action: str
     arg: dict[str, Any]
     done: threading.Event = field(default_factory=threading.Event)
-    result: dict[str, Any] | None = None
+    result: wire.Record | None = None
     error: ApiError | None = None
 
 
 class Published:
-    """Immutable views of the daemon's state, swapped atomically after each tick."""
+    """Immutable views of the daemon's state (wire records), swapped atomically after each tick."""
 
     def __init__(self) -> None:
         self.version = 0
-        self.status: dict[str, Any] = {}
-        self.platforms: dict[str, Any] = {"platforms": [], "native": [], "emulated": []}
-        self.binfmt: dict[str, Any] = {"supported": [], "emulators": []}
-        self.worker: dict[str, Any] | None = None
+        self.status: wire.StatusRecord = wire.StatusRecord(wire.DaemonRecord(__version__, 0), ())
+        self.platforms = wire.PlatformsRecord(())
+        self.binfmt = wire.BinfmtRecord((), ())
+        self.worker: wire.WorkerRecord | None = None
         self.last_tick = 0.0
         self.ready = False
 
     def swap(
         self,
-        status: dict[str, Any],
-        platforms: dict[str, Any],
-        binfmt: dict[str, Any],
-        worker: dict[str, Any] | None,
+        status: wire.StatusRecord,
+        platforms: wire.PlatformsRecord,
+        binfmt: wire.BinfmtRecord,
+        worker: wire.WorkerRecord | None,
     ) -> None:
         """Replace every view, then bump the version the server caches encoded answers by."""
         self.status, self.platforms, self.binfmt, self.worker = status, platforms, binfmt, worker
@@ -95,7 +96,8 @@ class Daemon:
         self.last_reconcile: float | None = None
         self.worker: Any = None
         self._worker_key: tuple[Any, ...] = ()
-        self._last_errors: dict[str, str] = {}
+        self._last_states: dict[str, tuple[str, str | None]] = {}
+        self.metrics = Metrics()
         self._logged_credentials: list[str] = []
         self.server: Any = None
 
@@ -198,6 +200,7 @@ class Daemon:
             self.server.close()
         if self.worker is not None:
             self.worker.stop()
+        self.metrics.close()
         if self.cfg.remove_on_stop:
             with contextlib.suppress(KernelError, OSError):
                 removed = self.engine.remove_own_entries()
@@ -231,18 +234,24 @@ class Daemon:
         self.last_reconcile = self.clock()
         self._log_credentials()
         self._publish()
-        errors_changed = report.errors != self._last_errors
-        self._last_errors = dict(report.errors)
-        if report.changed or errors_changed:
+        done = [
+            a for a in report.actions if str(a.arch or getattr(a, "name", "?")) not in report.errors
+        ]
+        self.metrics.observe_actions((type(a).__name__.lower(), a.reason) for a in done)
+        # Info only when something changed: a repair that worked, or an arch whose state or
+        # error moved. Recurring failures are logged by the engine when they start and end.
+        states = {a.arch: (a.state, a.error) for a in self.published.status.arches}
+        if done or states != self._last_states:
             self.log.info(
                 "reconcile_finished",
-                repaired=[plan.describe(a) for a in report.actions],
+                repaired=[plan.describe(a) for a in done],
                 verified=report.verified,
                 failed=report.failed,
                 errors=report.errors,
                 duration_ms=round((time.monotonic() - started) * 1000, 1),
             )
             self.notifier.status(self._summary())
+        self._last_states = states
         return report
 
     def _note_flags_upgrade(self) -> None:
@@ -326,35 +335,26 @@ class Daemon:
     # ------------------------------------------------------------ publishing
 
     def _publish(self) -> None:
-        statuses = [s.to_json() for s in self.engine.statuses()]
-        native_platforms = self._native_platforms()
-        verified = self.engine.verified_platforms()
-        emulated = [p for p in verified if p not in native_platforms]
+        engine = self.engine
+        arches = views.arch_records(engine)
+        platforms = views.platforms_record(engine)
         worker = self.worker.snapshot() if self.worker is not None else None
-        status = {
-            "daemon": {
-                "version": __version__,
-                "pid": os.getpid(),
-                "started_at": self.started_at,
-                "sandbox": self.sandbox,
-                "binfmt_misc": self.cfg.binfmt_misc,
-                "ready": self.published.ready,
-                "last_reconcile": self.last_reconcile,
-                "config": self.cfg.config_file,
-                "reconcile_interval_s": self.cfg.reconcile_interval_s,
-            },
-            "arches": statuses,
-            "warnings": self._warnings(),
-            "native": native_platforms,
-            "worker": worker,
-        }
-        platforms = {"platforms": verified, "native": native_platforms, "emulated": emulated}
-        binfmt = {
-            "supported": verified,
-            "emulators": sorted(f"qemu-{s['arch']}" for s in statuses if s["registered"]),
-        }
+        daemon = wire.DaemonRecord(
+            version=__version__,
+            pid=os.getpid(),
+            started_at=self.started_at,
+            sandbox=self.sandbox,
+            binfmt_misc=self.cfg.binfmt_misc,
+            ready=self.published.ready,
+            last_reconcile=self.last_reconcile,
+            config=self.cfg.config_file,
+            reconcile_interval_s=self.cfg.reconcile_interval_s,
+        )
+        warnings = tuple(self._warnings())
+        status = wire.StatusRecord(daemon, arches, platforms.native, worker, warnings)
         self.published.last_tick = time.monotonic()
-        self.published.swap(status, platforms, binfmt, worker)
+        self.published.swap(status, platforms, views.binfmt_record(engine, arches), worker)
+        self.metrics.observe_status(status)
 
     def _native_platforms(self) -> list[str]:
         from binfmtd.arch import platforms_of
@@ -370,7 +370,7 @@ class Daemon:
 
     # ------------------------------------------------------------ commands from the API
 
-    def submit(self, action: str, arg: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
+    def submit(self, action: str, arg: dict[str, Any], timeout: float = 120.0) -> wire.Record:
         """Queue a mutation for the loop thread and wait for its answer.
 
         Raises ApiError: 503 once the daemon is stopping (the mutation was not run), 504 when
@@ -386,7 +386,8 @@ class Daemon:
             raise ApiError(504, f"{action} did not finish within {timeout:g} s")
         if command.error is not None:
             raise command.error
-        return command.result or {}
+        assert command.result is not None
+        return command.result
 
     def _refuse_queued(self) -> list[str]:
         """At stop: answer every mutation still queued with 503; none of them ran."""
@@ -418,7 +419,7 @@ class Daemon:
             finally:
                 command.done.set()
 
-    def _execute(self, action: str, arg: dict[str, Any]) -> dict[str, Any]:
+    def _execute(self, action: str, arg: dict[str, Any]) -> wire.Record:
         selected = set(self.engine.selected)
         if action == "verify":
             arches = list(arg.get("arches") or sorted(selected))
@@ -426,17 +427,18 @@ class Daemon:
             if unknown:
                 raise ApiError(404, f"not configured: {', '.join(unknown)}")
             report = self._tick(verify_also=tuple(arches))
-            return {"verified": report.verified, "failed": report.failed}
+            return wire.VerifyResult(tuple(report.verified), tuple(report.failed))
         if action == "reconcile":
             report = self._tick()
-            return {"actions": [plan.describe(a) for a in report.actions], "errors": report.errors}
+            actions = tuple(plan.describe(a) for a in report.actions)
+            return wire.ReconcileResult(actions, report.errors)
         if action in {"enable", "disable"}:
             return self._set_enabled(str(arg.get("arch", "")), action == "enable", selected)
         if action == "reload":
             return self._reload()
         raise ApiError(404, f"unknown action {action!r}")
 
-    def _set_enabled(self, arch: str, enable: bool, selected: set[str]) -> dict[str, Any]:
+    def _set_enabled(self, arch: str, enable: bool, selected: set[str]) -> wire.ArchChange:
         if arch not in selected:
             raise ApiError(404, f"architecture {arch!r} is not configured")
         if enable:
@@ -444,11 +446,11 @@ class Daemon:
         else:
             self.engine.operator_disabled.add(arch)
         self._tick()
-        return {"arch": arch, "state": self.engine.status_of(arch).state}
+        return wire.ArchChange(arch, str(self.engine.status_of(arch).state))
 
     # ------------------------------------------------------------ reload
 
-    def _reload(self) -> dict[str, Any]:
+    def _reload(self) -> wire.ReloadResult:
         """Re-read the configuration; on any problem keep running on the old one and say so."""
         self.reload_requested = False
         self.notifier.reloading()
@@ -483,13 +485,25 @@ class Daemon:
                 hint="these keys keep their running values until `systemctl restart binfmtd`",
             )
         self.notifier.ready(self._summary())
-        return {"reloaded": True, "changed": changed, "needs_restart": later}
+        return wire.ReloadResult(True, tuple(changed), tuple(later))
 
     # ------------------------------------------------------------ parts
 
     def _start_server(self) -> None:
-        self.server = ApiServer(self.cfg.api.socket, self.cfg.api.group, DaemonApi(self))
+        self.server = ApiServer(
+            self.cfg.api.socket,
+            self.cfg.api.group,
+            DaemonApi(self),
+            observe=self.metrics.observe_request,
+        )
         self.server.start()
+        port = self.cfg.api.metrics_port
+        if port is not None:
+            try:
+                self.metrics.serve_tcp(port)
+                self.log.info("metrics_listening", address=f"127.0.0.1:{port}")
+            except OSError as exc:  # the socket API still serves /metrics
+                self.log.error("metrics_listen_failed", port=port, error=exc.strerror)
 
     def _start_worker(self) -> None:
         if not self.cfg.buildkit.enabled:
@@ -512,34 +526,36 @@ class DaemonApi:
         """Changes whenever any published view changes."""
         return self.daemon.published.version
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> wire.StatusRecord:
         """The full status, from memory."""
         return self.daemon.published.status
 
-    def platforms(self) -> dict[str, Any]:
+    def platforms(self) -> wire.PlatformsRecord:
         """Verified platforms, native first."""
         return self.daemon.published.platforms
 
-    def platforms_binfmt(self) -> dict[str, Any]:
+    def platforms_binfmt(self) -> wire.BinfmtRecord:
         """The JSON shape tonistiigi/binfmt prints."""
         return self.daemon.published.binfmt
 
-    def worker(self) -> dict[str, Any]:
+    def worker(self) -> wire.WorkerRecord:
         """The BuildKit worker's state."""
-        return self.daemon.published.worker or {"enabled": False}
+        return self.daemon.published.worker or wire.WorkerRecord(enabled=False)
 
-    def health(self) -> dict[str, Any]:
+    def metrics(self) -> bytes:
+        """The Prometheus text exposition."""
+        return self.daemon.metrics.render()
+
+    def health(self) -> wire.HealthRecord:
         """Liveness: ready, and how long since the loop last published."""
         published = self.daemon.published
         age = time.monotonic() - published.last_tick if published.last_tick else -1.0
         limit = max(5.0, 3 * self.daemon.cfg.reconcile_interval_s)
-        return {
-            "ok": published.ready and 0 <= age < limit,
-            "ready": published.ready,
-            "last_tick_age_s": round(age, 3),
-        }
+        return wire.HealthRecord(
+            published.ready and 0 <= age < limit, published.ready, round(age, 3)
+        )
 
-    def mutate(self, action: str, arg: dict[str, Any]) -> dict[str, Any]:
+    def mutate(self, action: str, arg: dict[str, Any]) -> wire.Record:
         """Queue a mutation to the loop thread and wait for the answer."""
         return self.daemon.submit(action, arg)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from binfmtd.binfmt import Entry
 from binfmtd.probe import ProbeResult
@@ -51,7 +50,7 @@ def derive_state(
 
 @dataclass(frozen=True)
 class ArchStatus:
-    """What status shows for one arch."""
+    """What status shows for one arch (sent as `wire.ArchRecord`, built by `views`)."""
 
     arch: str
     platforms: tuple[str, ...]
@@ -64,27 +63,3 @@ class ArchStatus:
     qemu_version: str | None
     probe: ProbeResult | None
     error: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON shape of the status API."""
-        result = self.probe
-        return {
-            "arch": self.arch,
-            "platforms": list(self.platforms),
-            "state": self.state.value,
-            "registered": self.registered,
-            "enabled": self.enabled,
-            "flags": self.flags,
-            "interpreter": self.interpreter,
-            "sha256": self.sha256,
-            "qemu_version": self.qemu_version,
-            "probe": None
-            if result is None
-            else {
-                "ok": result.ok,
-                "at": result.at,
-                "duration_ms": round(result.duration_ms, 1),
-                "error": result.error,
-            },
-            "error": self.error,
-        }

@@ -25,7 +25,7 @@ import psutil
 import structlog
 from structlog.typing import FilteringBoundLogger
 
-from binfmtd import trust
+from binfmtd import trust, wire
 from binfmtd.buildkit import (
     BuildkitConfig,
     WorkerUnreachable,
@@ -221,28 +221,29 @@ class WorkerSupervisor:
         """Restart a running worker, with the usual grace for running builds."""
         self._feed(RestartRequested(), self._clock())
 
-    def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready view for the status API and `binfmtctl`."""
+    def snapshot(self) -> wire.WorkerRecord:
+        """The worker as the status API and `binfmtctl worker` show it (`wire.WorkerRecord`)."""
         status, now = self._status, self._clock()
         advertised = status.advertised_platforms
         diff = platform_diff(status.desired_platforms, advertised) if advertised else None
-        return {
-            "state": status.state.value,
-            "pid": status.pid,
-            "uptime_s": None if status.healthy_at is None else round(now - status.healthy_at, 1),
-            "restarts": status.restarts,
-            "failures": status.failures,
-            "intended_platforms": list(status.desired_platforms),
-            "running_platforms": list(status.running_platforms) if status.pid else [],
-            "advertised_platforms": list(advertised),
-            "differences": None if diff is None else diff.as_dict(),
-            "next_start_in_s": _seconds_until(status.next_start_at, now),
-            "last_error": status.last_error,
-            "socket": self._config.socket,
-            "buildx_command": buildx_command(
+        return wire.WorkerRecord(
+            enabled=True,
+            state=status.state.value,
+            pid=status.pid,
+            uptime_s=None if status.healthy_at is None else round(now - status.healthy_at, 1),
+            restarts=status.restarts,
+            failures=status.failures,
+            intended_platforms=tuple(status.desired_platforms),
+            running_platforms=tuple(status.running_platforms) if status.pid else (),
+            advertised_platforms=tuple(advertised),
+            differences=None if diff is None else diff.as_dict(),
+            next_start_in_s=_seconds_until(status.next_start_at, now),
+            last_error=status.last_error,
+            socket=self._config.socket,
+            buildx_command=buildx_command(
                 self._name, self._config.socket, status.desired_platforms
             ),
-        }
+        )
 
     # --- events in -----------------------------------------------------------------------------
 

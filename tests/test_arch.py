@@ -154,7 +154,58 @@ def test_compat_candidates_and_host_machine() -> None:
     assert archmod.host_elf_machine("vax") is None
 
 
-def test_lookup_unknown_lists_known_names() -> None:
-    """lookup of an unknown name says what exists."""
-    with pytest.raises(KeyError, match="aarch64"):
-        archmod.lookup("arm64")
+@pytest.mark.parametrize(
+    ("name", "qemu"),
+    [
+        ("aarch64", "aarch64"),
+        ("linux/arm64", "aarch64"),
+        ("arm64", "aarch64"),
+        ("arm64/v8", "aarch64"),
+        ("arm/v7", "arm"),
+        ("linux/arm/v6", "arm"),
+        ("armhf", "arm"),
+        ("amd64", "x86_64"),
+        ("386", "i386"),
+        ("ppc64le", "ppc64le"),
+        ("ppc64el", "ppc64le"),
+        ("mips64le", "mips64el"),
+        ("linux/mipsle", "mipsel"),
+        ("loong64", "loongarch64"),
+        ("riscv64", "riscv64"),
+        ("s390x", "s390x"),
+        ("qemu-aarch64", "aarch64"),
+    ],
+)
+def test_platform_names_resolve(name: str, qemu: str) -> None:
+    """QEMU names, Docker/OCI platforms, Debian and tonistiigi/binfmt names all resolve."""
+    assert archmod.canonical(name) == qemu
+
+
+def test_every_platform_and_name_resolves_to_its_row() -> None:
+    """Each catalog row answers to its QEMU name, entry name and every OCI platform."""
+    for row in archmod.CATALOG:
+        for name in (row.name, row.entry_name, *row.platforms):
+            assert archmod.resolve(name) is row
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("arn64", "did you mean arm64 (aarch64)"),
+        ("aarch46", "aarch64"),
+        ("risc64", "riscv64"),
+        ("Linux/ARM64", "linux/arm64 (aarch64)"),
+    ],
+)
+def test_unknown_name_says_did_you_mean(name: str, hint: str) -> None:
+    """An unknown name gets the closest known names."""
+    with pytest.raises(archmod.UnknownArch, match="did you mean") as info:
+        archmod.resolve(name)
+    assert hint in str(info.value)
+    assert f"unknown architecture {name!r}" in str(info.value)
+
+
+def test_unrelated_name_points_to_the_list() -> None:
+    """A name close to nothing still gets a pointer to where the names are."""
+    with pytest.raises(KeyError, match="binfmtctl status"):
+        archmod.lookup("zzzzzz")

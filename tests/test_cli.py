@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from binfmtd import cli
+from binfmtd import cli, render, wire
 from binfmtd.server import ApiError, ApiServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +37,7 @@ def arch(name: str, state: str = "verified", **changes: Any) -> dict[str, Any]:
         "qemu_version": "8.2.2",
         "probe": {"ok": state == "verified", "at": NOW - 42, "duration_ms": 12.5, "error": None},
         "error": None,
+        "working": state == "verified",
     }
     entry.update(changes)
     return entry
@@ -106,10 +107,13 @@ class FakeDaemon:
     def worker(self) -> dict[str, Any]:
         return WORKER
 
+    def metrics(self) -> bytes:
+        return b"binfmtd_up 1.0\n"
+
     def mutate(self, action: str, arg: dict[str, Any]) -> dict[str, Any]:
         self.calls.append((str(action), arg))
-        if arg.get("arch") == "nope":
-            raise ApiError(404, "architecture 'nope' is not configured")
+        if arg.get("arch") == "sparc64":
+            raise ApiError(404, "architecture 'sparc64' is not configured")
         if action == "verify":
             arches = arg.get("arches") or ["aarch64", "riscv64"]
             return {
@@ -158,9 +162,13 @@ def test_status_page_is_an_aligned_table() -> None:
     doc = status_doc(
         arch("aarch64", platforms=["linux/arm64"]),
         arch("arm", platforms=["linux/arm/v6", "linux/arm/v7"], probe=None, state="unverified"),
-        arch("riscv64", "failed", probe={"ok": False, "at": NOW - 600, "error": "exit 139"}),
+        arch(
+            "riscv64",
+            "failed",
+            probe={"ok": False, "at": NOW - 600, "duration_ms": 3.0, "error": "exit 139"},
+        ),
     )
-    assert cli.render_status(doc, NOW) == STATUS_PAGE
+    assert render.status_page(wire.StatusRecord.from_json(doc), NOW) == STATUS_PAGE
 
 
 STATUS_PAGE = """\
@@ -169,7 +177,7 @@ config /etc/binfmtd/binfmtd.yaml, binfmt_misc /proc/sys/fs/binfmt_misc
 native: linux/amd64, linux/386
 
 ARCH     PLATFORMS                  STATE       FLAGS  INTERPRETER                         VERIFIED
-aarch64  linux/arm64                verified    POCF   /var/lib/binfmtd/qemu/qemu-aarch64  42s ago
+aarch64  linux/arm64                verified    POCF   /var/lib/binfmtd/qemu/qemu-aarch64  42s ago (12.5 ms)
 arm      linux/arm/v6,linux/arm/v7  unverified  POCF   /var/lib/binfmtd/qemu/qemu-arm      never
 riscv64  linux/riscv64              failed      POCF   /var/lib/binfmtd/qemu/qemu-riscv64  failed 10m ago
 arm: not verified (state unverified)
@@ -182,7 +190,7 @@ riscv64: not verified (state failed): exit 139"""  # noqa: E501
 )
 def test_age(seconds: float, text: str) -> None:
     """Ages are short and never negative."""
-    assert cli.age(seconds) == text
+    assert render.age(seconds) == text
 
 
 @pytest.mark.parametrize(
@@ -200,14 +208,15 @@ def test_age(seconds: float, text: str) -> None:
 )
 def test_arch_problem(entry: dict[str, Any], problem: str | None) -> None:
     """Each way an arch falls short is named."""
-    assert cli.arch_problem(entry) == problem
+    assert render.arch_problem(wire.ArchRecord.from_json(entry)) == problem
 
 
 def test_exec_argv() -> None:
     """A sandboxed daemon is entered with nsenter (user + mount, root inside); others are not."""
-    assert cli.exec_argv({"sandbox": False, "pid": 7}, ["make"]) == ["make"]
-    assert cli.exec_argv({"sandbox": True, "pid": 7}, ["make", "-j"]) == [
-        *("nsenter", "--target", "7", "--user", "--mount", "--", "make", "-j")
+    host, sandbox = wire.DaemonRecord("0.1.0", 7), wire.DaemonRecord("0.1.0", 7, sandbox=True)
+    assert cli.exec_argv(host, ["make"], "/src") == ["make"]
+    assert cli.exec_argv(sandbox, ["make", "-j"], "/src") == [
+        *("nsenter", "--target", "7", "--user", "--mount", "--wd=/src", "--", "make", "-j")
     ]
 
 
@@ -318,8 +327,8 @@ def test_worker(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_daemon_error_is_exit_5(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
     """An error answer from the daemon is exit 5 with its message."""
-    assert run(sock, "enable", "nope") == 5
-    assert "architecture 'nope' is not configured (HTTP 404)" in capsys.readouterr().err
+    assert run(sock, "enable", "sparc64") == 5
+    assert "architecture 'sparc64' is not configured (HTTP 404)" in capsys.readouterr().err
 
 
 def test_bad_arch_is_refused_by_the_server(sock: str, daemon: FakeDaemon) -> None:
@@ -347,12 +356,27 @@ def test_stale_socket_is_exit_3(sockdir: str, capsys: pytest.CaptureFixture[str]
     assert "connection refused" in capsys.readouterr().err
 
 
-def test_usage_errors_are_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    """No command, an unknown one, or exec without a command: exit 2."""
-    assert cli.main([]) == 2
-    assert cli.main(["frobnicate"]) == 2
-    assert cli.main(["--socket", "/nonexistent", "exec", "--"]) == 2
+def test_usage_errors_are_exit_64_with_the_usage_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown command or option, or exec without a command: exit 64 (EX_USAGE), usage."""
+    assert cli.main(["frobnicate"]) == 64
+    err = capsys.readouterr().err
+    assert err.startswith("usage: binfmtctl ") and "unknown command 'frobnicate'" in err
+    assert cli.main(["status", "--bogus"]) == 64
+    err = capsys.readouterr().err
+    assert err.startswith("usage: binfmtctl status") and "--bogus" in err
+    assert cli.main(["stauts"]) == 64
+    assert "did you mean status" in capsys.readouterr().err
+    assert cli.main(["--socket", "/nonexistent", "exec", "--"]) == 64
     assert "exec needs a command" in capsys.readouterr().err
+
+
+def test_bare_binfmtctl_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """No arguments: the full help (commands, exit codes) on stderr, exit 64; no internal names."""
+    assert cli.main([]) == 64
+    err = capsys.readouterr().err
+    assert err.startswith("usage: binfmtctl ")
+    assert all(f"\n  {name} " in err for name in cli.COMMANDS)
+    assert "rest" not in err.split() and "required" not in err
 
 
 def test_env_sets_default_socket(sock: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -368,7 +392,8 @@ def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     for code in (
         "0  ok",
         "1  check failed",
-        "2  usage",
+        "64  usage",
+        "141  stdout was closed",
         "3  binfmtd is not reachable",
         "4  permission",
         "5  binfmtd answered",
@@ -431,7 +456,10 @@ def test_module_entry_point(sock: str) -> None:
         0,
         "linux/amd64,linux/386,linux/arm64,linux/riscv64\n",
     )
-    heavy = ("binfmtd", "http", "yaml", "structlog", "psutil", "grpc", "typing", "dataclasses")
+    heavy = (
+        *("binfmtd", "http", "yaml", "structlog", "psutil", "grpc", "typing", "dataclasses"),
+        *("inspect", "h11", "prometheus_client"),
+    )
     probe = (
         f"import sys; sys.path.insert(0, {str(REPO)!r}); import binfmtd.cli; "
         f"print(sorted(m for m in sys.modules if m.startswith({heavy})))"
@@ -442,7 +470,9 @@ def test_module_entry_point(sock: str) -> None:
         text=True,
         check=True,
     )
-    assert imported.stdout.strip() == "['binfmtd', 'binfmtd.cli']"
+    assert imported.stdout.strip() == (
+        "['binfmtd', 'binfmtd.cli', 'binfmtd.render', 'binfmtd.wire']"
+    )
 
 
 def test_forbidden_mutation_is_exit_4(sock: str, daemon: FakeDaemon) -> None:
@@ -514,3 +544,80 @@ def test_command_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(f"\n  {name} " in out for name in cli.COMMANDS)
+
+
+# --- issue 13: names, pipes, cwd, offline ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "call"),
+    [
+        (["enable", "arm64"], ("enable", {"arch": "aarch64"})),
+        (["disable", "linux/arm/v7"], ("disable", {"arch": "arm"})),
+        (["verify", "amd64", "linux/riscv64"], ("verify", {"arches": ["x86_64", "riscv64"]})),
+    ],
+)
+def test_docker_names_reach_the_daemon_as_qemu_names(
+    sock: str, daemon: FakeDaemon, argv: list[str], call: tuple[str, dict[str, Any]]
+) -> None:
+    """`enable arm64`, `disable linux/arm/v7`, `verify amd64`: Docker names just work."""
+    run(sock, *argv)
+    assert daemon.calls == [call]
+
+
+def test_unknown_name_says_did_you_mean(
+    sock: str, daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`enable arn64`: exit 5, and the message names arm64 (aarch64)."""
+    assert run(sock, "enable", "arn64") == 5
+    assert "did you mean arm64 (aarch64)" in capsys.readouterr().err
+    assert daemon.calls == []
+
+
+CLOSED_PIPE = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+read, write = os.pipe()
+os.close(read)
+os.dup2(write, 1)
+from binfmtd import cli
+raise SystemExit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_closed_stdout_ends_quietly(sock: str) -> None:
+    """`binfmtctl status | head -0`: exit 141, no traceback, nothing on stderr."""
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-c", CLOSED_PIPE, str(REPO), "--socket", sock, "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_exec_keeps_the_callers_directory(sock: str, tmp_path: Path) -> None:
+    """`exec` runs the command in the caller's working directory (relative paths work)."""
+    (tmp_path / "hello.sh").write_text("echo hello from $(pwd)\n")
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-m", "binfmtd.cli", "--socket", sock, "exec", "--", "sh", "hello.sh"],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (done.returncode, done.stdout) == (0, f"hello from {tmp_path}\n"), done.stderr
+
+
+def test_offline_says_binfmt_misc_is_not_mounted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty directory (binfmt_misc not mounted there) is named as such, not "0 entries"."""
+    assert cli.main(["status", "--offline", "--binfmt-misc", str(tmp_path)]) == 3
+    captured = capsys.readouterr()
+    assert "binfmt_misc is not mounted at" in captured.err
+    assert f"mount -t binfmt_misc binfmt_misc {tmp_path}" in captured.err
+    assert "0 entries" not in captured.out

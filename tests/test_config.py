@@ -55,6 +55,7 @@ probe:
 api:
   socket: /run/x/binfmtd.sock
   group: builders
+  metrics_port: 9723
 log:
   level: debug
   format: json
@@ -126,7 +127,7 @@ def test_every_option_in_a_full_yaml() -> None:
         lock_file="/run/x/binfmtd.lock",
         source=SourceConfig(SourceKind.DEB, "/srv/qemu-user-static.deb"),
         probe=ProbeConfig(timeout_s=3.0, parallelism=2),
-        api=ApiConfig("/run/x/binfmtd.sock", "builders"),
+        api=ApiConfig("/run/x/binfmtd.sock", "builders", 9723),
         log=LogConfig("debug", LogFormat.JSON),
         buildkit=BuildkitConfig(
             enabled=True,
@@ -210,10 +211,18 @@ def test_invalid_yaml_names_the_file_and_position() -> None:
     assert "line" in message
 
 
+def test_docker_and_qemu_names_resolve_to_the_catalog() -> None:
+    """`arches`/`exclude` take Docker/OCI, Debian and QEMU names; QEMU names come out, once."""
+    cfg = config.parse("arches: [arm64, linux/arm/v7, aarch64, 386, loong64]\nexclude: [armhf]\n")
+    assert cfg.arches == ("aarch64", "arm", "i386", "loongarch64")
+    assert cfg.exclude == ("arm",)
+    assert cfg.selected(()) == ("aarch64", "i386", "loongarch64")
+
+
 @pytest.mark.parametrize(
     ("text", "detail"),
     [
-        ("arches: [aarch64, arm64]\n", "arches: unknown architecture 'arm64'"),
+        ("arches: [aarch64, arn64]\n", "arches: unknown architecture 'arn64'; did you mean arm64"),
         ("exclude: [sparc128]\n", "unknown architecture 'sparc128'"),
         ("flags: PC\n", "flags: must include F"),
         ("flags: FZ\n", "flags: unknown binfmt flag"),

@@ -114,7 +114,7 @@ def sandboxed(
 def table_rows(stdout: str) -> dict[str, list[str]]:
     """arch -> cells of the oneshot table."""
     lines = stdout.split("\n\n", maxsplit=1)[0].splitlines()
-    assert lines[0].split()[:3] == ["ARCH", "PLATFORM", "STATE"], stdout
+    assert lines[0].split()[:3] == ["ARCH", "PLATFORMS", "STATE"], stdout
     return {line.split()[0]: line.split() for line in lines[1:]}
 
 
@@ -146,7 +146,7 @@ def test_all_arches_registered_with_f_and_verified(tmp_path: Path) -> None:
     assert set(rows) == expected
     for _arch, cells in rows.items():
         assert cells[2] == "verified" and cells[3] == "POF", cells
-        assert cells[5] == "yes", cells
+        assert cells[6] == "ago" and cells[8] == "ms)", cells  # VERIFIED: 0s ago (12.3 ms)
     flags = dict(
         line.split(":", 1) for line in result.stdout.splitlines() if line.startswith(ENTRIES)
     )
@@ -191,7 +191,9 @@ def test_json_output_shape_and_state_file(tmp_path: Path) -> None:
     result = sandboxed(cfg, "--json")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert set(doc) == {"sandbox", "durations_ms", "actions", "native", "platforms", "arches"}
+    assert set(doc) == {
+        *("sandbox", "durations_ms", "actions", "native", "platforms", "arches", "wire")
+    }
     assert doc["actions"] == [
         "install riscv64",
         "register qemu-riscv64",
@@ -220,6 +222,8 @@ def test_json_output_shape_and_state_file(tmp_path: Path) -> None:
             "qemu_version",
             "probe",
             "error",
+            "working",
+            "conflict",
         }
         assert row["platforms"] == [f"linux/{arch}"]
         assert (row["state"], row["registered"], row["enabled"]) == ("verified", True, True)

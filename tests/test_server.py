@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from binfmtd.httpproto import MAX_HEAD, Request
 from binfmtd.listener import ListenerError, activated_fd
+from binfmtd.protocol import MAX_HEAD, Request
 from binfmtd.routes import route
 from binfmtd.server import ApiError, ApiServer, Limits
 
@@ -60,12 +60,15 @@ class FakeApi:
     def worker(self) -> dict[str, Any]:
         return {"state": "running"}
 
+    def metrics(self) -> bytes:
+        return b"# HELP x y\nx 1.0\n"
+
     def mutate(self, action: str, arg: dict[str, Any]) -> dict[str, Any]:
         self.calls.append((str(action), arg))
         self.gate.wait(10)
-        if arg.get("arch") == "missing":
-            raise ApiError(404, "architecture 'missing' is not configured")
-        if arg.get("arch") == "boom":
+        if arg.get("arch") == "sparc64":
+            raise ApiError(404, "architecture 'sparc64' is not configured")
+        if arg.get("arch") == "xtensa":
             raise RuntimeError("bug")
         return {"action": str(action), "arg": arg}
 
@@ -181,11 +184,12 @@ def test_reads_are_cached_per_version(client: Client, api: FakeApi) -> None:
         ("GET", "/v1/reconcile", 405),
         ("GET", "/v1/platforms?format=yaml", 400),
         ("POST", "/v1/arches/aarch64/explode", 404),
-        ("POST", "/v1/arches/AARCH64/enable", 400),
+        ("POST", "/v1/arches/AARCH64/enable", 404),
         ("POST", "/v1/arches/a:b/enable", 400),
-        ("POST", "/v1/arches/" + "a" * 33 + "/enable", 400),
+        ("POST", "/v1/arches/" + "a" * 33 + "/enable", 404),
+        ("POST", "/v1/arches/" + "a" * 41 + "/enable", 400),
         ("POST", "/v1/arches/..%2Fx/enable", 404),
-        ("POST", "/v1/arches/%2e%2e/enable", 400),
+        ("POST", "/v1/arches/%2e%2e/enable", 404),
         ("POST", "/v1/arches//enable", 400),
     ],
 )
@@ -241,7 +245,7 @@ def test_mutations_as_root(
 
 @pytest.mark.parametrize(
     "body",
-    [b"[", b"[]", b'{"arches": "aarch64"}', b'{"arches": ["../x"]}', b'{"other": 1}', b"[" * 5000],
+    [b"[", b"[]", b'{"arches": "aarch64"}', b'{"arches": ["a x"]}', b'{"other": 1}', b"[" * 5000],
 )
 def test_bad_verify_bodies(client: Client, api: FakeApi, body: bytes) -> None:
     """verify bodies that are not {"arches": [valid names]} get 400."""
@@ -249,11 +253,50 @@ def test_bad_verify_bodies(client: Client, api: FakeApi, body: bytes) -> None:
     assert api.calls == []
 
 
+@pytest.mark.parametrize(
+    ("target", "body", "call"),
+    [
+        ("/v1/arches/arm64/disable", b"", ("disable", {"arch": "aarch64"})),
+        ("/v1/arches/linux/arm/v7/enable", b"", ("enable", {"arch": "arm"})),
+        ("/v1/arches/linux%2Fppc64le/enable", b"", ("enable", {"arch": "ppc64le"})),
+        ("/v1/verify", b'{"arches": ["amd64", "386", "loong64"]}', None),
+    ],
+)
+def test_platform_names_in_api_paths_and_bodies(
+    client: Client, api: FakeApi, target: str, body: bytes, call: tuple[str, Any] | None
+) -> None:
+    """Docker/OCI names in paths and the verify body reach the api as QEMU names."""
+    assert client.request("POST", target, body)[0] == 200
+    expected = call or ("verify", {"arches": ["x86_64", "i386", "loongarch64"]})
+    assert api.calls == [expected]
+
+
+def test_unknown_arch_gets_did_you_mean(client: Client, api: FakeApi) -> None:
+    """An unknown name in a path or verify body is a 404 naming the closest known names."""
+    status, answer = client.request("POST", "/v1/arches/arn64/enable")
+    assert (status, answer["status"]) == (404, 404)
+    assert "unknown architecture 'arn64'; did you mean arm64 (aarch64)" in answer["error"]
+    status, answer = client.request("POST", "/v1/verify", b'{"arches": ["../x"]}')
+    assert status == 404 and "unknown architecture '../x'" in answer["error"]
+    assert api.calls == []
+
+
+def test_index_lists_every_endpoint(client: Client) -> None:
+    """GET / and GET /v1 list every endpoint with its method, access and answer shape."""
+    status, index = client.request("GET", "/")
+    assert status == 200 and client.request("GET", "/v1") == (200, index)
+    listed = {(e["method"], e["path"]) for e in index["endpoints"]}
+    assert ("GET", "/v1/status") in listed and ("POST", "/v1/reload") in listed
+    assert ("GET", "/metrics") in listed
+    assert {e["access"] for e in index["endpoints"]} == {"socket group", "root"}
+    assert index["wire"] == 1
+
+
 def test_api_errors_become_statuses(client: Client) -> None:
     """ApiError keeps its status and message; any other exception is a 500, not a crash."""
-    status, answer = client.request("POST", "/v1/arches/missing/enable")
-    assert (status, answer["error"]) == (404, "architecture 'missing' is not configured")
-    status, answer = client.request("POST", "/v1/arches/boom/enable")
+    status, answer = client.request("POST", "/v1/arches/sparc64/enable")
+    assert (status, answer["error"]) == (404, "architecture 'sparc64' is not configured")
+    status, answer = client.request("POST", "/v1/arches/xtensa/enable")
     assert (status, answer["status"]) == (500, 500)
     assert client.request("GET", "/v1/health")[0] == 200
 
@@ -626,3 +669,71 @@ def test_outsider_cannot_connect(sockdir: str, api: FakeApi) -> None:
     os.chmod(sockdir, 0o755)
     with ApiServer(os.path.join(sockdir, "api.sock"), None, api) as srv:
         assert as_nobody(srv.path, "GET", "/v1/status") == "EACCES"
+
+
+# --- fairness --------------------------------------------------------------------------------
+
+FLOOD = """
+import socket, sys
+path, count = sys.argv[1], int(sys.argv[2])
+conns, codes = [], {}
+for _ in range(count):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(path)
+    s.sendall(b"GET /v1/health HTTP/1.1\\r\\nHost: t\\r\\n\\r\\n")
+    code = s.recv(65536).split(b" ")[1].decode()
+    codes[code] = codes.get(code, 0) + 1
+    conns.append(s)
+print(" ".join(f"{k}={v}" for k, v in sorted(codes.items())), flush=True)
+sys.stdin.read()  # keep every connection open until the test is done
+"""
+
+
+REFUSED = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(5)
+s.connect(sys.argv[1])
+print(s.recv(65536).decode())
+"""
+
+
+@pytest.mark.parametrize(
+    ("limits", "member_ok"),
+    [(Limits(), 64), (Limits(per_uid=10_000), 512 - 32)],
+)
+def test_member_flood_cannot_starve_root(
+    sockdir: str, api: FakeApi, limits: Limits, member_ok: int
+) -> None:
+    """512 keep-alive connections from one member: it gets its share, root still reconciles."""
+    os.chmod(sockdir, 0o755)
+    with ApiServer(os.path.join(sockdir, "api.sock"), None, api, mode=0o666, limits=limits) as srv:
+        flood = subprocess.Popen(
+            [SYSTEM_PYTHON, "-I", "-c", FLOOD, srv.path, "512"],
+            user=NOBODY,
+            group=NOBODY,
+            extra_groups=[],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert flood.stdout is not None
+            assert flood.stdout.readline().split() == [f"200={member_ok}", f"503={512 - member_ok}"]
+            roots = [Client(srv.path) for _ in range(8)]
+            assert all(c.request("POST", "/v1/reconcile")[0] == 200 for c in roots)
+            refused = subprocess.run(
+                [SYSTEM_PYTHON, "-I", "-c", REFUSED, srv.path],
+                user=NOBODY,
+                group=NOBODY,
+                extra_groups=[],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            ).stdout
+            assert refused.startswith("HTTP/1.1 503 ") and "too many connections" in refused
+        finally:
+            flood.kill()
+            flood.wait()

@@ -172,7 +172,7 @@ def test_start_runs_and_serves_the_desired_set(harness: Harness, config: Buildki
     written = tomllib.loads(Path(config.config_path).read_text())
     assert written["worker"]["oci"]["platforms"] == list(A)
     assert written["root"] == config.state_dir
-    snap = harness.sup.snapshot()
+    snap = harness.sup.snapshot().to_json()
     json.dumps(snap)
     assert snap["state"] == "running"
     assert snap["intended_platforms"] == list(A)
@@ -256,7 +256,7 @@ def test_crash_loop_backs_off_with_growing_delays_then_fatal(
     delays = [e["retry_in_s"] for e in changes if e["state"] == "backoff"]
     assert delays == [0.1, 0.2]
     assert [e["state"] for e in changes].count("fatal") == 1
-    snap = harness.sup.snapshot()
+    snap = harness.sup.snapshot().to_json()
     assert (snap["state"], snap["failures"], snap["pid"]) == ("fatal", 3, None)
     assert "exited with code 1" in snap["last_error"]
     harness.sup.tick(time.monotonic() + 100, A)
@@ -301,7 +301,7 @@ def test_missing_binary_is_a_clear_fatal_error(
     """No buildkitd binary: FATAL at once with an error that names it; the daemon goes on."""
     with_args(harness, config, path=path)
     harness.run_until(A, harness.in_state(WorkerState.FATAL), timeout=5.0)
-    error = harness.sup.snapshot()["last_error"]
+    error = harness.sup.snapshot().last_error or ""
     assert "buildkitd not found" in error
     assert path in error
     assert "set buildkit.path" in error

@@ -1,4 +1,4 @@
-"""The sans-I/O HTTP layer: bytes in, requests or errors out; no sockets anywhere."""
+"""The sans-I/O HTTP layer on h11: bytes in, requests or errors out; no sockets anywhere."""
 
 from __future__ import annotations
 
@@ -8,16 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from binfmtd.httpproto import (
+from binfmtd.protocol import (
     MAX_BODY,
     MAX_HEAD,
     NEED_MORE,
+    Connection,
     NeedMore,
     ProtocolError,
     Request,
-    RequestReader,
-    parse_request,
-    response,
+    encode_json,
 )
 
 GET = b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -27,7 +26,7 @@ POST = b"POST /v1/verify HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % 
 
 def one(data: bytes) -> Request | NeedMore | ProtocolError:
     """Parse `data` with a fresh reader."""
-    reader = RequestReader()
+    reader = Connection()
     reader.feed(data)
     return reader.next_request()
 
@@ -41,10 +40,12 @@ def test_simple_get() -> None:
 def test_post_with_body() -> None:
     """A body is read exactly by Content-Length."""
     raw = b"POST /v1/verify HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nabcdEXTRA"
-    request, used = parse_request(raw)
+    conn = Connection()
+    conn.feed(raw)
+    request = conn.next_request()
     assert isinstance(request, Request)
     assert request.body == b"abcd"
-    assert raw[used:] == b"EXTRA"
+    assert conn.buffered == len(b"EXTRA")
 
 
 def test_query_string() -> None:
@@ -68,11 +69,11 @@ def test_percent_decoding_of_path() -> None:
         (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", False),
         (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Keep-Alive, CLOSE\r\n\r\n", False),
         (b"GET / HTTP/1.0\r\n\r\n", False),
-        (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", True),
+        (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", False),
     ],
 )
 def test_keep_alive_rules(raw: bytes, keep_alive: bool) -> None:
-    """HTTP/1.1 persists unless Connection: close; HTTP/1.0 only with keep-alive."""
+    """HTTP/1.1 persists unless Connection: close; HTTP/1.0 closes (h11 has no 1.0 keep-alive)."""
     request = one(raw)
     assert isinstance(request, Request)
     assert request.keep_alive is keep_alive
@@ -104,7 +105,6 @@ def test_leading_blank_lines_ignored() -> None:
         (b"GET / HTTP/1.1\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: x\r\nNoColon\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n", 400),
         (b"GET /%00 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (b"GET /a%0ab HTTP/1.1\r\nHost: x\r\n\r\n", 400),
@@ -112,7 +112,8 @@ def test_leading_blank_lines_ignored() -> None:
         (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n", 400),
         (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
         (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
-        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: x\r\nContent-Length: 3\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: x\r\nContent-Length: 3\r\n\r\n", 501),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * MAX_HEAD + b"\r\n\r\n", 431),
         (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 65537\r\n\r\n", 413),
         (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n", 413),
     ],
@@ -156,18 +157,22 @@ def test_request_line_over_limit_is_414() -> None:
 
 
 def test_pipelined_requests_come_out_in_order() -> None:
-    """Several requests in one buffer come out one by one, then NEED_MORE."""
-    reader = RequestReader()
+    """Several requests in one buffer come out one by one, each after the previous answer."""
+    reader = Connection()
     reader.feed(GET + POST + GET.replace(b"status", b"health"))
-    paths = [getattr(reader.next_request(), "path", None) for _ in range(4)]
+    paths = []
+    for _ in range(4):
+        request = reader.next_request()
+        paths.append(getattr(request, "path", None))
+        assert reader.next_request() is NEED_MORE  # the answer comes first
+        reader.respond(200, b"{}\n")
     assert paths == ["/v1/status", "/v1/verify", "/v1/health", None]
-    assert reader.next_request() is NEED_MORE
     assert reader.buffered == 0
 
 
 def test_byte_by_byte_feeding() -> None:
     """Feeding one byte at a time yields NEED_MORE until the last byte completes the request."""
-    reader = RequestReader()
+    reader = Connection()
     results = []
     for i in range(len(POST)):
         reader.feed(POST[i : i + 1])
@@ -179,12 +184,23 @@ def test_byte_by_byte_feeding() -> None:
 
 def test_errors_are_sticky() -> None:
     """After a protocol error, the reader keeps returning it: the connection is done."""
-    reader = RequestReader()
+    reader = Connection()
     reader.feed(b"BROKEN\r\n\r\n")
     first = reader.next_request()
     reader.feed(GET)
     assert isinstance(first, ProtocolError)
     assert reader.next_request() == first
+    assert not reader.open
+
+
+def response(
+    status: int, obj: object, keep_alive: bool, headers: tuple[tuple[str, str], ...] = ()
+) -> bytearray:
+    """The bytes a fresh connection answers one GET with."""
+    conn = Connection()
+    conn.feed(GET)
+    assert isinstance(conn.next_request(), Request)
+    return conn.respond(status, encode_json(obj), keep_alive=keep_alive, headers=headers)
 
 
 def test_response_shape() -> None:
@@ -193,20 +209,31 @@ def test_response_shape() -> None:
         404, {"error": "no", "status": 404}, keep_alive=False, headers=(("Allow", "GET"),)
     )
     head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    assert lines[0] == "HTTP/1.1 404 Not Found"
-    assert "Content-Type: application/json" in lines
-    assert f"Content-Length: {len(body)}" in lines
-    assert "Connection: close" in lines
-    assert "Allow: GET" in lines
+    lines = [line.lower() for line in head.decode().split("\r\n")]
+    assert lines[0] == "http/1.1 404 not found"
+    assert "content-type: application/json" in lines
+    assert f"content-length: {len(body)}" in lines
+    assert "connection: close" in lines
+    assert "allow: get" in lines
     assert json.loads(body) == {"error": "no", "status": 404}
 
 
 def test_response_keep_alive_and_unknown_status() -> None:
-    """keep_alive says so, and an unregistered status code still renders."""
-    raw = response(299, {}, keep_alive=True)
+    """keep_alive keeps the connection open, and an unregistered status code still renders."""
+    conn = Connection()
+    conn.feed(GET)
+    assert isinstance(conn.next_request(), Request)
+    raw = conn.respond(299, b"{}", keep_alive=True)
     assert raw.startswith(b"HTTP/1.1 299 Unknown\r\n")
-    assert b"Connection: keep-alive\r\n" in raw
+    assert b"connection: close" not in raw.lower()
+    assert conn.open
+
+
+def test_error_answer_without_a_request() -> None:
+    """A refusal before any request (503, 408) still renders, and closes."""
+    raw = Connection().respond(503, b"{}", keep_alive=False)
+    assert raw.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"connection: close" in raw.lower()
 
 
 VALID = [
@@ -230,7 +257,7 @@ def test_every_truncation_of_valid_requests_needs_more() -> None:
 @given(st.binary(max_size=2048))
 def test_random_bytes_never_raise(data: bytes) -> None:
     """Arbitrary bytes produce only the parser's own result types."""
-    reader = RequestReader()
+    reader = Connection()
     reader.feed(data)
     for _ in range(4):
         assert isinstance(reader.next_request(), PARSER_RESULTS)
@@ -254,7 +281,7 @@ HEADERISH = st.lists(
 def test_http_like_noise_in_chunks_never_raises(parts: list[bytes], chunk: int) -> None:
     """HTTP-shaped noise fed in arbitrary chunk sizes produces only parser results."""
     data = b"".join(parts)
-    reader = RequestReader()
+    reader = Connection()
     for i in range(0, len(data), chunk):
         reader.feed(data[i : i + chunk])
         for _ in range(3):
@@ -265,7 +292,7 @@ def test_http_like_noise_in_chunks_never_raises(parts: list[bytes], chunk: int) 
 @given(st.sampled_from(VALID), st.binary(max_size=64), st.integers(min_value=0, max_value=200))
 def test_valid_request_with_garbage_and_cut(raw: bytes, junk: bytes, cut: int) -> None:
     """A valid request followed by junk, cut anywhere, yields only parser results."""
-    reader = RequestReader()
+    reader = Connection()
     reader.feed((raw + junk)[:cut])
     for _ in range(3):
         assert isinstance(reader.next_request(), PARSER_RESULTS)
