@@ -74,6 +74,7 @@ class Metrics:
             ("endpoint", "code"),
             registry=self.registry,
         )
+        self._request_children: dict[tuple[str, int], Any] = {}
         self.registry.register(_StateCollector(self))
         self._http: Any = None
 
@@ -97,8 +98,12 @@ class Metrics:
             self.repairs.labels(kind, reason_label(reason)).inc()
 
     def observe_request(self, endpoint: str, code: int) -> None:
-        """Count one answered API request."""
-        self.requests.labels(endpoint, str(code)).inc()
+        """Count one answered API request (called on the API thread for every answer, so the
+        labelled child is looked up once per (endpoint, code))."""
+        child = self._request_children.get((endpoint, code))
+        if child is None:
+            child = self._request_children[endpoint, code] = self.requests.labels(endpoint, code)
+        child.inc()
 
     # --- out ------------------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ class Connection:
 
     def __init__(self) -> None:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        self._head: h11.Request | None = None
+        self._head: _Head | None = None
         self._body = bytearray()
         self._error: ProtocolError | None = None
         self._at_start = True
@@ -90,7 +90,8 @@ class Connection:
         """How many unparsed bytes wait (a partial request when non-zero)."""
         if self._error is not None:
             return 0
-        return len(self._h11.trailing_data[0]) + len(self._body)
+        in_body = self._h11.their_state is h11.SEND_BODY  # a head without all of its body
+        return len(self._h11.trailing_data[0]) + len(self._body) + in_body
 
     @property
     def open(self) -> bool:
@@ -99,6 +100,8 @@ class Connection:
 
     def next_request(self) -> Parsed:
         """The next complete request, `NEED_MORE`, or the (sticky) error to answer with."""
+        if self._h11.their_state is h11.IDLE and self._h11.trailing_data == (b"", False):
+            return NEED_MORE  # the usual case after an answer: nothing new to parse yet
         while self._error is None:
             try:
                 event = self._h11.next_event()
@@ -113,10 +116,10 @@ class Connection:
 
     def _on_event(self, event: object) -> Parsed | None:
         if isinstance(event, h11.Request):
-            problem = _check_head(event)
-            if problem is not None:
-                return self._fail(*problem)
-            self._head = event
+            head = _read_head(event)
+            if isinstance(head, ProtocolError):
+                return self._fail(head.status, head.message)
+            self._head = head
             self._body.clear()
         elif isinstance(event, h11.Data):
             self._body += event.data
@@ -127,21 +130,17 @@ class Connection:
         return None
 
     def _complete(self) -> Parsed:
-        head, body = self._head, bytes(self._body)
+        head, body = self._head, bytes(self._body) if self._body else b""
         assert head is not None
-        self._head, self._body = None, bytearray()
-        target = head.target.decode("ascii")
-        raw_path, _, raw_query = target.partition("?")
+        self._head = None
+        self._body.clear()
+        raw_path, _, raw_query = head.target.partition("?")
         path = unquote(raw_path, errors="replace") if "%" in raw_path else raw_path
         if _CONTROL.search(path):
             return self._fail(400, "control character in path")
         query = dict(parse_qsl(raw_query, keep_blank_values=True)) if raw_query else {}
-        headers: dict[str, str] = {}
-        for name, value in head.headers:
-            key, text = name.decode("ascii"), value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        alive = self._h11.their_state is h11.DONE and _keeps_alive(head)
-        return Request(head.method.decode("ascii"), path, query, headers, body, alive)
+        alive = head.keep_alive and self._h11.their_state is h11.DONE
+        return Request(head.method, path, query, head.headers, body, alive)
 
     def _fail(self, status: int, message: str) -> ProtocolError:
         self._error = ProtocolError(status, message)
@@ -160,11 +159,11 @@ class Connection:
         `keep_alive=False` closes after it; h11 also closes when the request asked to."""
         close = not keep_alive or self._error is not None
         head = _response_event(status, len(body), content_type, headers, close)
-        out = bytearray()
         try:
-            for event in (head, h11.Data(data=body), _END):
-                for chunk in self._h11.send_with_data_passthrough(event) or ():
-                    out += chunk
+            out = bytearray(self._h11.send(head) or b"")
+            for chunk in self._h11.send_with_data_passthrough(h11.Data(data=body)) or ():
+                out += chunk
+            out += self._h11.send(_END) or b""
         except h11.LocalProtocolError as exc:  # a bug in our state handling: close cleanly
             self._error = ProtocolError(500, str(exc))
             return bytearray()
@@ -200,36 +199,44 @@ def _skip_blank_lines(data: bytes) -> bytes:
     return data
 
 
-def _head_size(event: h11.Request) -> int:
-    """The head's size in bytes as sent, but for optional whitespace around header values
-    (h11 bounds only heads that arrive incomplete; a complete one can be larger)."""
-    line = len(event.method) + len(event.target) + len(b"  HTTP/1.1\r\n")
-    return line + sum(len(n) + len(v) + 4 for n, v in event.headers) + 2
+@dataclass(frozen=True)
+class _Head:
+    """What the API keeps of a request head h11 parsed."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+    keep_alive: bool
 
 
-def _check_head(event: h11.Request) -> tuple[int, str] | None:
-    """The API's limits on a head h11 accepted; (status, message) when it breaks one."""
-    if _head_size(event) > MAX_HEAD:
-        return 431, "request head larger than 8 KiB"
+def _read_head(event: h11.Request) -> _Head | ProtocolError:
+    """The API's limits on a head h11 accepted, checked in one pass over its fields.
+
+    h11 bounds only heads that arrive incomplete, so the size of a complete one is summed here
+    (as sent, but for optional whitespace around header values)."""
     if event.http_version not in _VERSIONS:
-        return 505, "only HTTP/1.0 and HTTP/1.1 are supported"
-    if not event.target.startswith(b"/") or not event.target.isascii():
-        return 400, "request target must be an absolute ASCII path"
-    for name, value in event.headers:
-        if name == b"transfer-encoding":
-            return 411, "chunked bodies are not supported; send Content-Length"
-        if name == b"content-length" and (len(value.lstrip(b"0")) > 7 or int(value) > MAX_BODY):
-            return 413, "request body larger than 64 KiB"
-    return None
-
-
-def _keeps_alive(head: h11.Request) -> bool:
-    """HTTP/1.1 persists unless "close" (h11 closes HTTP/1.0 after one answer)."""
-    if head.http_version != b"1.1":
-        return False
-    return not any(
-        name == b"connection" and b"close" in value.lower() for name, value in head.headers
-    )
+        return ProtocolError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+    target = event.target
+    if not target.startswith(b"/") or not target.isascii():
+        return ProtocolError(400, "request target must be an absolute ASCII path")
+    size = len(event.method) + len(target) + 14
+    headers: dict[str, str] = {}
+    close = event.http_version != b"1.1"  # h11 keeps only HTTP/1.1 connections open
+    for raw_name, raw_value in event.headers:
+        size += len(raw_name) + len(raw_value) + 4
+        if raw_name == b"transfer-encoding":
+            return ProtocolError(411, "chunked bodies are not supported; send Content-Length")
+        if raw_name == b"content-length" and (
+            len(raw_value.lstrip(b"0")) > 7 or int(raw_value) > MAX_BODY
+        ):
+            return ProtocolError(413, "request body larger than 64 KiB")
+        name, value = raw_name.decode("ascii"), raw_value.decode("latin-1")
+        if raw_name == b"connection" and b"close" in raw_value.lower():
+            close = True
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    if size > MAX_HEAD:
+        return ProtocolError(431, "request head larger than 8 KiB")
+    return _Head(event.method.decode("ascii"), target.decode("ascii"), headers, not close)
 
 
 def _status_of(exc: h11.RemoteProtocolError, conn: h11.Connection) -> int:
