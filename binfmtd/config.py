@@ -67,6 +67,8 @@ class SourceConfig:
 
     kind: SourceKind = SourceKind.AUTO
     path: str | None = None
+    retry_initial_s: float = 2.0  # a failed install waits this long, doubling per failure,
+    retry_max_s: float = 300.0  # up to this; a changed source is retried at once
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,8 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "reverify_interval_s": (1, 86400),
     "timeout_s": (0.1, 600),
     "parallelism": (1, 64),
+    "retry_initial_s": (0.05, 3600),
+    "retry_max_s": (0.05, 86400),
     "metrics_port": (1, 65535),
 }
 
@@ -335,3 +339,7 @@ def _check_semantics(cfg: Config, path: str) -> None:
         raise ConfigError(f"{path}: install_dir: {exc}") from None
     if cfg.source.kind is not SourceKind.AUTO and not cfg.source.path:
         raise ConfigError(f"{path}: source.path: required when source.kind is {cfg.source.kind}")
+    if cfg.source.path is not None and not os.path.isabs(cfg.source.path):
+        raise ConfigError(f"{path}: source.path: must be an absolute path")
+    if cfg.source.retry_max_s < cfg.source.retry_initial_s:
+        raise ConfigError(f"{path}: source.retry_max_s: must not be below source.retry_initial_s")

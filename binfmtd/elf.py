@@ -81,7 +81,10 @@ def check_static_emulator(
         raise ElfError(f"truncated: program headers end at {info.phdr_end}, file has {size} bytes")
     segs = segments(info, table)
     if any(kind == PT_INTERP for kind, _, _ in segs):
-        raise ElfError("dynamically linked (has PT_INTERP); binfmtd needs a static QEMU")
+        raise ElfError(
+            "dynamically linked (has PT_INTERP); binfmtd needs a static QEMU (Debian 13: "
+            "qemu-user; Debian 12 and Ubuntu: qemu-user-static; Fedora: qemu-user-static)"
+        )
     end = max(offset + filesz for _, offset, filesz in segs)
     if end > size:
         raise ElfError(f"truncated: segments end at byte {end}, file has {size} bytes")

@@ -1,4 +1,6 @@
-"""Installing static QEMU emulators: sources, checks, atomic writes, checksums, the state file.
+"""Installing static QEMU emulators: checks, atomic writes, checksums, the state file.
+
+Where the bytes come from is `binfmtd.sources`.
 
 An emulator reaches its final path only by rename(2) of a temp file that was fully written,
 fsynced, checked (ELF, static, host machine) and checksummed; so a registered interpreter is
@@ -13,25 +15,18 @@ import fcntl
 import hashlib
 import io
 import json
-import lzma
 import os
 import secrets
 import stat
-import tarfile
 import tempfile
 import threading
-import typing
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import IO
 
 from binfmtd import elf, trust
-from binfmtd.config import SourceConfig, SourceKind
 from binfmtd.run import run
 
-AUTO_DIRS = ("/usr/bin", "/usr/local/bin")
 CHUNK = 1 << 20
 TEMP_PREFIX = ".binfmtd-tmp-"
 STATE_MAX_BYTES = 4 << 20
@@ -53,138 +48,10 @@ class Installed:
     source_id: str
     installed_at: float
     file_id: str = ""  # stat identity at install; unchanged means no need to hash again
+    origin: str = ""  # the source file (or `<deb>:<member>`) the bytes were taken from
+    package: str | None = None  # the package that shipped it (dpkg-query, rpm -qf, .deb control)
+    package_version: str | None = None
     method: str = "copy"  # a Method; "link" shares the source's inode
-
-
-# ---------------------------------------------------------------- sources
-
-
-class Source:
-    """Where emulator bytes come from: a directory or a qemu-user-static .deb."""
-
-    def __init__(self, cfg: SourceConfig) -> None:
-        self.cfg = cfg
-        self.kind = cfg.kind
-        self.path = cfg.path or self._auto_dir()
-        self._deb_index: dict[str, tarfile.TarInfo] | None = None
-
-    @staticmethod
-    def _auto_dir() -> str:
-        for candidate in AUTO_DIRS:
-            if any(Path(candidate).glob("qemu-*-static")):
-                return candidate
-        raise InstallError(
-            "no static QEMU found in /usr/bin or /usr/local/bin: install Debian's "
-            "qemu-user-static, or set source.kind: deb with source.path: <file.deb>"
-        )
-
-    def describe(self) -> str:
-        """A short label for logs and the state file."""
-        return f"{self.kind.value}:{self.path}"
-
-    def check_available(self) -> None:
-        """Raise InstallError unless the source exists at all."""
-        if not os.path.exists(self.path):
-            raise InstallError(f"emulator source {self.path} does not exist")
-
-    def identity(self, arch: str) -> str:
-        """A cheap fingerprint of the source file (device, inode, size, mtime): no hashing."""
-        path = self.path if self.kind is SourceKind.DEB else self._file_for(arch)
-        st = os.stat(path)
-        return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-    def _file_for(self, arch: str) -> str:
-        for name in (f"qemu-{arch}-static", f"qemu-{arch}"):
-            candidate = os.path.join(self.path, name)
-            if os.path.lexists(candidate):
-                return candidate
-        raise InstallError(f"source {self.path} has no qemu-{arch}-static")
-
-    def streams(self, arches: list[str]) -> Iterator[tuple[str, IO[bytes]]]:
-        """(arch, readable stream) for each wanted arch found; one pass over a .deb."""
-        if self.kind is SourceKind.DEB:
-            yield from self._deb_streams(arches)
-            return
-        for arch in arches:
-            try:
-                candidate = self._file_for(arch)
-                fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except InstallError:
-                continue
-            except OSError as exc:
-                raise InstallError(f"{self.path}/qemu-{arch}-static: {exc.strerror}") from None
-            _require_regular(fd, candidate)
-            with os.fdopen(fd, "rb") as stream:
-                yield arch, stream
-
-    def _deb_streams(self, arches: list[str]) -> Iterator[tuple[str, IO[bytes]]]:
-        wanted = {f"usr/bin/qemu-{a}-static": a for a in arches}
-        with open_deb_data(self.path) as tar:
-            for member in tar:
-                arch = wanted.get(member.name.removeprefix("./"))
-                if arch is None or not member.isreg():
-                    continue
-                stream = tar.extractfile(member)
-                if stream is not None:
-                    yield arch, stream
-
-
-def _require_regular(fd: int, path: str) -> None:
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise InstallError(f"{path} is not a regular file")
-
-
-@contextlib.contextmanager
-def open_deb_data(deb: str) -> Iterator[tarfile.TarFile]:
-    """The data.tar member of a .deb (an ar archive), opened without dpkg."""
-    try:
-        handle = open(deb, "rb")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise InstallError(f"{deb}: {exc.strerror}") from None
-    with handle:
-        if handle.read(8) != b"!<arch>\n":
-            raise InstallError(f"{deb} is not a .deb (ar) archive")
-        while header := handle.read(60):
-            if len(header) < 60:
-                break
-            name = header[:16].decode("ascii", "replace").strip().rstrip("/")
-            size = int(header[48:58].decode("ascii").strip() or 0)
-            if name.startswith("data.tar"):
-                yield _open_tar(handle, name, size, deb)
-                return
-            handle.seek(size + (size & 1), os.SEEK_CUR)
-    raise InstallError(f"{deb} has no data.tar member")
-
-
-def _open_tar(handle: IO[bytes], name: str, size: int, deb: str) -> tarfile.TarFile:
-    window = _Window(handle, handle.tell(), size)
-    stream = typing.cast(IO[bytes], io.BufferedReader(window, CHUNK))
-    if name.endswith(".xz"):
-        return tarfile.open(fileobj=lzma.LZMAFile(stream), mode="r|")
-    if name.endswith(".gz"):
-        return tarfile.open(fileobj=stream, mode="r|gz")
-    if name == "data.tar":
-        return tarfile.open(fileobj=stream, mode="r|")
-    raise InstallError(f"{deb}: unsupported compression {name} (xz, gz or none)")
-
-
-class _Window(io.RawIOBase):
-    """A read-only view of `size` bytes of `handle` starting at `start`."""
-
-    def __init__(self, handle: IO[bytes], start: int, size: int) -> None:
-        self.handle, self.left = handle, size
-        handle.seek(start)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
-        want = min(len(buffer), self.left)
-        data = self.handle.read(want)
-        buffer[: len(data)] = data
-        self.left -= len(data)
-        return len(data)
 
 
 # ---------------------------------------------------------------- install directory safety

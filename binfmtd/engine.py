@@ -19,13 +19,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from binfmtd import arch as archmod
-from binfmtd import emulators, plan, probe
+from binfmtd import backoff, emulators, plan, probe
 from binfmtd.binfmt import Entry, Registration, normalize_flags
 from binfmtd.config import Config, InstallMethod, SourceKind
-from binfmtd.emulators import Installed, InstallError, Source
+from binfmtd.emulators import Installed, InstallError
 from binfmtd.kernel import BinfmtMisc, KernelError
 from binfmtd.log import Repeats
 from binfmtd.probe import ProbeResult
+from binfmtd.sources import Found, Missing, Source, packages_of
 from binfmtd.status import ArchStatus, derive_state
 
 INSTALL_PARALLELISM = 4
@@ -69,6 +70,8 @@ class Engine:
         self.probed: dict[str, tuple[tuple[str, Entry], ...]] = {}
         self._entries_checked: dict[str, Entry] = {}
         self.errors: dict[str, str] = {}
+        self.backoff: dict[str, backoff.Backoff] = {}  # failing installs wait before a retry
+        self._absent: set[str] = set()  # arches the source lacked in the current install pass
         self.conflicts: dict[str, str] = {}
         self.claimed: set[str] = set()  # entry names this process registered in the instance
         self.entries: dict[str, Entry] = {}
@@ -120,8 +123,14 @@ class Engine:
 
     @property
     def selected(self) -> tuple[str, ...]:
-        """The arches binfmtd provisions."""
-        return self.cfg.selected(self.native)
+        """The arches binfmtd provisions. `all` means every catalog arch the source has (Debian
+        13's QEMU 10 no longer ships cris and nios2), when the source can tell."""
+        names = self.cfg.selected(self.native)
+        if "all" in self.cfg.arches and self.source is not None:
+            offered = self.source.offers()
+            if offered is not None:
+                return tuple(n for n in names if n in offered)
+        return names
 
     def registration(self, arch: str) -> Registration:
         """The entry binfmtd wants for `arch` (made once per install_dir and flags)."""
@@ -318,6 +327,19 @@ class Engine:
                 arches, report, f"emulator source unavailable: {self._source_problem()}"
             )
             return
+        now = self.clock()
+        self._absent = set()
+        ids = {a: self.source.fingerprint(a) for a in arches}
+        todo = [a for a in arches if backoff.due(self.backoff.get(a), now, ids[a])]
+        for arch in set(arches) - set(todo):  # waiting: the last error stands, nothing is read
+            report.errors[arch] = self.errors.get(arch) or self.backoff[arch].error
+            self._install_failures.seen(arch, report.errors[arch])  # counted, not logged
+        if todo:
+            self._install_now(todo, report)
+            self._record_outcomes(todo, ids, now, report)
+
+    def _install_now(self, arches: list[str], report: TickReport) -> None:
+        assert self.source is not None
         host = archmod.host_elf_machine(self.machine)
         pending = set(arches)
         try:
@@ -333,6 +355,33 @@ class Engine:
         )
         self._save_state()
 
+    def _record_outcomes(
+        self, arches: list[str], ids: dict[str, str], now: float, report: TickReport
+    ) -> None:
+        """Success forgets the backoff; a failure doubles the wait (logged when the error starts
+        or changes, with the wait: `retry_in_s`, None for "until the source changes")."""
+        for arch in arches:
+            error = report.errors.get(arch)
+            if error is None:
+                self.backoff.pop(arch, None)
+                continue
+            previous = self.backoff.get(arch)
+            cfg = self.cfg.source
+            # A source that lacks the arch keeps lacking it until it changes: no timed retry.
+            absent = arch in self._absent
+            state = backoff.failed(
+                previous,
+                now,
+                ids[arch],
+                error,
+                cfg.retry_initial_s,
+                cfg.retry_max_s,
+                until_change=absent,
+            )
+            self.backoff[arch] = state
+            retry = None if absent else round(state.delay_s, 1)
+            self._install_failures.seen(arch, error, retry_in_s=retry)
+
     def _install_streams(
         self, arches: list[str], host: int | None, report: TickReport, pending: set[str]
     ) -> None:
@@ -341,16 +390,16 @@ class Engine:
         source = self.source
         assert source is not None
         if source.kind is SourceKind.DEB:
-            for arch, stream in source.streams(arches):
-                pending.discard(arch)
-                self._install_one(arch, stream, host, report)
+            for item in source.streams(arches):
+                pending.discard(item.arch)
+                self._install_item(item, host, report)
             return
 
         def one(arch: str) -> None:
             try:
-                for found, stream in source.streams([arch]):
-                    pending.discard(found)
-                    self._install_one(found, stream, host, report)
+                for item in source.streams([arch]):
+                    pending.discard(item.arch)
+                    self._install_item(item, host, report)
             except (InstallError, OSError) as exc:
                 pending.discard(arch)
                 self._fail_install([arch], report, str(exc))
@@ -358,12 +407,17 @@ class Engine:
         with ThreadPoolExecutor(min(INSTALL_PARALLELISM, len(arches))) as pool:
             list(pool.map(one, arches))
 
-    def _install_one(self, arch: str, stream: Any, host: int | None, report: TickReport) -> None:
+    def _install_item(self, item: Found | Missing, host: int | None, report: TickReport) -> None:
+        if isinstance(item, Missing):
+            self._absent.add(item.arch)
+            self._fail_install([item.arch], report, item.reason)
+            return
         assert self.source is not None
+        arch = item.arch
         try:
             source_id = self.source.identity(arch)
             done = emulators.install_stream(
-                stream,
+                item.stream,
                 arch,
                 self.cfg.install_dir,
                 host,
@@ -383,7 +437,10 @@ class Engine:
             source_id,
             self.clock(),
             file_id,
-            done.method,
+            origin=item.origin,
+            package=item.package,
+            package_version=item.version,
+            method=done.method,
         )
         self.file_ids[arch] = file_id
         self.log.info(
@@ -397,20 +454,31 @@ class Engine:
 
     def _add_versions(self, arches: list[str]) -> None:
         """`qemu-X --version` once every write is closed: a fork while another thread holds a
-        new emulator open for writing could make that emulator's exec fail with ETXTBSY."""
-        arches = [a for a in arches if self.installed[a].version is None]  # not read while hashing
+        new emulator open for writing could make that emulator's exec fail with ETXTBSY.
+        (Usually the version was read from the bytes while hashing: nothing runs.)
+        Then the package each file came from, when the package manager knows it."""
         if not arches:
             return
-        with ThreadPoolExecutor(min(INSTALL_PARALLELISM, len(arches))) as pool:
-            paths = [self.installed[a].path for a in arches]
-            for arch, version in zip(arches, pool.map(emulators.qemu_version, paths), strict=True):
-                self.installed[arch] = replace(self.installed[arch], version=version)
+        unread = [a for a in arches if self.installed[a].version is None]
+        if unread:
+            with ThreadPoolExecutor(min(INSTALL_PARALLELISM, len(unread))) as pool:
+                paths = [self.installed[a].path for a in unread]
+                versions = pool.map(emulators.qemu_version, paths)
+                for arch, version in zip(unread, versions, strict=True):
+                    self.installed[arch] = replace(self.installed[arch], version=version)
+        unknown = [a for a in arches if self.installed[a].package is None]
+        owners = packages_of(self.installed[a].origin for a in unknown)
+        for arch in unknown:
+            package = owners.get(self.installed[arch].origin)
+            if package is not None:
+                self.installed[arch] = replace(
+                    self.installed[arch], package=package[0], package_version=package[1]
+                )
 
     def _fail_install(self, arches: list[str], report: TickReport, why: str) -> None:
         for arch in arches:
             text = why.replace("ARCH", arch)
             report.errors[arch] = text
-            self._install_failures.seen(arch, text)
             self.errors[arch] = text
 
     def _source_problem(self) -> str:

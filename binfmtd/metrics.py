@@ -26,7 +26,13 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -50,6 +56,7 @@ class Metrics:
     called by the daemon and the API server (any thread); `render` is the exposition text."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no `*_created` series
         self.registry = CollectorRegistry(auto_describe=True)
         self._status: wire.StatusRecord | None = None
         self._probe_at: dict[str, float] = {}
@@ -68,13 +75,9 @@ class Metrics:
             ("action", "reason"),
             registry=self.registry,
         )
-        self.requests = Counter(
-            "binfmtd_api_requests",
-            "Answered API requests, by endpoint template and HTTP status code.",
-            ("endpoint", "code"),
-            registry=self.registry,
-        )
-        self._request_children: dict[tuple[str, int], Any] = {}
+        # Counted on the API thread for every answer, so a plain dict (one writer) rather than
+        # a locked Counter child per request; exported by the collector at scrape time.
+        self._requests: dict[tuple[str, int], int] = {}
         self.registry.register(_StateCollector(self))
         self._http: Any = None
 
@@ -98,12 +101,13 @@ class Metrics:
             self.repairs.labels(kind, reason_label(reason)).inc()
 
     def observe_request(self, endpoint: str, code: int) -> None:
-        """Count one answered API request (called on the API thread for every answer, so the
-        labelled child is looked up once per (endpoint, code))."""
-        child = self._request_children.get((endpoint, code))
-        if child is None:
-            child = self._request_children[endpoint, code] = self.requests.labels(endpoint, code)
-        child.inc()
+        """Count one answered API request (only the API server's thread calls this)."""
+        key = (endpoint, code)
+        self._requests[key] = self._requests.get(key, 0) + 1
+
+    def request_counts(self) -> dict[tuple[str, int], int]:
+        """Answered requests so far by (endpoint template, status), a copy."""
+        return dict(self._requests)
 
     # --- out ------------------------------------------------------------------------------
 
@@ -164,6 +168,7 @@ class _StateCollector(Collector):
             conflicts.add_metric([a.arch], 1.0 if a.conflict else 0.0)
         yield working
         yield conflicts
+        yield _requests(self._metrics.request_counts())
         yield from _daemon_metrics(status)
         if status is not None and status.worker is not None and status.worker.enabled:
             yield from _worker_metrics(status.worker)
@@ -176,6 +181,17 @@ def _arch_states(arches: Sequence[wire.ArchRecord], states: Sequence[str]) -> Me
     for a in arches:
         for state in states:
             family.add_metric([a.arch, state], 1.0 if a.state == state else 0.0)
+    return family
+
+
+def _requests(counts: dict[tuple[str, int], int]) -> Metric:
+    family = CounterMetricFamily(
+        "binfmtd_api_requests",
+        "Answered API requests, by endpoint template and HTTP status code.",
+        labels=["endpoint", "code"],
+    )
+    for (endpoint, code), count in sorted(counts.items()):
+        family.add_metric([endpoint, str(code)], count)
     return family
 
 

@@ -62,7 +62,9 @@ def arch_problem(a: ArchRecord) -> str | None:
     """Why an arch is not working (registered with F, enabled, proven), or None when it is."""
     if a.working and "F" in a.flags:
         return None
-    detail = a.error or (a.probe.error if a.probe else None)
+    # A probe of a disabled entry fails by design: its error would only mislead here.
+    probed = a.probe.error if a.probe and a.registered and a.enabled else None
+    detail = a.error or probed
     if not a.registered:
         reason = "not registered"
     elif not a.enabled:

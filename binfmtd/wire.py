@@ -81,6 +81,12 @@ class Record:
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"{type(self).__name__} is frozen; build a new one")
 
+    def replace(self: R, **changes: Any) -> R:
+        """A copy with `changes` (use this, not `dataclasses.replace`: at run time these are not
+        dataclasses, see the module's top)."""
+        values = {n: getattr(self, n) for n in self.__record_fields__}
+        return type(self)(**{**values, **changes})
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (nested records and tuples converted)."""
         return {n: _out(getattr(self, n)) for n in self.__record_fields__}

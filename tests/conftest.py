@@ -87,6 +87,38 @@ def qemu_deb(cache: Cache) -> Path:
     return cache.qemu_deb
 
 
+@dataclass(frozen=True)
+class Trixie:
+    """Debian 13's real packages, from `./scripts/setup`: both .debs, and a private root where
+    `dpkg --root --unpack` put them (the installed layout, with its dpkg database)."""
+
+    root: Path
+    qemu_user_deb: Path
+    qemu_user_static_deb: Path
+
+    @property
+    def usr_bin(self) -> Path:
+        """The installed layout: qemu-<arch> files and qemu-<arch>-static -> qemu-<arch>."""
+        return self.root / "usr" / "bin"
+
+    @property
+    def dpkg_admin(self) -> Path:
+        """The dpkg database that knows both packages."""
+        return self.root / "var" / "lib" / "dpkg"
+
+
+@pytest.fixture(scope="session")
+def trixie(cache: Cache) -> Trixie:
+    """Debian 13's qemu-user and qemu-user-static; skips (with the fix) when not fetched."""
+    base = cache.root / "trixie"
+    debs = {p.name.split("_")[0]: p for p in sorted((base / "debs").glob("*.deb"))}
+    found = Trixie(base / "root", debs.get("qemu-user", base), debs.get("qemu-user-static", base))
+    needed = [found.qemu_user_deb, found.qemu_user_static_deb, found.usr_bin / "qemu-aarch64"]
+    if not (base / ".ready").exists() or not all(p.is_file() for p in needed):
+        pytest.skip(f"Debian 13 packages are not in {base}: run ./scripts/setup")
+    return found
+
+
 @pytest.fixture(scope="session")
 def busybox(cache: Cache) -> Callable[[str], Path]:
     """busybox(debarch) -> the static busybox of that Debian architecture."""

@@ -199,6 +199,15 @@ def test_age(seconds: float, text: str) -> None:
         (arch("a"), None),
         (arch("a", registered=False, state="missing"), "not registered"),
         (arch("a", enabled=False, state="disabled"), "registered but disabled"),
+        (
+            arch(
+                "a",
+                enabled=False,
+                state="disabled",
+                probe={"ok": False, "at": NOW, "duration_ms": 1.0, "error": "probe exited 127"},
+            ),
+            "registered but disabled",
+        ),
         (arch("a", flags="POC"), "registered without the F flag (flags POC)"),
         (
             arch("a", "foreign", error="owned by qemu-user-static"),

@@ -49,6 +49,8 @@ lock_file: /run/x/binfmtd.lock
 source:
   kind: deb
   path: /srv/qemu-user-static.deb
+  retry_initial_s: 1
+  retry_max_s: 60
 probe:
   timeout_s: 3
   parallelism: 2
@@ -125,7 +127,7 @@ def test_every_option_in_a_full_yaml() -> None:
         reverify_interval_s=120.0,
         remove_on_stop=True,
         lock_file="/run/x/binfmtd.lock",
-        source=SourceConfig(SourceKind.DEB, "/srv/qemu-user-static.deb"),
+        source=SourceConfig(SourceKind.DEB, "/srv/qemu-user-static.deb", 1.0, 60.0),
         probe=ProbeConfig(timeout_s=3.0, parallelism=2),
         api=ApiConfig("/run/x/binfmtd.sock", "builders", 9723),
         log=LogConfig("debug", LogFormat.JSON),
@@ -153,6 +155,20 @@ def test_every_option_in_a_full_yaml() -> None:
     assert cfg == expected
     assert isinstance(cfg.probe.timeout_s, float) and isinstance(cfg.probe.parallelism, int)
     assert cfg.selected(native=("riscv64",)) == ("aarch64",)
+
+
+@pytest.mark.parametrize(
+    ("text", "detail"),
+    [
+        ("source: {kind: deb, path: q.deb}", "source.path: must be an absolute path"),
+        ("source: {retry_initial_s: 10, retry_max_s: 5}", "must not be below"),
+        ("source: {retry_initial_s: 0}", "retry_initial_s: must be between"),
+        ("source: {retry_max_s: 100000}", "retry_max_s: must be between"),
+    ],
+)
+def test_source_keys_are_validated(text: str, detail: str) -> None:
+    """A relative source path or a backoff that makes no sense is a config error."""
+    assert detail in error_of(text)
 
 
 def test_full_yaml_covers_every_option() -> None:

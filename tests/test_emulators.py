@@ -1,4 +1,4 @@
-"""Installing emulators: sources (directory and .deb), checks, atomic writes, trust, state file."""
+"""Installing emulators: checks, atomic writes, trust of the install dir, the state file."""
 
 from __future__ import annotations
 
@@ -8,16 +8,13 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from binfmtd import emulators
-from binfmtd.config import SourceConfig, SourceKind
-from binfmtd.emulators import Installed, InstallError, Source
+from binfmtd.emulators import Installed, InstallError
 
 X86_64 = 62
 
@@ -139,81 +136,6 @@ def test_unreadable_state_trusts_nothing(tmp_path: Path, body: bytes) -> None:
     state.write_bytes(body)
     assert emulators.read_state(str(state)) == {}
     assert emulators.read_state(str(tmp_path / "missing.json")) == {}
-
-
-def test_deb_source_extracts_the_right_members_without_dpkg(
-    qemu_deb: Path, qemu_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The .deb is read directly (ar + data.tar.xz): each wanted member, byte for byte, no dpkg."""
-
-    def no_subprocess(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError(f"a subprocess was started: {args!r}")
-
-    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
-    dest = install_dir(tmp_path)
-    source = Source(SourceConfig(SourceKind.DEB, str(qemu_deb)))
-    got = {}
-    for arch, stream in source.streams(["s390x", "aarch64", "nonesuch"]):
-        got[arch] = emulators.install_stream(stream, arch, str(dest), X86_64).sha256
-    assert got == {
-        "aarch64": sha256(qemu_dir / "qemu-aarch64-static"),
-        "s390x": sha256(qemu_dir / "qemu-s390x-static"),
-    }
-    assert sorted(os.listdir(dest)) == ["qemu-aarch64", "qemu-s390x"]
-    assert source.describe() == f"deb:{qemu_deb}"
-
-
-def test_non_deb_and_missing_deb_refused(tmp_path: Path) -> None:
-    """A file that is not an ar archive, or no file at all, is a clear InstallError."""
-    fake = tmp_path / "fake.deb"
-    fake.write_bytes(b"PK\x03\x04 not a deb")
-    with pytest.raises(InstallError, match=r"is not a \.deb"), emulators.open_deb_data(str(fake)):
-        pass
-    with (
-        pytest.raises(InstallError, match="No such file"),
-        emulators.open_deb_data(str(tmp_path / "missing.deb")),
-    ):
-        pass
-
-
-def test_directory_source_streams_only_what_exists(qemu_dir: Path) -> None:
-    """A directory source yields the arches it has and skips the rest."""
-    source = Source(SourceConfig(SourceKind.DIRECTORY, str(qemu_dir)))
-    assert [arch for arch, _ in source.streams(["s390x", "nonesuch", "riscv64"])] == [
-        "s390x",
-        "riscv64",
-    ]
-    assert source.identity("s390x").count(":") == 3
-
-
-def test_missing_source_gives_a_clear_error(tmp_path: Path) -> None:
-    """A source path that does not exist, or lacks the arch, says so."""
-    missing = Source(SourceConfig(SourceKind.DIRECTORY, str(tmp_path / "nope")))
-    with pytest.raises(InstallError, match=r"emulator source .*/nope does not exist"):
-        missing.check_available()
-    empty = Source(SourceConfig(SourceKind.DIRECTORY, str(tmp_path)))
-    with pytest.raises(InstallError, match="has no qemu-aarch64-static"):
-        empty.identity("aarch64")
-
-
-def test_auto_source_without_any_qemu_says_what_to_install(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """source.kind auto with no qemu-*-static anywhere names the package and the alternative."""
-    monkeypatch.setattr(emulators, "AUTO_DIRS", (str(tmp_path),))
-    with pytest.raises(InstallError, match="install Debian's qemu-user-static"):
-        Source(SourceConfig())
-
-
-def test_source_symlink_and_non_regular_files_refused(qemu_dir: Path, tmp_path: Path) -> None:
-    """A symlinked or non-regular qemu-ARCH-static in the source directory is refused."""
-    (tmp_path / "qemu-aarch64-static").symlink_to(qemu_dir / "qemu-aarch64-static")
-    (tmp_path / "qemu-s390x-static").mkdir()
-    source = Source(SourceConfig(SourceKind.DIRECTORY, str(tmp_path)))
-    with pytest.raises(InstallError, match="qemu-aarch64-static"):
-        list(source.streams(["aarch64"]))
-    with pytest.raises(InstallError, match="not a regular file"):
-        list(source.streams(["s390x"]))
 
 
 @pytest.mark.parametrize("target", ["dir", "parent"])

@@ -49,6 +49,7 @@ def test_state_probes_repairs_and_requests_show_up() -> None:
         "binfmtd_last_reconcile_timestamp_seconds 1000.0",
     ):
         assert line in text, line
+    assert "_created" not in text
 
 
 def test_worker_metrics_when_enabled() -> None:

@@ -1,0 +1,64 @@
+"""The wire records: round trips, tolerance to new and missing fields, frozen values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from binfmtd import wire
+
+PROBE = wire.ProbeRecord(True, 1_700_000_000.0, 12.5)
+ARCH = wire.ArchRecord(
+    "aarch64", ("linux/arm64",), "verified", True, True, "POF", "/q", probe=PROBE, working=True
+)
+STATUS = wire.StatusRecord(
+    wire.DaemonRecord("0.1.0", 42, ready=True),
+    (ARCH,),
+    ("linux/amd64",),
+    wire.WorkerRecord(state="running", intended_platforms=("linux/arm64",)),
+    ("entry qemu-x has the C flag",),
+)
+SAMPLES: list[wire.Record] = [
+    STATUS,
+    wire.PlatformsRecord(("linux/amd64", "linux/arm64"), ("linux/amd64",), ("linux/arm64",)),
+    wire.BinfmtRecord(("linux/arm64",), ("qemu-aarch64",)),
+    wire.HealthRecord(True, True, 0.2),
+    wire.VerifyResult(("aarch64",), ("mips",)),
+    wire.ReconcileResult(("register qemu-aarch64",), {"s390x": "boom"}),
+    wire.ArchChange("aarch64", "disabled"),
+    wire.ReloadResult(True, ("arches",), ("api",)),
+    wire.IndexRecord(wire.ENDPOINTS),
+    wire.OneshotRecord(False, {"total": 1.0}, ("install s390x",), ("x86_64",), (), (ARCH,)),
+    wire.ErrorRecord("no", 404),
+]
+
+
+@pytest.mark.parametrize("record", SAMPLES, ids=lambda r: type(r).__name__)
+def test_round_trip_through_json(record: wire.Record) -> None:
+    """to_json -> JSON text -> from_json gives an equal record (nested records included)."""
+    again = type(record).from_json(json.loads(json.dumps(record.to_json())))
+    assert again == record and hash(again) == hash(record)
+
+
+def test_readers_ignore_new_fields_and_default_missing_ones() -> None:
+    """A newer daemon's extra keys are ignored; an older one's missing optional keys default."""
+    data = ARCH.to_json() | {"added_in_wire_2": [1, 2]}
+    del data["working"], data["conflict"]
+    arch = wire.ArchRecord.from_json(data)
+    assert arch.replace(working=True) == ARCH
+    with pytest.raises(ValueError, match="missing field 'state'"):
+        wire.ArchRecord.from_json({"arch": "x", "platforms": []})
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        wire.StatusRecord.from_json([])
+
+
+def test_records_are_frozen_values() -> None:
+    """Records cannot be changed in place; equality is by value and type; every top-level
+    record carries the wire version."""
+    with pytest.raises(AttributeError, match="frozen"):
+        ARCH.state = "failed"  # type: ignore[misc]
+    assert ARCH.replace(state="failed") != ARCH
+    assert wire.ArchChange("a", "b") != wire.ErrorRecord("a", 1)
+    assert all(r.to_json().get("wire", 1) == wire.WIRE_VERSION for r in SAMPLES)
+    assert "wire" not in wire.BinfmtRecord((), ()).to_json()  # tonistiigi/binfmt's exact shape
