@@ -243,11 +243,19 @@ def test_removed_entry_is_repaired_and_reproven_without_waiting_for_the_safety_p
 def test_unmounted_instance_is_remounted_and_watched_again(daemon: Daemon) -> None:
     """binfmt_misc unmounted under the daemon: mounted again, entries restored, and a later
     removal is still seen (the new mount is watched)."""
+    unmounted = time.time()
     daemon.ns_ok(f"umount {ENTRIES}")
     du.wait_until(
         "binfmt_misc remounted", lambda: daemon.events("binfmt_misc_remounted"), timeout=20
     )
-    daemon.wait_verified(ARCHES, timeout=20)
+    du.wait_until(
+        "both arches re-proven in the new mount",
+        lambda: all(
+            r["state"] == "verified" and r["probe"]["at"] > unmounted
+            for r in daemon.arches().values()
+        ),
+        timeout=20,
+    )
     wall = time.time()
     daemon.ns_ok(f"echo -1 > {ENTRIES}/qemu-aarch64")
     du.wait_until(
