@@ -8,6 +8,7 @@ row (class, byte order, e_machine, and the few per-target quirks), never pasted 
 from __future__ import annotations
 
 import difflib
+import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
@@ -157,36 +158,109 @@ CATALOG: tuple[Arch, ...] = (
 
 BY_NAME: dict[str, Arch] = {a.name: a for a in CATALOG}
 
-# Which catalog targets a host runs without emulation, by `uname -m`. The second element is the
-# set the host runs only if its kernel has 32-bit compat support (checked by the caller).
-_NATIVE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+# Which catalog targets a host runs without emulation, by `uname -m`: (always, compat). The
+# compat set holds the 32-bit (or other-ABI) targets the kernel may also run; each is proven by
+# running its probe, never assumed. Where `uname -m` does not say the byte order (mips64, ppc64,
+# armv8l on a big-endian system...), a pair (little, big) is given and the order of the running
+# binary picks one.
+_Pair = tuple[tuple[str, ...], tuple[str, ...]]
+_NATIVE: dict[str, _Pair | tuple[_Pair, _Pair]] = {
     "x86_64": (("x86_64",), ("i386",)),
-    "i686": (("i386",), ()),
-    "aarch64": (("aarch64",), ("arm",)),
-    "armv7l": (("arm",), ()),
+    "amd64": (("x86_64",), ("i386",)),
+    "aarch64": ((("aarch64",), ("arm",)), (("aarch64_be",), ("armeb",))),
+    "arm64": (("aarch64",), ("arm",)),
+    "aarch64_be": (("aarch64_be",), ("armeb",)),
+    "armv8l": (("arm",), ("aarch64",)),  # 32-bit userland on an arm64 kernel (PER_LINUX32)
+    "armv8b": (("armeb",), ("aarch64_be",)),
+    "arm": ((("arm",), ()), (("armeb",), ())),
+    "armeb": (("armeb",), ()),
+    "mips64": ((("mips64el",), ("mipsel", "mipsn32el")), (("mips64",), ("mips", "mipsn32"))),
+    "mips": ((("mipsel",), ()), (("mips",), ())),
+    "ppc64": ((("ppc64le",), ()), (("ppc64",), ("ppc",))),
     "ppc64le": (("ppc64le",), ()),
+    "ppc": (("ppc",), ()),
     "s390x": (("s390x",), ()),
-    "riscv64": (("riscv64",), ()),
+    "riscv64": (("riscv64",), ("riscv32",)),
+    "riscv32": (("riscv32",), ()),
     "loongarch64": (("loongarch64",), ()),
-    "mips64": (("mips64",), ()),
+    "sparc64": (("sparc64",), ("sparc", "sparc32plus")),
+    "sparc": (("sparc",), ("sparc32plus",)),
+    "alpha": (("alpha",), ()),
+    "m68k": (("m68k",), ()),
+    "sh4": ((("sh4",), ()), (("sh4eb",), ())),
+    "sh4a": ((("sh4",), ()), (("sh4eb",), ())),
+    "parisc": (("hppa",), ()),
+    "parisc64": ((), ("hppa",)),
+    "microblaze": ((("microblazeel",), ()), (("microblaze",), ())),
+    "xtensa": ((("xtensa",), ()), (("xtensaeb",), ())),
+    "or1k": (("or1k",), ()),
+    "nios2": (("nios2",), ()),
+    "hexagon": (("hexagon",), ()),
+    "cris": (("cris",), ()),
 }
+_ARM32 = re.compile(r"^armv[4-7][a-z]*$")
 
 
-def native_arches(machine: str, *, compat32: bool) -> tuple[str, ...]:
+def host_arches(machine: str, order: ByteOrder = ByteOrder.LITTLE) -> _Pair:
+    """(always native, compat candidates) for `uname -m` == `machine` on a host of `order`.
+
+    `order` is the byte order of the running binary (its ELF EI_DATA). armv4..armv7 end in
+    "l" (little) or "b" (big); unknown machines give ((), ()).
+    """
+    if _ARM32.match(machine):
+        return (("armeb",), ()) if machine.endswith("b") else (("arm",), ())
+    if machine in {"i386", "i486", "i586", "i686"}:
+        return (("i386",), ())
+    row = _NATIVE.get(machine)
+    if row is None:
+        return ((), ())
+    if row[0] and isinstance(row[0][0], tuple):  # (little, big)
+        pair = row[0] if order is ByteOrder.LITTLE else row[1]
+        return pair
+    return row
+
+
+def native_arches(
+    machine: str, *, compat32: bool, order: ByteOrder = ByteOrder.LITTLE
+) -> tuple[str, ...]:
     """The catalog names a host of `uname -m` == `machine` runs natively."""
-    always, compat = _NATIVE.get(machine, ((), ()))
+    always, compat = host_arches(machine, order)
     return always + (compat if compat32 else ())
 
 
-def compat_candidates(machine: str) -> tuple[str, ...]:
+def compat_candidates(machine: str, order: ByteOrder = ByteOrder.LITTLE) -> tuple[str, ...]:
     """The 32-bit targets whose nativeness depends on the kernel's compat support."""
-    return _NATIVE.get(machine, ((), ()))[1]
+    return host_arches(machine, order)[1]
 
 
-def host_elf_machine(machine: str) -> int | None:
+def host_elf_machine(machine: str, order: ByteOrder = ByteOrder.LITTLE) -> int | None:
     """The e_machine a static emulator built for this host must carry."""
-    native = _NATIVE.get(machine)
-    return BY_NAME[native[0][0]].machine if native else None
+    always = host_arches(machine, order)[0]
+    return BY_NAME[always[0]].machine if always else None
+
+
+def arches_of_header(header: bytes) -> tuple[str, ...]:
+    """The catalog targets whose magic/mask catch an ELF file starting with `header`.
+
+    binfmtd runs `header` (the start of its own executable) through these to learn what the
+    host runs natively, whatever `uname -m` says.
+    """
+    padded = header.ljust(MAX_HEADER, b"\0")
+    return tuple(
+        a.name
+        for a in CATALOG
+        if all((h ^ m) & k == 0 for h, m, k in zip(padded, a.magic, a.mask, strict=False))
+    )
+
+
+def order_of_header(header: bytes) -> ByteOrder:
+    """The byte order an ELF header declares (EI_DATA); little when it is not ELF."""
+    return (
+        ByteOrder.BIG if header[:4] == b"\x7fELF" and header[5:6] == b"\x02" else ByteOrder.LITTLE
+    )
+
+
+MAX_HEADER = 256  # BINPRM_BUF_SIZE: the bytes binfmt_misc compares a file's start against
 
 
 class UnknownArch(KeyError):

@@ -164,6 +164,8 @@ class Entry:
     magic: bytes = b""
     mask: bytes = b""
     extension: str | None = None
+    ident: int = 0  # the entry file's inode: a new one for every registration, so a probe
+    # result is tied to this very entry, not to a later one with the same text
 
     def matches(self, reg: Registration) -> bool:
         """Whether this entry is exactly `reg`, as the kernel stores it (magic masked)."""
@@ -185,6 +187,27 @@ class Entry:
             return False
         own_mask = self.mask or bytes([0xFF] * len(self.magic))
         return all((h & k) == m for h, k, m in zip(header, own_mask, self.magic, strict=False))
+
+    def handles(self, header: bytes, filename: str = "probe") -> bool:
+        """Whether the kernel would pick this entry for a file named `filename` starting with
+        `header` (fs/binfmt_misc.c check_file: enabled, then extension or masked magic at offset;
+        bytes past the file's end read as zero)."""
+        if not self.enabled:
+            return False
+        if self.extension is not None:
+            _, dot, ext = filename.rpartition(".")
+            return bool(dot) and ext == self.extension.removeprefix(".")
+        if not self.magic:
+            return False
+        window = header[self.offset : self.offset + len(self.magic)].ljust(len(self.magic), b"\0")
+        mask = self.mask or bytes([0xFF] * len(self.magic))
+        return all((h ^ m) & k == 0 for h, m, k in zip(window, self.magic, mask, strict=True))
+
+    def registration(self) -> Registration:
+        """This entry as a register string would make it (magic entries at offset 0 only)."""
+        if self.extension is not None or self.offset:
+            raise FormatError(f"{self.name}: only magic entries at offset 0 can be recorded")
+        return Registration(self.name, self.magic, self.mask, self.interpreter, self.flags)
 
 
 def parse_entry(name: str, text: str) -> Entry:

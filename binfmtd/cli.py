@@ -249,6 +249,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{arch}: verified")
     for arch in result.failed:
         print(f"{arch}: FAILED (see `binfmtctl status`)")
+    for arch in result.disabled:
+        print(f"{arch}: disabled by the operator (not probed)")
     return ExitCode.NOT_OK if result.failed else ExitCode.OK
 
 

@@ -7,10 +7,11 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from binfmtd import __version__, config, log, ns
 from binfmtd.cli import Parser, run_quietly
-from binfmtd.preflight import Exit
+from binfmtd.preflight import Exit, PreflightError
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -132,11 +133,27 @@ def oneshot(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
 
 
 def _provision_once(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
+    """One guarded pass: per-arch failures are lines on stderr (exit 1); anything unexpected is
+    one line (exit 72, the traceback only in the debug log), never a traceback for the user."""
+    logger = log.get("binfmtd.oneshot")
+    try:
+        return _provision(cfg, sandbox=sandbox, as_json=as_json, logger=logger)
+    except PreflightError:
+        raise
+    except Exception as exc:  # the per-pass guard of --oneshot
+        logger.debug("oneshot_crashed", exc_info=True)
+        print(
+            f"binfmtd: internal error: {type(exc).__name__}: {exc} "
+            "(set log.level: debug for the traceback)",
+            file=sys.stderr,
+        )
+        return Exit.SOFTWARE
+
+
+def _provision(cfg: config.Config, *, sandbox: bool, as_json: bool, logger: Any) -> int:
     from binfmtd import preflight, render, views
     from binfmtd.engine import Engine
-    from binfmtd.status import ArchState
 
-    logger = log.get("binfmtd.oneshot")
     engine = Engine(cfg, logger)
     preflight.run_all(engine.kernel)
     started = time.monotonic()
@@ -155,10 +172,9 @@ def _provision_once(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
             f"{','.join(record.platforms)}"
         )
         print("timings (ms): " + ", ".join(f"{k} {v}" for k, v in durations.items()))
-    # A foreign entry left alone counts as a failure here even when it works: the conflict
-    # is unresolved until the operator chooses (conflict_policy).
-    statuses = engine.statuses()
-    bad = [s for s in statuses if s.state not in {ArchState.VERIFIED, ArchState.DISABLED}]
+    # Only a verified arch or the operator's own disable is fine; a foreign entry left alone
+    # is a failure even when it works: the conflict is unresolved until the operator chooses.
+    bad = [s for s in engine.statuses() if not s.state.fine]
     sys.stdout.flush()
     for row in bad:
         print(f"binfmtd: {row.arch}: {row.state}: {row.error or 'not verified'}", file=sys.stderr)

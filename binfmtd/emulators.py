@@ -20,6 +20,7 @@ import secrets
 import stat
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import IO
@@ -485,12 +486,16 @@ def write_state(
     path: str,
     installed: dict[str, Installed],
     flags: str | None = None,
+    owned: Mapping[str, str] | None = None,
+    *,
     hashes: HashCache | None = None,
 ) -> None:
     """Replace the state file atomically (temp, fsync, rename, fsync dir).
 
     `flags`: the binfmt_misc flags the entries are registered with (recorded so that a later
-    version can tell what an install relied on). `hashes`: the digest cache, kept beside.
+    version can tell what an install relied on). `owned` is the ownership record: every
+    binfmt_misc entry binfmtd registered, name -> register string. Only those entries are
+    binfmtd's (see `read_owned`). `hashes`: the digest cache, kept beside.
     """
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -498,6 +503,8 @@ def write_state(
     if flags is not None:
         doc["flags"] = flags
     doc["emulators"] = {k: asdict(v) for k, v in sorted(installed.items())}
+    if owned is not None:
+        doc["entries"] = dict(sorted(owned.items()))
     if hashes is not None:
         doc["hashes"] = hashes.to_json()
     body = json.dumps(doc, indent=2).encode()
@@ -544,3 +551,15 @@ def read_hashes(path: str) -> HashCache:
         return HashCache.from_json(data.get("hashes"))
     except (OSError, ValueError, AttributeError, trust.TrustError):
         return HashCache()
+
+
+def read_owned(path: str) -> dict[str, str] | None:
+    """The ownership record (entry name -> register string); None when the file predates it
+    (or cannot be read): the caller then adopts entries running exactly its recorded emulators."""
+    try:
+        entries = json.loads(trust.read_file(path, max_bytes=STATE_MAX_BYTES))["entries"]
+    except (OSError, ValueError, KeyError, TypeError, trust.TrustError):
+        return None
+    if not isinstance(entries, dict):
+        return None
+    return {str(k): str(v) for k, v in entries.items() if isinstance(v, str)}

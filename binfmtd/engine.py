@@ -1,35 +1,44 @@
 """One reconcile pass: observe, plan, execute, verify. Used by --oneshot and by the daemon loop.
 
-The engine holds the in-memory truth (what is installed, what each probe said) and turns it into
-per-arch status rows. Expected per-arch failures are values in those rows, never exceptions that
-stop the loop.
+The engine executes what `plan` decides and keeps the few facts a pass cannot read back from the
+kernel: what is installed, which entries binfmtd registered (the ownership record, kept in the
+state file) and what each probe proved, for which handler. Every status row is derived from the
+observation of the last pass (`status.derive`). Expected per-arch failures are values in those
+rows, never exceptions that stop the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import lzma
 import os
 import platform
 import shutil
+import sys
+import tarfile
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from binfmtd import arch as archmod
-from binfmtd import backoff, emulators, plan, probe
-from binfmtd.binfmt import Entry, Registration, normalize_flags
-from binfmtd.config import Config, InstallMethod, SourceKind
+from binfmtd import backoff, emulators, plan, probe, truth
+from binfmtd.binfmt import Entry, FormatError, Registration, normalize_flags, parse_register_string
+from binfmtd.config import Config, ConflictPolicy, InstallMethod, SourceKind
 from binfmtd.emulators import Installed, InstallError
 from binfmtd.kernel import BinfmtMisc, KernelError
 from binfmtd.log import Repeats
-from binfmtd.probe import ProbeResult
 from binfmtd.sources import Found, Missing, Source, packages_of
-from binfmtd.status import ArchStatus, derive_state
+from binfmtd.status import ArchState, ArchStatus, Facts, Proof, derive
+from binfmtd.truth import Observation, Owner
 
 INSTALL_PARALLELISM = 4
+RETRY_FAILED_S = 30.0
+# What a corrupt or truncated source can raise from deep inside tarfile, gzip, xz or zlib.
+SOURCE_ERRORS = (InstallError, OSError, EOFError, tarfile.TarError, zlib.error, lzma.LZMAError)
 
 
 @dataclass
@@ -61,23 +70,27 @@ class Engine:
         self.log = log
         self.clock = clock
         self.machine = host_machine or platform.machine()
+        self.self_headers = _self_headers()
+        self.order = archmod.order_of_header(self.self_headers[0] if self.self_headers else b"")
         self.kernel = BinfmtMisc(cfg.binfmt_misc)
         self.installed: dict[str, Installed] = {}
+        self.owned: dict[str, Registration] = {}
+        self._adopt = False
+        self._state_dirty = False
         self.file_ids: dict[str, str] = {}
-        self.probes: dict[str, ProbeResult] = {}
-        # The entries that could catch each arch's binaries when its probe ran: a probe proves
-        # only that set (ours, or a foreign one registered later, which the kernel tries first).
-        self.probed: dict[str, tuple[tuple[str, Entry], ...]] = {}
-        self._entries_checked: dict[str, Entry] = {}
+        self.proofs: dict[str, Proof] = {}
         self.errors: dict[str, str] = {}
+        self._said: dict[str, str] = {}
+        self._said_now: set[str] = set()
         self.backoff: dict[str, backoff.Backoff] = {}  # failing installs wait before a retry
         self._absent: set[str] = set()  # arches the source lacked in the current install pass
-        self.conflicts: dict[str, str] = {}
-        self.claimed: set[str] = set()  # entry names this process registered in the instance
-        self.entries: dict[str, Entry] = {}
-        self._registrations: dict[tuple[str, str, str], Registration] = {}
         self.operator_disabled: set[str] = set()
+        self.operator_changed: set[str] = set()
         self.native: tuple[str, ...] = ()
+        self.native_proof: dict[str, str] = {}
+        self.observation: Observation = truth.EMPTY
+        self._registrations: dict[tuple[str, str, str], Registration] = {}
+        self._headers: dict[str, bytes] = {}
         # Failures that recur every pass are logged when they start, change and end.
         self._install_failures = Repeats(log, "install_failed", "install_recovered")
         self._action_failures = Repeats(log, "action_failed", "action_recovered")
@@ -96,6 +109,7 @@ class Engine:
         self.flags = normalize_flags(cfg.flags)
         self.installed = emulators.read_state(cfg.state_file)
         self.hashes = emulators.read_hashes(cfg.state_file)
+        self.owned, self._adopt = _read_owned(cfg.state_file)
         for directory in (cfg.install_dir, os.path.dirname(cfg.state_file)):
             with contextlib.suppress(OSError):  # left by a killed install or state write
                 emulators.clean_temp_files(directory)
@@ -107,19 +121,60 @@ class Engine:
         """Where probe roots are made: beside the state file, so a restart can clean them."""
         return os.path.join(os.path.dirname(self.cfg.state_file), "probe-roots")
 
+    @property
+    def replace(self) -> bool:
+        """conflict_policy: replace."""
+        return self.cfg.conflict_policy is ConflictPolicy.REPLACE
+
+    def header(self, arch: str) -> bytes:
+        """The start of `arch`'s probe (read once), or its catalog magic without a probe."""
+        found = self._headers.get(arch)
+        if found is None:
+            found = probe.header(arch) or archmod.BY_NAME[arch].magic
+            self._headers[arch] = found
+        return found
+
     def detect_native(self) -> tuple[str, ...]:
-        """Host-native arches: never registered. 32-bit compat is proven by running a probe."""
-        always = archmod.native_arches(self.machine, compat32=False)
-        compat = tuple(a for a in archmod.compat_candidates(self.machine) if self._runs_natively(a))
-        self.native = always + compat
+        """Host-native arches, never registered: the running binary's own format and `uname -m`
+        (byte order from the running binary); each 32-bit compat candidate only by proof."""
+        always, compat = archmod.host_arches(self.machine, self.order)
+        own = [a for h in self.self_headers for a in archmod.arches_of_header(h)]
+        native = list(dict.fromkeys([*always, *own]))
+        self.native_proof = dict.fromkeys(native, "this host's own format")
+        obs = self.observe()
+        for arch in compat:
+            if arch not in native and self._prove_native(arch, obs):
+                native.append(arch)
+        self.native = tuple(native)
         return self.native
 
-    def _runs_natively(self, arch: str) -> bool:
-        target = archmod.BY_NAME[arch]
-        snapshot = self.kernel.snapshot()
-        if any(e.claims(target.magic, target.mask) for e in snapshot.entries.values()):
-            return _kernel_config_has("CONFIG_IA32_EMULATION") if arch == "i386" else False
-        return probe.run_probe_direct(arch, self.cfg.probe.timeout_s)
+    def _prove_native(self, arch: str, obs: Observation) -> bool:
+        """Run `arch`'s probe directly with no entry catching it; SIGSYS counts as native."""
+        removals = plan.clear_for_native_probe(
+            arch, obs, self.owned, self.header(arch), self.replace
+        )
+        if removals is None:  # another tool's entry catches it and leave forbids touching it
+            catcher = obs.catchers(self.header(arch))[0]
+            self.native_proof[arch] = f"not proven: entry {catcher.name} catches it first"
+            return True  # reported as native-shadowed: it catches the host's 32-bit programs
+        for action in removals:
+            self._apply(action, TickReport())
+        found, why = probe.run_probe_direct(arch, self.cfg.probe.timeout_s)
+        self.native_proof[arch] = why
+        if found is probe.Native.SECCOMP:
+            self.log.warning(
+                "native_probe_seccomp_killed",
+                arch=arch,
+                detail="the kernel runs it natively; a seccomp filter on binfmtd killed the probe",
+            )
+        return found is not probe.Native.NO
+
+    def host_elf_machine(self) -> int | None:
+        """The e_machine emulators must carry: the running binary's own, else by `uname -m`."""
+        own = [a for h in self.self_headers[:1] for a in archmod.arches_of_header(h)]
+        if own:
+            return archmod.BY_NAME[own[0]].machine
+        return archmod.host_elf_machine(self.machine, self.order)
 
     @property
     def selected(self) -> tuple[str, ...]:
@@ -145,15 +200,28 @@ class Engine:
 
     # ------------------------------------------------------------ one pass
 
-    def observe(self) -> plan.Observed:
-        """Read binfmt_misc and check installed interpreters (stat; hash only on change)."""
-        snapshot = self.kernel.snapshot()
-        self.entries = dict(snapshot.entries)
+    def observe(self) -> Observation:
+        """One frozen read of the instance: its status and every entry, newest first."""
+        snap = self.kernel.snapshot()
+        return Observation(snap.enabled, tuple(snap.entries.values()), tuple(snap.broken.items()))
+
+    def _world(self, obs: Observation) -> plan.World:
+        if self._adopt:  # a state file from before the ownership record: migrate it
+            self.owned.update(truth.adopt(obs, self._adoptable()))
+            self._adopt, self._state_dirty = False, True
         if not self._install_dir_trusted():
-            ok = dict.fromkeys(self.selected, False)
+            intact = dict.fromkeys(self.selected, False)
         else:
-            ok = {arch: self._interpreter_intact(arch) for arch in self.selected}
-        return plan.Observed(self.entries, ok, frozenset(self.claimed))
+            intact = {arch: self._interpreter_intact(arch) for arch in self.selected}
+        headers = {a: self.header(a) for a in (*self.selected, *self.native)}
+        return plan.World(obs, dict(self.owned), intact, headers, self.self_headers, self.native)
+
+    def _adoptable(self) -> dict[str, set[str]]:
+        """Per arch, the exact interpreter paths that were binfmtd's before the record existed."""
+        paths = {a: {self.registration(a).interpreter} for a in self.selected}
+        for arch, record in self.installed.items():
+            paths.setdefault(arch, set()).add(record.path)
+        return paths
 
     def _install_dir_trusted(self) -> bool:
         """A directory someone else can write to taints every interpreter in it (C flag)."""
@@ -169,8 +237,8 @@ class Engine:
 
     def _interpreter_intact(self, arch: str) -> bool:
         record = self.installed.get(arch)
-        if record is None:
-            return False
+        if record is None or record.path != self.registration(arch).interpreter:
+            return False  # never installed, or install_dir moved since
         if self.source is not None and self._source_moved(arch, record):
             return False
         ident = _file_id(record.path)
@@ -196,128 +264,165 @@ class Engine:
         hold: Mapping[str, str] | None = None,
         progress: Callable[[], None] | None = None,
     ) -> TickReport:
-        """Observe, plan, execute, then probe every arch that changed (and `verify_also`).
+        """Observe, plan, execute, then probe every arch whose handler is unproven or due
+        (and `verify_also`). Status is derived from this pass's last observation.
 
-        `hold`: {arch: why} arches not to repair in this pass (reported as conflicts).
+        `hold`: {arch: why} arches not to repair in this pass (why becomes their error).
         `progress`: called when status changed in the middle of the pass: once the drift is
         observed (before any slow repair: an install, a state file write) and once the entries
         are restored (before the probes), so a publisher never shows a broken arch as verified.
         """
         report = TickReport()
         started = time.monotonic()
-        self.conflicts = {}
-        observed = self.observe()
+        obs = self.observe()
         desired = {
-            a: plan.Desired(a, self.registration(a), a not in self.operator_disabled)
+            a: plan.Desired(
+                a,
+                self.registration(a),
+                a not in self.operator_disabled,
+                a in self.operator_changed,
+            )
             for a in self.selected
         }
-        actions = plan.plan(desired, observed, self.cfg.install_dir, self.cfg.conflict_policy)
-        actions = self._hold(actions, hold or {})
+        actions = plan.plan(desired, self._world(obs), self.replace)
+        actions = _hold(actions, hold or {}, report)
+        self.operator_changed.clear()
         report.durations_ms["observe"] = _ms(started)
-        if actions and progress is not None:
-            for action in actions:
-                if action.arch is not None and not isinstance(action, plan.Conflict):
-                    self.probes.pop(action.arch, None)  # about to change: unproven from now on
-            self._forget_probes_of_replaced_entries()
+        if progress is not None and actions:
+            self._log_instance_change(obs)
+            self.observation = obs  # what is broken shows as such before the slow repairs
             progress()
-        touched = self.execute(actions, report)
-        if actions:
-            self.entries = dict(self.kernel.snapshot().entries)
-        self._forget_probes_of_replaced_entries()
-        stale = {a for a in self.selected if a not in self.probes and self._probe_due(a)}
-        to_verify = sorted((touched | stale | set(verify_also)) & set(self.selected))
-        if progress is not None and to_verify:
-            progress()
+        self.execute(actions, report)
+        if report.actions:
+            obs = self.observe()
+            for arch in {getattr(a, "arch", None) for a in report.actions} - set(report.errors):
+                self.proofs.pop(str(arch), None)  # what binfmtd just changed is proven anew
+        self._log_instance_change(obs)
+        self.observation = obs
+        if progress is not None and report.actions:
+            progress()  # restored, unproven: published before the state file and the probes
+        self._save_state_if_needed(report)
         started = time.monotonic()
-        self.verify(to_verify, report)
+        self.verify(self._due(obs, verify_also), report)
         report.durations_ms["verify"] = _ms(started)
+        self._settle_errors(report)
         return report
 
-    def _hold(self, actions: list[plan.Action], hold: Mapping[str, str]) -> list[plan.Action]:
-        """Drop the repairs of held arches; say why in their status."""
-        kept = []
-        for action in actions:
-            arch = action.arch
-            if arch is not None and arch in hold and not isinstance(action, plan.Conflict):
-                self.conflicts[arch] = hold[arch]
-            else:
-                kept.append(action)
-        return kept
+    def _log_instance_change(self, obs: Observation) -> None:
+        was = self.observation
+        if obs.enabled == (True if was is truth.EMPTY else was.enabled):
+            return
+        root = self.kernel.root
+        if obs.enabled:
+            self.log.info("binfmt_misc_enabled", path=str(root))
+        else:
+            self.log.error(
+                "binfmt_misc_disabled",
+                path=str(root),
+                error=f"{root}/status says disabled: no entry runs; `echo 1 > {root}/status`",
+            )
 
-    def _forget_probes_of_replaced_entries(self) -> None:
-        """A probe proves the entries it ran against; a replaced or added one is unproven."""
-        if self.entries == self._entries_checked:
-            return  # the usual idle tick: nothing changed in the instance
-        self._entries_checked = dict(self.entries)
-        for arch in [a for a in self.probes if a in archmod.BY_NAME]:
-            if self._catchers(arch) != self.probed.get(arch):
-                del self.probes[arch]
+    def _due(self, obs: Observation, verify_also: Iterable[str]) -> list[str]:
+        handlers = {a: obs.handler(self.header(a)) for a in self.selected}
+        schedule = plan.Schedule(self.cfg.reverify_interval_s, RETRY_FAILED_S)
+        due = set(plan.due_probes(handlers, self.proofs, self.clock(), schedule))
+        return sorted(due | (set(verify_also) & set(self.selected)))
 
-    def _catchers(self, arch: str) -> tuple[tuple[str, Entry], ...]:
-        """Our entry for `arch` plus every enabled entry that would catch the same binaries."""
-        row = archmod.BY_NAME[arch]
-        return tuple(
-            (name, entry)
-            for name, entry in sorted(self.entries.items())
-            if name == row.entry_name or (entry.enabled and entry.claims(row.magic, row.mask))
-        )
+    def forget(self) -> None:
+        """After the instance vanished (unmounted): nothing observed, nothing proven."""
+        self.observation = truth.EMPTY
+        self.proofs.clear()
 
-    def _probe_due(self, arch: str) -> bool:
-        entry = self.entries.get(self.registration(arch).name)
-        return entry is not None and entry.enabled
-
-    def execute(self, actions: list[plan.Action], report: TickReport) -> set[str]:
+    def execute(self, actions: list[plan.Action], report: TickReport) -> None:
         """Run the plan; a failing arch records its error and skips its remaining steps."""
-        report.actions = [a for a in actions if not isinstance(a, plan.Conflict)]
+        report.actions = [a for a in actions if not isinstance(a, plan.Conflict | plan.Refuse)]
         started = time.monotonic()
         self._install([a.arch for a in actions if isinstance(a, plan.Install)], report)
         report.durations_ms["install"] = _ms(started)
         started = time.monotonic()
-        touched: set[str] = set()
+        self._record_intents(actions, report)
         with self.kernel.batch():
             for action in actions:
-                arch = action.arch
+                arch = getattr(action, "arch", None)
                 if arch is not None and arch in report.errors:
                     continue
                 if not isinstance(action, plan.Install):  # installs ran as one batch above
                     self._apply(action, report)
-                if arch is not None and not isinstance(action, plan.Conflict):
-                    touched.add(arch)
-                    self.probes.pop(arch, None)
         report.durations_ms["register"] = _ms(started)
-        return touched
+
+    def _record_intents(self, actions: list[plan.Action], report: TickReport) -> None:
+        """Write-ahead ownership: an entry is on record before it exists, so a kill between the
+        two never leaves an entry of ours that a restart would call foreign. An arch whose
+        record cannot be saved (ENOSPC...) registers nothing this pass."""
+        regs = [a for a in actions if isinstance(a, plan.Register) and a.arch not in report.errors]
+        if all(self.owned.get(a.reg.name) == a.reg for a in regs):
+            return  # already on record (a flushed entry restored): nothing to write first
+        before = dict(self.owned)
+        self.owned.update({a.reg.name: a.reg for a in regs})
+        self._state_dirty = True
+        self._save_state_if_needed(report, [a.arch for a in regs])
+        if self._state_dirty:  # not saved: nothing registered, the record stays as it was
+            self.owned = before
 
     def _apply(self, action: plan.Action, report: TickReport) -> None:
+        if isinstance(action, plan.Conflict):
+            self._say(action.arch, "conflict_left_alone", entry=action.name, reason=action.reason)
+            return
+        if isinstance(action, plan.Refuse):
+            report.errors[action.arch] = f"refused to register {action.name}: {action.reason}"
+            self._say(action.arch, "registration_refused", error=report.errors[action.arch])
+            return
         try:
-            if isinstance(action, plan.Register):
-                self.kernel.register(action.reg)
-                self.claimed.add(action.reg.name)
-            elif isinstance(action, plan.Remove):
-                self.kernel.remove(action.name)
-                if action.arch is None:  # ours, no longer configured
-                    self.claimed.discard(action.name)
-            elif isinstance(action, plan.SetEnabled):
-                self.kernel.set_enabled(action.name, action.enabled)
-            elif isinstance(action, plan.Conflict):
-                self.conflicts[action.arch] = (
-                    f"entry {action.name} ({action.interpreter}) was made by another tool and is "
-                    f"left alone: {action.reason}; set conflict_policy: replace to take it over"
-                )
-                return
+            self._do(action)
         except (KernelError, OSError) as exc:
-            report.errors[str(action.arch or getattr(action, "name", "?"))] = str(exc)
-            if action.arch:
-                self.errors[action.arch] = str(exc)
-            key = str(action.arch or getattr(action, "name", "?"))
+            if isinstance(action, plan.Register):  # never registered: not ours after all
+                self.owned.pop(action.reg.name, None)
+                self._state_dirty = True
+            key = str(getattr(action, "arch", None) or getattr(action, "name", "?"))
+            report.errors[key] = str(exc)
             self._action_failures.seen(key, str(exc), action=plan.describe(action))
             return
-        if action.arch:
-            self.errors.pop(action.arch, None)
-            self._action_failures.cleared(action.arch)
+        self._action_failures.cleared(
+            str(getattr(action, "arch", None) or getattr(action, "name", "?"))
+        )
         if self.log.is_enabled_for(logging.INFO):  # skip building the event when filtered
             self.log.info(
-                _event(action), arch=action.arch, reason=action.reason, **_action_fields(action)
+                _event(action),
+                arch=getattr(action, "arch", None),
+                reason=action.reason,
+                **_action_fields(action),
             )
+
+    def _do(self, action: plan.Action) -> None:
+        if isinstance(action, plan.Register):
+            self.kernel.register(action.reg)
+            if self.owned.get(action.reg.name) != action.reg:
+                self.owned[action.reg.name] = action.reg
+                self._state_dirty = True
+        elif isinstance(action, plan.Remove):
+            self.kernel.remove(action.name)
+            if self.owned.pop(action.name, None) is not None:
+                self._state_dirty = True
+        elif isinstance(action, plan.SetEnabled):
+            self.kernel.set_enabled(action.name, action.enabled)
+        elif isinstance(action, plan.Disown):
+            self.owned.pop(action.name, None)
+            self._state_dirty = True
+
+    def _say(self, arch: str, event: str, **fields: Any) -> None:
+        """Log a repeated condition once, and again only when it changes."""
+        text = f"{event}:{sorted(fields.items())}"
+        key = f"{event}:{arch}"
+        self._said_now.add(key)
+        if self._said.get(key) != text:
+            self._said[key] = text
+            self.log.warning(event, arch=arch, **fields)
+
+    def _settle_errors(self, report: TickReport) -> None:
+        """This pass's failures are the errors status shows (a failure seen again says so)."""
+        self.errors = {k: v for k, v in report.errors.items() if k in archmod.BY_NAME}
+        self._said = {k: v for k, v in self._said.items() if k in self._said_now}
+        self._said_now = set()
 
     def _install(self, arches: list[str], report: TickReport) -> None:
         if not arches:
@@ -340,14 +445,14 @@ class Engine:
 
     def _install_now(self, arches: list[str], report: TickReport) -> None:
         assert self.source is not None
-        host = archmod.host_elf_machine(self.machine)
+        host = self.host_elf_machine()
         pending = set(arches)
         try:
             self.source.check_available()
             emulators.ensure_install_dir(self.cfg.install_dir)
             self._install_streams(arches, host, report, pending)
-        except (InstallError, OSError) as exc:
-            self._fail_install(sorted(pending), report, str(exc))
+        except SOURCE_ERRORS as exc:
+            self._fail_install(sorted(pending), report, _source_error(exc))
             return
         self._add_versions([a for a in arches if a not in pending and a not in report.errors])
         self._fail_install(
@@ -400,9 +505,9 @@ class Engine:
                 for item in source.streams([arch]):
                     pending.discard(item.arch)
                     self._install_item(item, host, report)
-            except (InstallError, OSError) as exc:
+            except SOURCE_ERRORS as exc:
                 pending.discard(arch)
-                self._fail_install([arch], report, str(exc))
+                self._fail_install([arch], report, _source_error(exc))
 
         with ThreadPoolExecutor(min(INSTALL_PARALLELISM, len(arches))) as pool:
             list(pool.map(one, arches))
@@ -424,8 +529,8 @@ class Engine:
                 allow_link=self.cfg.install_method is InstallMethod.AUTO,
                 hashes=self.hashes,
             )
-        except (InstallError, OSError) as exc:
-            self._fail_install([arch], report, str(exc))
+        except SOURCE_ERRORS as exc:
+            self._fail_install([arch], report, _source_error(exc))
             return
         file_id = _file_id(done.path) or ""
         self.installed[arch] = Installed(
@@ -489,11 +594,48 @@ class Engine:
         return "unknown"
 
     def _save_state(self) -> None:
-        emulators.write_state(self.cfg.state_file, self.installed, self.flags, self.hashes)
+        self._state_dirty = True
+
+    def save_state(self) -> None:
+        """Write the state file now (a failure is logged and retried on the next pass)."""
+        self._state_dirty = True
+        self._save_state_if_needed(TickReport())
+
+    def own_entries(self) -> list[Entry]:
+        """The entries in the instance that are binfmtd's (by record; an old state file's
+        entries by adoption, as the next pass will record them)."""
+        obs = self.observe()
+        owned = dict(self.owned)
+        if self._adopt:
+            owned.update(truth.adopt(obs, self._adoptable()))
+        return [e for e in obs.entries if truth.is_ours(e, owned)]
+
+    def _save_state_if_needed(self, report: TickReport, arches: Iterable[str] = ()) -> None:
+        """Write installs and the ownership record; a failure (ENOSPC...) becomes the error
+        of `arches` (default: every arch this pass acted on)."""
+        if not self._state_dirty:
+            return
+        owned = {name: reg.register_string() for name, reg in self.owned.items()}
+        try:
+            emulators.write_state(
+                self.cfg.state_file, self.installed, self.flags, owned, hashes=self.hashes
+            )
+        except OSError as exc:
+            why = f"state file {self.cfg.state_file} not saved: {exc}; binfmtd retries every pass"
+            acted = list(arches) or [str(getattr(a, "arch", None)) for a in report.actions]
+            for arch in acted:
+                if arch in archmod.BY_NAME:
+                    report.errors.setdefault(arch, why)
+            self._say("-", "state_save_failed", error=why)
+            return
+        self._state_dirty = False
 
     def verify(self, arches: Iterable[str], report: TickReport | None = None) -> None:
-        """Probe `arches` in parallel and record the results."""
+        """Probe `arches` in parallel; each result counts for the handler it ran through."""
         names = list(arches)
+        if not names:
+            return
+        handlers = {a: self.observation.handler(self.header(a)) for a in names}
         results = probe.run_probes(
             names,
             self.cfg.probe.timeout_s,
@@ -502,8 +644,7 @@ class Engine:
             self.probe_workdir,
         )
         for arch, result in results.items():
-            self.probes[arch] = result
-            self.probed[arch] = self._catchers(arch)
+            self.proofs[arch] = Proof(result, handlers.get(arch))
             if report is not None:
                 (report.verified if result.ok else report.failed).append(arch)
             if result.ok:
@@ -513,49 +654,83 @@ class Engine:
                 self._probe_failures.seen(arch, result.error or "probe failed")
 
     def remove_own_entries(self) -> list[str]:
-        """Remove every entry binfmtd owns (never others', never `status`)."""
+        """Remove every entry binfmtd registered (by record; never others', never `status`)."""
         removed = []
-        for name, entry in self.kernel.snapshot().entries.items():
-            if plan.is_owned(entry, self.cfg.install_dir):
-                self.kernel.remove(name)
-                self.claimed.discard(name)
-                removed.append(name)
+        for entry in self.observe().entries:
+            if truth.is_ours(entry, self.owned):
+                self.kernel.remove(entry.name)
+                self.owned.pop(entry.name, None)
+                removed.append(entry.name)
+        self._state_dirty = bool(removed)
+        self._save_state_if_needed(TickReport())
         return removed
 
     # ------------------------------------------------------------ status
 
     def statuses(self) -> list[ArchStatus]:
-        """A status row for every selected arch, from memory."""
-        return [self.status_of(a) for a in self.selected]
+        """A row for every selected arch, and for every native arch an entry catches."""
+        rows = [self.status_of(a) for a in self.selected]
+        return rows + [r for a in self.native if (r := self._native_row(a)) is not None]
+
+    def facts(self, arch: str, native: bool = False) -> Facts:
+        """What `status.derive` needs for `arch`, from this pass's observation."""
+        return Facts(
+            arch=arch,
+            obs=self.observation,
+            header=self.header(arch),
+            name=archmod.BY_NAME[arch].entry_name,
+            owned=self.owned,
+            operator_disabled=arch in self.operator_disabled,
+            proof=self.proofs.get(arch),
+            error=self.errors.get(arch),
+            root=str(self.kernel.root),
+            native=native,
+        )
 
     def status_of(self, arch: str) -> ArchStatus:
-        """One arch's row; `verified` only when the last probe after the last change passed."""
-        row = archmod.BY_NAME[arch]
-        entry = self.entries.get(row.entry_name)
+        """One arch's row; `verified` only when binfmtd's entry handles it now and its probe
+        ran through exactly that entry and passed."""
+        verdict = derive(self.facts(arch))
+        assert verdict is not None
+        return self._row(arch, verdict.state, verdict.handler, verdict.owner, verdict.detail)
+
+    def _native_row(self, arch: str) -> ArchStatus | None:
+        verdict = derive(self.facts(arch, native=True))
+        if verdict is None:
+            return None
+        return self._row(arch, verdict.state, verdict.handler, verdict.owner, verdict.detail)
+
+    def _row(
+        self, arch: str, state: ArchState, handler: Entry | None, owner: Owner, detail: str | None
+    ) -> ArchStatus:
+        shown = handler or self.observation.get(archmod.BY_NAME[arch].entry_name)
         record = self.installed.get(arch)
-        result = self.probes.get(arch)
-        owned = entry is not None and plan.is_owned(entry, self.cfg.install_dir)
+        ours = shown is not None and truth.is_ours(shown, self.owned) and record is not None
+        proof = self.proofs.get(arch)
         return ArchStatus(
             arch=arch,
-            platforms=row.platforms,
-            state=derive_state(
-                arch in self.operator_disabled, entry, owned, result, self.errors.get(arch)
-            ),
-            registered=entry is not None,
-            enabled=bool(entry and entry.enabled),
-            flags=entry.flags if entry else "",
-            interpreter=entry.interpreter if entry else None,
-            sha256=record.sha256 if record and owned else None,
-            qemu_version=record.version if record and owned else None,
-            probe=result,
-            error=self.errors.get(arch)
-            or self.conflicts.get(arch)
-            or (result.error if result and not result.ok else None),
+            platforms=archmod.BY_NAME[arch].platforms,
+            state=state,
+            registered=shown is not None,
+            enabled=bool(shown and shown.enabled),
+            flags=shown.flags if shown else "",
+            interpreter=shown.interpreter if shown else None,
+            sha256=record.sha256 if ours and record else None,
+            qemu_version=record.version if ours and record else None,
+            probe=proof.result if proof else None,
+            error=detail,
+            handler=handler,
+            owner=owner,
         )
+
+    def native_platforms(self) -> list[str]:
+        """Platforms of the native arches no entry is in the way of."""
+        shadowed = {a for a in self.native if self._native_row(a) is not None}
+        return archmod.platforms_of([a for a in self.native if a not in shadowed])
 
     def verified_platforms(self) -> list[str]:
         """Native platforms first, then the emulated ones whose probe passed."""
-        native = archmod.platforms_of(list(self.native))
+        native = self.native_platforms()
         emulated = [s.arch for s in self.statuses() if s.state.working]
         return native + [p for p in archmod.platforms_of(emulated) if p not in native]
 
@@ -568,12 +743,29 @@ def _source_ok(cfg: Config) -> bool:
     return True
 
 
-def _file_id(path: str) -> str | None:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_mode}:{st.st_uid}"
+def _source_error(exc: BaseException) -> str:
+    """A source failure in words; a corrupt or truncated archive says so."""
+    if isinstance(exc, InstallError | OSError):
+        return str(exc)
+    return f"the emulator source is corrupt or truncated ({type(exc).__name__}: {exc})"
+
+
+def _hold(
+    actions: list[plan.Action], hold: Mapping[str, str], report: TickReport
+) -> list[plan.Action]:
+    """Drop the repairs of held arches (another tool keeps rewriting them); say why."""
+    kept = []
+    for action in actions:
+        arch = getattr(action, "arch", None)
+        if (
+            isinstance(arch, str)
+            and arch in hold
+            and not isinstance(action, plan.Conflict | plan.Refuse)
+        ):
+            report.errors[arch] = hold[arch]
+        else:
+            kept.append(action)
+    return kept
 
 
 def _linked_inode(record: Installed) -> int | None:
@@ -584,13 +776,12 @@ def _linked_inode(record: Installed) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def _kernel_config_has(option: str) -> bool:
-    path = f"/boot/config-{platform.release()}"
+def _file_id(path: str) -> str | None:
     try:
-        with open(path, encoding="utf-8") as handle:
-            return any(line.strip() == f"{option}=y" for line in handle)
+        st = os.lstat(path)
     except OSError:
-        return True  # x86_64 distribution kernels enable it; the probe settles it later
+        return None
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_mode}:{st.st_uid}"
 
 
 def _ms(started: float) -> float:
@@ -614,3 +805,30 @@ def _action_fields(action: plan.Action) -> dict[str, Any]:
             "interpreter": action.reg.interpreter,
         }
     return {"entry": getattr(action, "name", None)}
+
+
+def _self_headers() -> tuple[bytes, ...]:
+    """The first bytes of this process's executable and of the running Python (both are
+    what binfmtd must never route through an emulator)."""
+    heads = []
+    for path in ("/proc/self/exe", os.path.realpath(sys.executable)):
+        try:
+            with open(path, "rb") as handle:
+                heads.append(handle.read(archmod.MAX_HEADER))
+        except OSError:
+            continue
+    return tuple(dict.fromkeys(h for h in heads if h))
+
+
+def _read_owned(path: str) -> tuple[dict[str, Registration], bool]:
+    """The ownership record, and whether it is missing (an older state file: adopt)."""
+    record = emulators.read_owned(path)
+    if record is None:
+        return {}, True
+    owned = {}
+    for name, line in record.items():
+        try:
+            owned[name] = parse_register_string(line)
+        except FormatError:
+            continue
+    return owned, False

@@ -9,7 +9,7 @@ import contextlib
 import errno
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from binfmtd.binfmt import Entry, FormatError, Registration, parse_entry
@@ -39,7 +39,8 @@ class KernelError(OSError):
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything read from an instance in one pass: parsed entries and unreadable ones."""
+    """Everything read from an instance in one pass: parsed entries (newest first, the order
+    the kernel tries them in) and unreadable ones."""
 
     enabled: bool
     entries: dict[str, Entry]
@@ -90,7 +91,8 @@ class BinfmtMisc:
         broken: dict[str, str] = {}
         for name in self._names():
             try:
-                entries[name] = parse_entry(name, self._read(name))
+                text, ident = self._read_entry(name)
+                entries[name] = replace(parse_entry(name, text), ident=ident)
             except FileNotFoundError:
                 continue
             except (FormatError, OSError) as exc:
@@ -134,9 +136,15 @@ class BinfmtMisc:
 
     def _names(self) -> list[str]:
         try:
-            return sorted(n for n in os.listdir(self.root) if n not in {"register", "status"})
+            # Directory order is the kernel's: newest entry first, the order it tries them in.
+            return [n for n in os.listdir(self.root) if n not in {"register", "status"}]
         except OSError as exc:
             raise KernelError(f"list {self.root}", exc.errno or 0) from None
+
+    def _read_entry(self, name: str) -> tuple[str, int]:
+        """An entry's text and its inode, from one open."""
+        with open(self.root / name, encoding="latin-1") as handle:
+            return handle.read(), os.fstat(handle.fileno()).st_ino
 
     def _read(self, name: str) -> str:
         try:

@@ -1,4 +1,9 @@
-"""Desired state + observed state -> actions. Every reconcile decision lives here. Pure."""
+"""Desired state + one observation -> actions; and when to probe what. Pure.
+
+Every reconcile decision lives here: which entries to register, remove, enable or disable,
+which other tools' entries to report, what binfmtd refuses to register, and which arches are
+due for a probe. The engine only executes the result.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from binfmtd.binfmt import Entry, Registration
-from binfmtd.config import ConflictPolicy
+from binfmtd.status import Proof
+from binfmtd.truth import Observation, catches_self, is_ours
 
 
 @dataclass(frozen=True)
@@ -19,7 +25,7 @@ class Install:
 
 @dataclass(frozen=True)
 class Register:
-    """Register `reg` (the entry is absent when this runs)."""
+    """Register `reg` (the entry is absent when this runs); it becomes binfmtd's by record."""
 
     arch: str
     reg: Registration
@@ -47,7 +53,7 @@ class SetEnabled:
 
 @dataclass(frozen=True)
 class Conflict:
-    """A foreign entry we leave alone by policy; reported, never silently skipped."""
+    """Another tool's entry left alone by policy; reported, never silently skipped."""
 
     arch: str
     name: str
@@ -55,117 +61,189 @@ class Conflict:
     reason: str
 
 
-Action = Install | Register | Remove | SetEnabled | Conflict
+@dataclass(frozen=True)
+class Refuse:
+    """An entry binfmtd will not register, and why (it would catch the host's own programs)."""
+
+    arch: str
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Disown:
+    """Drop `name` from the ownership record: it is gone, or another tool's entry took it."""
+
+    name: str
+    reason: str
+
+
+Action = Install | Register | Remove | SetEnabled | Conflict | Refuse | Disown
 
 
 @dataclass(frozen=True)
 class Desired:
-    """What binfmtd wants for one arch."""
+    """What binfmtd wants for one arch. `by_operator`: the operator changed `enabled` just now."""
 
     arch: str
     reg: Registration
     enabled: bool = True
+    by_operator: bool = False
 
 
 @dataclass(frozen=True)
-class Observed:
-    """What the tick saw: entries by name, and which installed interpreters are intact.
+class World:
+    """The inputs of one pass besides the configuration, all frozen.
 
-    `claimed` names the entries this binfmtd registered in this instance: when another tool
-    later puts its own entry under such a name, that is a clobbered entry of ours to restore,
-    not a pre-existing foreign one to leave alone.
+    `owned`: the ownership record (entry name -> what binfmtd registered). `intact`: arch ->
+    whether its installed interpreter is the recorded file. `headers`: arch -> the first bytes
+    of its probe. `self_headers`: the starts of binfmtd's own executables. `native`: the arches
+    this host runs itself.
     """
 
-    entries: Mapping[str, Entry]
-    interpreter_ok: Mapping[str, bool]
-    claimed: frozenset[str] = frozenset()
+    obs: Observation
+    owned: Mapping[str, Registration]
+    intact: Mapping[str, bool]
+    headers: Mapping[str, bytes]
+    self_headers: tuple[bytes, ...] = ()
+    native: tuple[str, ...] = ()
 
 
-def is_owned(entry: Entry, install_dir: str) -> bool:
-    """Entries whose interpreter lives in our install directory are ours."""
-    return entry.interpreter.startswith(install_dir.rstrip("/") + "/")
+def plan(desired: Mapping[str, Desired], world: World, replace: bool) -> list[Action]:
+    """The actions that bring the instance to `desired`, in the order to run them.
 
-
-def plan(
-    desired: Mapping[str, Desired],
-    observed: Observed,
-    install_dir: str,
-    policy: ConflictPolicy,
-) -> list[Action]:
-    """The actions that bring `observed` to `desired`, in the order to run them."""
+    `replace` is conflict_policy: replace (other tools' entries in the way are removed).
+    """
     actions: list[Action] = []
-    wanted_names = {d.reg.name for d in desired.values()}
-    for name, entry in sorted(observed.entries.items()):
-        if name not in wanted_names and is_owned(entry, install_dir):
-            actions.append(Remove(None, name, "no longer configured"))
+    for arch in world.native:
+        actions += _native(arch, world, replace)
+    removed = {a.name for a in actions if isinstance(a, Remove)}
+    actions += [a for a in _unwanted(desired, world) if a.name not in removed]
     for _arch, want in sorted(desired.items()):
-        actions.extend(_plan_arch(want, observed, install_dir, policy))
+        actions += _plan_arch(want, world, replace)
     return actions
 
 
-def _plan_arch(
-    want: Desired, observed: Observed, install_dir: str, policy: ConflictPolicy
-) -> list[Action]:
-    arch, reg = want.arch, want.reg
-    out: list[Action] = []
-    shadows = _shadowing(want, observed.entries, install_dir)
-    for other in shadows:
-        out.append(_foreign(arch, other, policy, "claims the same binaries under another name"))
-    entry = observed.entries.get(reg.name)
-    if entry is not None and reg.name in observed.claimed and not is_owned(entry, install_dir):
-        why = f"clobbered by another tool (interpreter {entry.interpreter})"
-        reinstall = not observed.interpreter_ok.get(arch, False)
-        steps: list[Action] = [Install(arch, "interpreter missing or changed on disk")]
-        return [
-            *out,
-            *(steps if reinstall else []),
-            Remove(arch, reg.name, why),
-            Register(arch, reg, why),
-            *_disable_after(want, reg),
-        ]
-    if entry is not None and not is_owned(entry, install_dir) and policy is ConflictPolicy.LEAVE:
-        # Nothing will be registered for this arch, so nothing is installed for it either.
-        return [*out, _foreign(arch, entry, policy, "entry made by another tool")]
-    reinstall = not observed.interpreter_ok.get(arch, False)
-    if reinstall:
-        out.append(Install(arch, "interpreter missing or changed on disk"))
-    if entry is None:
-        return [*out, Register(arch, reg, "entry missing"), *_disable_after(want, reg)]
-    if not is_owned(entry, install_dir):
-        out.append(_foreign(arch, entry, policy, "entry made by another tool"))
-        return [*out, Register(arch, reg, "replacing a foreign entry"), *_disable_after(want, reg)]
-    if reinstall or not entry.matches(reg):
-        why = "interpreter reinstalled" if reinstall else _difference(entry, reg)
-        out += [Remove(arch, reg.name, why), Register(arch, reg, why)]
-        return out + _disable_after(want, reg)
-    if entry.enabled != want.enabled:
-        why = "disabled by someone else" if want.enabled else "disabled by the operator"
-        out.append(SetEnabled(arch, reg.name, want.enabled, why))
+def _unwanted(desired: Mapping[str, Desired], world: World) -> list[Remove | Disown]:
+    wanted = {d.reg.name for d in desired.values()}
+    out: list[Remove | Disown] = []
+    for name in sorted(set(world.owned) - wanted):
+        entry = world.obs.get(name)
+        if entry is not None and is_ours(entry, world.owned):
+            out.append(Remove(None, name, "no longer configured"))
+        else:
+            out.append(Disown(name, "gone" if entry is None else "taken over by another tool"))
     return out
 
 
-def _disable_after(want: Desired, reg: Registration) -> list[Action]:
-    if want.enabled:
-        return []
-    return [SetEnabled(want.arch, reg.name, False, "disabled by the operator")]
+def _native(arch: str, world: World, replace: bool) -> list[Action]:
+    """Entries that catch a host-native format break the host's own programs."""
+    out: list[Action] = []
+    why = f"catches this host's own {arch} programs"
+    header = world.headers.get(arch)
+    for entry in world.obs.catchers(header) if header else ():
+        if is_ours(entry, world.owned):
+            out.append(Remove(arch, entry.name, why))
+        elif replace:
+            out.append(Remove(arch, entry.name, f"{why} (conflict_policy: replace)"))
+        else:
+            out.append(Conflict(arch, entry.name, entry.interpreter, why))
+    return out
 
 
-def _foreign(arch: str, entry: Entry, policy: ConflictPolicy, why: str) -> Action:
-    if policy is ConflictPolicy.LEAVE:
-        return Conflict(arch, entry.name, entry.interpreter, why)
-    return Remove(arch, entry.name, f"{why} (conflict_policy: replace)")
+def clear_for_native_probe(
+    arch: str, obs: Observation, owned: Mapping[str, Registration], header: bytes, replace: bool
+) -> list[Action] | None:
+    """The removals that let `arch`'s probe run with no entry catching it (native by proof);
+    None when another tool's entry catches it and conflict_policy: leave protects it."""
+    catchers = obs.catchers(header)
+    if not replace and any(not is_ours(e, owned) for e in catchers):
+        return None
+    why = f"catches {arch} programs: proving whether this host runs them itself"
+    return [Remove(arch, e.name, why) for e in catchers]
 
 
-def _shadowing(want: Desired, entries: Mapping[str, Entry], install_dir: str) -> list[Entry]:
-    """Other-named enabled entries that would catch this arch's binaries."""
-    return [
-        e
-        for name, e in sorted(entries.items())
-        if name != want.reg.name
-        and e.enabled
-        and not is_owned(e, install_dir)
-        and e.claims(want.reg.magic, want.reg.mask)
+def _plan_arch(want: Desired, world: World, replace: bool) -> list[Action]:
+    arch, reg = want.arch, want.reg
+    if catches_self(reg, world.self_headers):
+        why = (
+            f"its magic/mask would catch binfmtd's own executable: every program of this host "
+            f"would run through qemu-{arch}; {arch} looks native here"
+        )
+        return [Refuse(arch, reg.name, why)]
+    header = world.headers.get(arch, reg.magic)
+    entry = world.obs.get(reg.name)
+    ours = entry is not None and is_ours(entry, world.owned)
+    rivals = [
+        e for e in world.obs.catchers(header) if e.name != reg.name and not is_ours(e, world.owned)
     ]
+    out: list[Action] = []
+    for other in rivals:
+        if replace:
+            out.append(Remove(arch, other.name, _rival_why(arch, "conflict_policy: replace")))
+        else:
+            out.append(Conflict(arch, other.name, other.interpreter, _rival_why(arch, "")))
+    if rivals and not replace:
+        return out + _yield_to(want, world, rivals[0], ours)
+    if entry is not None and not ours:
+        if reg.name not in world.owned and not replace:
+            return [
+                *out,
+                Conflict(arch, entry.name, entry.interpreter, "entry made by another tool"),
+            ]
+        why = (
+            f"clobbered by another tool (interpreter {entry.interpreter})"
+            if reg.name in world.owned
+            else "entry made by another tool (conflict_policy: replace)"
+        )
+        out.append(Remove(arch, reg.name, why))
+        return out + _install_if(want, world) + _register(want, why)
+    install = _install_if(want, world)
+    if entry is None:
+        return out + install + _register(want, "entry missing")
+    if install or not entry.matches(reg):
+        why = "interpreter reinstalled" if install else _difference(entry, reg)
+        return [*out, *install, Remove(arch, reg.name, why), *_register(want, why)]
+    if entry.enabled != want.enabled:
+        out.append(SetEnabled(arch, reg.name, want.enabled, _enable_why(want)))
+    return out
+
+
+def _rival_why(arch: str, policy: str) -> str:
+    text = f"handles {arch} binaries under another name"
+    return f"{text} ({policy})" if policy else text
+
+
+def _yield_to(want: Desired, world: World, rival: Entry, ours: bool) -> list[Action]:
+    """Under leave binfmtd never competes with another tool's handler: an enabled entry of ours
+    that the kernel would try before it is removed; one tried after it may stay (shadowed)."""
+    names = [e.name for e in world.obs.entries]
+    entry = world.obs.get(want.reg.name)
+    if not ours or entry is None or not entry.enabled:
+        return []
+    if names.index(entry.name) > names.index(rival.name):
+        return []
+    why = f"would take {want.arch} binaries from {rival.name} of another tool (leave)"
+    return [Remove(want.arch, entry.name, why)]
+
+
+def _install_if(want: Desired, world: World) -> list[Action]:
+    if world.intact.get(want.arch, False):
+        return []
+    return [Install(want.arch, "interpreter missing or changed on disk")]
+
+
+def _register(want: Desired, why: str) -> list[Action]:
+    steps: list[Action] = [Register(want.arch, want.reg, why)]
+    if not want.enabled:
+        steps.append(SetEnabled(want.arch, want.reg.name, False, "disabled by the operator"))
+    return steps
+
+
+def _enable_why(want: Desired) -> str:
+    if not want.enabled:
+        return "disabled by the operator"
+    return "enabled by the operator" if want.by_operator else "disabled by someone else"
 
 
 def _difference(entry: Entry, reg: Registration) -> str:
@@ -178,6 +256,46 @@ def _difference(entry: Entry, reg: Registration) -> str:
 
 def describe(action: Action) -> str:
     """A short human label such as "register qemu-aarch64"."""
-    name = getattr(action, "name", None) or getattr(action, "reg", None) or action.arch
-    label = name.name if isinstance(name, Registration) else name
-    return f"{type(action).__name__.lower()} {label}"
+    if isinstance(action, Register):
+        return f"register {action.reg.name}"
+    if isinstance(action, Install):
+        return f"install {action.arch}"
+    return f"{type(action).__name__.lower()} {action.name}"
+
+
+# ---------------------------------------------------------------- when to probe
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Probe timing: re-verify a proof after `reverify_s`, a failed one after `retry_s` at the
+    latest (both wall-clock seconds)."""
+
+    reverify_s: float
+    retry_s: float
+
+
+def due_probes(
+    handlers: Mapping[str, Entry | None],
+    proofs: Mapping[str, Proof],
+    now: float,
+    schedule: Schedule,
+) -> tuple[str, ...]:
+    """The arches to probe now: `handlers` maps each arch to the enabled entry the kernel would
+    use (arches with none are not probed). A proof counts only for the handler it ran through;
+    a negative age (wall clock stepped back) re-verifies at once rather than waiting it out."""
+    due = []
+    for arch, handler in sorted(handlers.items()):
+        if handler is None:
+            continue
+        proof = proofs.get(arch)
+        if proof is None or proof.handler != handler:
+            due.append(arch)
+            continue
+        age = now - proof.result.at
+        limit = schedule.reverify_s
+        if not proof.result.ok:
+            limit = min(limit, schedule.retry_s)
+        if age < 0 or age >= limit:
+            due.append(arch)
+    return tuple(due)

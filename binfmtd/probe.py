@@ -9,28 +9,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from binfmtd import trust
 from binfmtd.run import run
+from binfmtd.truth import ProbeResult
 
 PROBE_DIR = Path(__file__).parent / "probes"
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """The outcome of one probe run."""
-
-    arch: str
-    ok: bool
-    at: float
-    duration_ms: float
-    error: str | None = None
 
 
 def probe_path(arch: str) -> Path | None:
@@ -73,14 +64,23 @@ def run_probe(arch: str, timeout_s: float, clock: Callable[[], float] = time.tim
 def run_in_root(
     arch: str, root: str | None, timeout_s: float, clock: Callable[[], float] = time.time
 ) -> ProbeResult:
-    """Run /probe in `root` (prepared by `prepare_root`) and judge the outcome."""
+    """Run /probe in `root` (prepared by `prepare_root`) and judge the outcome.
+
+    A probe that cannot even start (chroot itself fails to exec, for instance when an entry
+    catches the host's own programs and its interpreter is gone) is a failed result, not an
+    exception.
+    """
     if root is None:
         return ProbeResult(arch, False, clock(), 0.0, "no probe binary for this architecture")
     started = time.monotonic()
-    for _attempt in range(3):
-        result = run(["chroot", root, "/probe"], timeout=timeout_s, check=False)
-        if b"Text file busy" not in result.stderr:
-            break
+    try:
+        for _attempt in range(3):
+            result = run(["chroot", root, "/probe"], timeout=timeout_s, check=False)
+            if b"Text file busy" not in result.stderr:
+                break
+    except OSError as exc:
+        elapsed = (time.monotonic() - started) * 1000
+        return ProbeResult(arch, False, clock(), elapsed, spawn_error(exc))
     elapsed = (time.monotonic() - started) * 1000
     error = verdict(
         arch, result.returncode, result.stdout, result.stderr, result.timed_out, timeout_s
@@ -88,22 +88,60 @@ def run_in_root(
     return ProbeResult(arch, error is None, clock(), elapsed, error)
 
 
-def run_probe_direct(arch: str, timeout_s: float) -> bool:
-    """Whether the probe runs by itself (no chroot): used to find host-native 32-bit support."""
+def spawn_error(exc: OSError) -> str:
+    """Why a probe could not be started, and the usual cause."""
+    return (
+        f"cannot start the probe: {exc.strerror or exc} (errno {exc.errno}); an entry that "
+        "catches this host's own programs may be in the way"
+    )
+
+
+class Native(StrEnum):
+    """What running a probe directly (no chroot, no emulator asked for) showed."""
+
+    YES = "yes"
+    SECCOMP = "seccomp-killed"
+    NO = "no"
+
+
+def run_probe_direct(arch: str, timeout_s: float) -> tuple[Native, str]:
+    """Whether the kernel runs the probe for `arch` by itself, and what happened.
+
+    SIGSYS means the kernel loaded and started it, and a seccomp filter on this process
+    (systemd's SystemCallArchitectures=native) killed it: the host runs `arch` natively.
+    """
     source = probe_path(arch)
     if source is None:
-        return False
-    root = tempfile.mkdtemp(prefix="binfmtd-native-")
+        return Native.NO, "no probe binary"
+    try:
+        root = tempfile.mkdtemp(prefix="binfmtd-native-")
+    except OSError as exc:
+        return Native.NO, f"cannot prepare the probe: {exc}"
     try:
         target = os.path.join(root, "probe")
         shutil.copyfile(source, target)
         os.chmod(target, 0o755)
         result = run([target], timeout=timeout_s, check=False)
-    except OSError:
-        return False
+    except OSError as exc:
+        return Native.NO, f"{exc.strerror or exc} (errno {exc.errno})"
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return verdict(arch, result.returncode, result.stdout, result.stderr, False, timeout_s) is None
+    if result.returncode == -signal.SIGSYS:
+        return Native.SECCOMP, "the probe was killed by seccomp (SIGSYS)"
+    why = verdict(arch, result.returncode, result.stdout, result.stderr, False, timeout_s)
+    return (Native.YES, "the probe ran natively") if why is None else (Native.NO, why)
+
+
+def header(arch: str) -> bytes:
+    """The first bytes of the probe for `arch` (what binfmt_misc matches); b"" without one."""
+    path = probe_path(arch)
+    if path is None:
+        return b""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(256)
+    except OSError:
+        return b""
 
 
 def verdict(
@@ -116,6 +154,8 @@ def verdict(
         return None
     text = err.decode(errors="replace").strip().splitlines()
     detail = text[-1] if text else out[:60].decode(errors="replace").strip()
+    if code == -signal.SIGSYS:
+        return "probe killed by seccomp (SIGSYS): a seccomp filter forbids its system calls"
     if "Exec format error" in detail:
         return "exec format error: no working binfmt_misc entry with F for this architecture"
     return f"probe exited {code}: {detail or 'no output'}"
@@ -144,11 +184,20 @@ def run_probes(
         except (trust.TrustError, OSError) as exc:
             why = f"probe roots refused: {exc}"
             return {a: ProbeResult(a, False, clock(), 0.0, why) for a in names}
-    roots = {a: prepare_root(a, workdir) for a in names}
+    roots: dict[str, str | None] = {}
+    failed: dict[str, ProbeResult] = {}
+    for arch in names:
+        try:
+            roots[arch] = prepare_root(arch, workdir)
+        except OSError as exc:  # ENOSPC, EROFS...: this arch's result, not the pass's end
+            failed[arch] = ProbeResult(
+                arch, False, clock(), 0.0, f"cannot prepare the probe root: {exc}"
+            )
     try:
-        with ThreadPoolExecutor(max_workers=min(parallelism, len(names))) as pool:
-            results = pool.map(lambda a: run_in_root(a, roots[a], timeout_s, clock), names)
-            return {r.arch: r for r in results}
+        ready = [a for a in names if a in roots]
+        with ThreadPoolExecutor(max_workers=max(1, min(parallelism, len(ready)))) as pool:
+            results = pool.map(lambda a: run_in_root(a, roots[a], timeout_s, clock), ready)
+            return failed | {r.arch: r for r in results}
     finally:
         for root in roots.values():
             if root:

@@ -60,8 +60,8 @@ def arch_table(arches: Sequence[ArchRecord], now: float) -> str:
 
 def arch_problem(a: ArchRecord) -> str | None:
     """Why an arch is not working (registered with F, enabled, proven), or None when it is."""
-    if a.working and "F" in a.flags:
-        return None
+    if (a.working and "F" in a.flags) or a.state == "operator-disabled":
+        return None  # the operator's own disable is the only one that is fine
     # A probe of a disabled entry fails by design: its error would only mislead here.
     probed = a.probe.error if a.probe and a.registered and a.enabled else None
     detail = a.error or probed
@@ -84,6 +84,11 @@ def problems(arches: Sequence[ArchRecord]) -> list[str]:
 def check_problems(status: StatusRecord) -> list[str]:
     """Every reason `binfmtctl check` fails, one line each; empty means healthy."""
     head = [] if status.daemon.ready else ["binfmtd: not ready (first pass running)"]
+    if status.daemon.stale:
+        head.append(
+            f"binfmtd: status is stale: the last {status.daemon.failed_passes} reconcile passes "
+            "failed (see the daemon's log)"
+        )
     return head + problems(status.arches)
 
 

@@ -174,9 +174,12 @@ class ApiServer:
         self._wake()
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
+        # Mutations still in flight were answered by the daemon's stop (503): send those
+        # answers before dropping the connections, or a client sees none at all.
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._send_finished()
         for conn in list(self._conns):
             self._drop(conn)
-        self._pool.shutdown(wait=False, cancel_futures=True)
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -364,6 +367,15 @@ class ApiServer:
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"\0")
+
+    def _send_finished(self) -> None:
+        """At close: write the answers of finished mutations, best effort (one send each)."""
+        while self._done:
+            conn, status, body, endpoint, _keep_alive = self._done.popleft()
+            if conn in self._conns:
+                conn.busy = False
+                self._send(conn, status, body, False, (), endpoint)
+                self._flush(conn)
 
     def _finish_mutations(self) -> None:
         with contextlib.suppress(BlockingIOError):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from binfmtd import __version__, config, emulators, log, plan, preflight, views, watch, wire
-from binfmtd.engine import Engine, TickReport
+from binfmtd.engine import RETRY_FAILED_S, Engine, TickReport
 from binfmtd.kernel import KernelError
 from binfmtd.lock import Lock
 from binfmtd.metrics import Metrics
@@ -27,11 +27,13 @@ from binfmtd.preflight import Exit, PreflightError
 from binfmtd.server import ApiError, ApiServer
 from binfmtd.status import ArchState
 
-RETRY_FAILED_S = 30.0
-POLL_FALLBACK_S = 1.0  # the pass interval when inotify is unavailable
+__all__ = ["RETRY_FAILED_S", "Daemon", "DaemonApi", "serve"]
+# Unexpected exceptions in this many passes in a row end the daemon with Exit.SOFTWARE (72).
+MAX_FAILED_PASSES = 3
 # Keys a running daemon cannot change: the lock and socket it holds, the binfmt_misc mount and
 # install directory its entries belong to, the logger configured once at start.
 RESTART_KEYS = frozenset({"binfmt_misc", "install_dir", "lock_file", "api", "log"})
+POLL_FALLBACK_S = 1.0  # the pass interval when inotify is unavailable
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Published:
         self.worker: wire.WorkerRecord | None = None
         self.last_tick = 0.0
         self.ready = False
+        self.stale_since: float | None = None
 
     def swap(
         self,
@@ -98,6 +101,8 @@ class Daemon:
         self._worker_key: tuple[Any, ...] = ()
         self._last_states: dict[str, tuple[str, str | None]] = {}
         self.metrics = Metrics()
+        self.failed_passes = 0
+        self.exit_code = Exit.OK
         self._logged_credentials: list[str] = []
         self.server: Any = None
 
@@ -120,7 +125,7 @@ class Daemon:
             self._loop()
         finally:
             self._shutdown()
-        return Exit.OK
+        return self.exit_code
 
     def _loop(self) -> None:
         """Sleep until something changes (inotify), a command or signal arrives, a held repair
@@ -142,7 +147,7 @@ class Daemon:
                         self._reload()
                 self._run_commands()
                 now = time.monotonic()
-                if change or due or now >= min(next_pass, release):
+                if (change or due or now >= min(next_pass, release)) and not self.stopping:
                     self._loop_pass(change)
                     next_pass = time.monotonic() + self._safety_s(watcher)
                 due = watcher.watch(self._watch_targets())  # re-watch after unmount, reload
@@ -154,9 +159,9 @@ class Daemon:
     def _loop_pass(self, change: watch.Change) -> None:
         """One reconcile pass of the loop; repeated repairs of an arch put it on hold."""
         report = self._tick()
-        repaired = [a.arch for a in report.actions if a.arch is not None]
+        repaired = [getattr(a, "arch", None) for a in report.actions]
         now = time.monotonic()
-        for arch in self.pacer.repaired(repaired, now):
+        for arch in self.pacer.repaired([a for a in repaired if a is not None], now):
             self.log.warning(
                 "repair_backed_off",
                 arch=arch,
@@ -222,20 +227,23 @@ class Daemon:
     # ------------------------------------------------------------ the tick
 
     def _tick(self, verify_also: tuple[str, ...] = ()) -> TickReport:
+        """One guarded pass: an unexpected exception is logged with its traceback, the last
+        good status stays published (marked stale), and only MAX_FAILED_PASSES in a row end
+        the daemon with Exit.SOFTWARE."""
         started = time.monotonic()
         try:
-            report = self.engine.tick(
-                verify_also=(*verify_also, *self._due_for_probe()),
-                hold=self.pacer.held(time.monotonic()),
-                progress=self._publish,  # a vanished entry stops showing as verified now
-            )
-        except KernelError as exc:
-            report = self._recover_mount(exc)
+            report = self._pass(verify_also)
+        except Exception as exc:  # the per-pass guard: never let one pass kill the daemon
+            return self._pass_failed(exc)
+        self.failed_passes = 0
+        self.published.stale_since = None
         self.last_reconcile = self.clock()
         self._log_credentials()
         self._publish()
         done = [
-            a for a in report.actions if str(a.arch or getattr(a, "name", "?")) not in report.errors
+            a
+            for a in report.actions
+            if str(getattr(a, "arch", None) or getattr(a, "name", "?")) not in report.errors
         ]
         self.metrics.observe_actions((type(a).__name__.lower(), a.reason) for a in done)
         # Info only when something changed: a repair that worked, or an arch whose state or
@@ -254,17 +262,49 @@ class Daemon:
         self._last_states = states
         return report
 
+    def _pass(self, verify_also: tuple[str, ...]) -> TickReport:
+        try:
+            return self.engine.tick(
+                verify_also=verify_also,
+                hold=self.pacer.held(time.monotonic()),
+                progress=self._publish,  # a vanished entry stops showing as verified now
+            )
+        except KernelError as exc:
+            return self._recover_mount(exc)
+
+    def _pass_failed(self, exc: Exception) -> TickReport:
+        self.failed_passes += 1
+        self.log.exception(
+            "reconcile_crashed",
+            error=f"{type(exc).__name__}: {exc}",
+            failed_passes=self.failed_passes,
+            limit=MAX_FAILED_PASSES,
+        )
+        if self.published.stale_since is None:
+            self.published.stale_since = self.clock()
+        self._publish_stale()
+        if self.failed_passes >= MAX_FAILED_PASSES:
+            self.log.error("daemon_giving_up", failed_passes=self.failed_passes)
+            self.exit_code = Exit.SOFTWARE
+            self.stopping = True
+        return TickReport(errors={"internal": f"{type(exc).__name__}: {exc}"})
+
+    def _publish_stale(self) -> None:
+        """Keep serving the last good views, marked stale (never re-derived from a bad pass)."""
+        old = self.published
+        daemon = old.status.daemon.replace(
+            stale=True,
+            stale_since=old.stale_since,
+            failed_passes=self.failed_passes,
+        )
+        old.swap(old.status.replace(daemon=daemon), old.platforms, old.binfmt, old.worker)
+
     def _note_flags_upgrade(self) -> None:
         """Say it once when this install relied on binfmtd 0.1's default flags (with C)."""
         if "C" in self.engine.flags:
             return
         recorded = emulators.read_state_flags(self.cfg.state_file)
-        install_dir = self.cfg.install_dir
-        with_c = sorted(
-            name
-            for name, entry in self.engine.kernel.snapshot().entries.items()
-            if "C" in entry.flags and plan.is_owned(entry, install_dir)
-        )
+        with_c = sorted(e.name for e in self.engine.own_entries() if "C" in e.flags)
         if not with_c and recorded != "" and "C" not in (recorded or ""):
             return
         self.log.warning(
@@ -281,12 +321,11 @@ class Daemon:
             ),
         )
         if recorded is not None:  # record the new flags so the notice is said once
-            with contextlib.suppress(OSError):
-                emulators.write_state(self.cfg.state_file, self.engine.installed, self.engine.flags)
+            self.engine.save_state()
 
     def _credential_entries(self) -> list[str]:
         """Entries in the instance carrying C (ours or another tool's)."""
-        return sorted(n for n, e in self.engine.entries.items() if "C" in e.flags)
+        return sorted(e.name for e in self.engine.observation.entries if "C" in e.flags)
 
     def _warnings(self) -> list[str]:
         return [
@@ -310,8 +349,7 @@ class Daemon:
     def _recover_mount(self, exc: KernelError) -> TickReport:
         """binfmt_misc vanished under us (unmounted): mount it again, then reconcile."""
         self.log.warning("binfmt_misc_unavailable", error=str(exc))
-        self.engine.entries = {}
-        self.engine.probes.clear()
+        self.engine.forget()
         try:
             preflight.ensure_mounted(self.engine.kernel)
             self.log.info("binfmt_misc_remounted", path=str(self.engine.kernel.root))
@@ -319,18 +357,6 @@ class Daemon:
         except (PreflightError, KernelError) as again:
             self.log.error("binfmt_misc_remount_failed", error=str(again))
             return TickReport(errors={"binfmt_misc": str(again)})
-
-    def _due_for_probe(self) -> tuple[str, ...]:
-        now = self.clock()
-        due = []
-        for arch, result in self.engine.probes.items():
-            age = now - result.at
-            # A negative age means the wall clock stepped back: re-verify now rather than
-            # wait out the jump (results carry wall-clock times for the status API).
-            stale = age < 0 or age >= self.cfg.reverify_interval_s
-            if (not result.ok and age >= RETRY_FAILED_S) or stale:
-                due.append(arch)
-        return tuple(due)
 
     # ------------------------------------------------------------ publishing
 
@@ -349,22 +375,28 @@ class Daemon:
             last_reconcile=self.last_reconcile,
             config=self.cfg.config_file,
             reconcile_interval_s=self.cfg.reconcile_interval_s,
+            binfmt_misc_enabled=engine.observation.enabled,
         )
         warnings = tuple(self._warnings())
-        status = wire.StatusRecord(daemon, arches, platforms.native, worker, warnings)
+        status = wire.StatusRecord(
+            daemon,
+            arches,
+            platforms.native,
+            worker,
+            warnings,
+            native_proof=dict(engine.native_proof),
+        )
         self.published.last_tick = time.monotonic()
         self.published.swap(status, platforms, views.binfmt_record(engine, arches), worker)
         self.metrics.observe_status(status)
 
     def _native_platforms(self) -> list[str]:
-        from binfmtd.arch import platforms_of
-
-        return platforms_of(list(self.engine.native))
+        return self.engine.native_platforms()
 
     def _summary(self) -> str:
         rows = self.engine.statuses()
         ok = sum(1 for r in rows if r.state.working)
-        bad = [r.arch for r in rows if not r.state.working and r.state is not ArchState.DISABLED]
+        bad = [r.arch for r in rows if not r.state.fine]
         text = f"{ok}/{len(rows)} architectures verified"
         return text + (f"; not working: {', '.join(bad)}" if bad else "")
 
@@ -426,8 +458,9 @@ class Daemon:
             unknown = [a for a in arches if a not in selected]
             if unknown:
                 raise ApiError(404, f"not configured: {', '.join(unknown)}")
-            report = self._tick(verify_also=tuple(arches))
-            return wire.VerifyResult(tuple(report.verified), tuple(report.failed))
+            off = sorted(set(arches) & self.engine.operator_disabled)
+            report = self._tick(verify_also=tuple(a for a in arches if a not in off))
+            return wire.VerifyResult(tuple(report.verified), tuple(report.failed), tuple(off))
         if action == "reconcile":
             report = self._tick()
             actions = tuple(plan.describe(a) for a in report.actions)
@@ -445,8 +478,17 @@ class Daemon:
             self.engine.operator_disabled.discard(arch)
         else:
             self.engine.operator_disabled.add(arch)
+        self.engine.operator_changed.add(arch)
         self._tick()
-        return wire.ArchChange(arch, str(self.engine.status_of(arch).state))
+        row = self.engine.status_of(arch)
+        if not enable and row.state not in {
+            ArchState.OPERATOR_DISABLED,
+            ArchState.INSTANCE_DISABLED,
+        }:
+            # The kernel still runs these binaries (another tool's entry, or a failed write):
+            # never answer "disabled" while that is not what the kernel does.
+            raise ApiError(409, f"{arch} is not disabled: {row.state}: {row.error}")
+        return wire.ArchChange(arch, str(row.state))
 
     # ------------------------------------------------------------ reload
 

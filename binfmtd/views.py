@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from binfmtd import arch as archmod
 from binfmtd import wire
 from binfmtd.engine import Engine
 from binfmtd.plan import describe
-from binfmtd.status import ArchStatus
+from binfmtd.status import ArchState, ArchStatus
 
 
 def probe_record(status: ArchStatus) -> wire.ProbeRecord | None:
@@ -38,17 +37,33 @@ def arch_record(status: ArchStatus, conflict: bool = False) -> wire.ArchRecord:
         error=status.error,
         working=status.state.working,
         conflict=conflict,
+        handler=None
+        if status.handler is None
+        else wire.HandlerRecord(
+            status.handler.name, status.handler.interpreter, status.owner.value
+        ),
     )
+
+
+# States in which another tool's entry is in the way (left alone under conflict_policy: leave).
+CONFLICTS = frozenset(
+    {
+        ArchState.FOREIGN,
+        ArchState.FOREIGN_DISABLED,
+        ArchState.SHADOWED_BY_FOREIGN,
+        ArchState.NATIVE_SHADOWED,
+    }
+)
 
 
 def arch_records(engine: Engine) -> tuple[wire.ArchRecord, ...]:
     """Every selected arch, in catalog order."""
-    return tuple(arch_record(s, s.arch in engine.conflicts) for s in engine.statuses())
+    return tuple(arch_record(s, s.state in CONFLICTS) for s in engine.statuses())
 
 
 def platforms_record(engine: Engine) -> wire.PlatformsRecord:
     """What runs here now: native platforms first, then the proven emulated ones."""
-    native = archmod.platforms_of(list(engine.native))
+    native = engine.native_platforms()
     verified = engine.verified_platforms()
     emulated = tuple(p for p in verified if p not in native)
     return wire.PlatformsRecord(tuple(verified), tuple(native), emulated)
@@ -71,4 +86,5 @@ def oneshot_record(
         native=tuple(engine.native),
         platforms=tuple(engine.verified_platforms()),
         arches=arch_records(engine),
+        native_proof=dict(engine.native_proof),
     )

@@ -149,6 +149,16 @@ class ProbeRecord(Record):
 
 
 @dataclass(frozen=True)
+class HandlerRecord(Record):
+    """The binfmt_misc entry the kernel uses for an arch's binaries now: its name, interpreter,
+    and `owner` "binfmtd" (by the state file's record) or "foreign"."""
+
+    entry: str
+    interpreter: str
+    owner: str
+
+
+@dataclass(frozen=True)
 class ArchRecord(Record):
     """One configured arch. `state` is one of `status.ArchState`'s values (e.g. "verified",
     "failed", "missing"); `working` says whether it may be advertised (a probe proved the entry
@@ -168,8 +178,9 @@ class ArchRecord(Record):
     error: str | None = None
     working: bool = False
     conflict: bool = False
+    handler: HandlerRecord | None = None
 
-    _nested: ClassVar[dict[str, type[Record]]] = {"probe": ProbeRecord}
+    _nested: ClassVar[dict[str, type[Record]]] = {"probe": ProbeRecord, "handler": HandlerRecord}
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,10 @@ class DaemonRecord(Record):
     last_reconcile: float | None = None
     config: str | None = None
     reconcile_interval_s: float | None = None
+    binfmt_misc_enabled: bool | None = None
+    stale: bool = False
+    stale_since: float | None = None
+    failed_passes: int = 0
 
 
 @dataclass(frozen=True)
@@ -218,6 +233,7 @@ class StatusRecord(Record):
     native: tuple[str, ...] = ()
     worker: WorkerRecord | None = None
     warnings: tuple[str, ...] = ()
+    native_proof: dict[str, str] | None = None
     wire: int = WIRE_VERSION
 
     _nested: ClassVar[dict[str, type[Record]]] = {
@@ -272,6 +288,7 @@ class VerifyResult(Record):
 
     verified: tuple[str, ...] = ()
     failed: tuple[str, ...] = ()
+    disabled: tuple[str, ...] = ()  # disabled by the operator: not probed
     wire: int = WIRE_VERSION
 
 
@@ -359,6 +376,7 @@ class OneshotRecord(Record):
     native: tuple[str, ...]
     platforms: tuple[str, ...]
     arches: tuple[ArchRecord, ...]
+    native_proof: dict[str, str] | None = None
     wire: int = WIRE_VERSION
 
     _nested: ClassVar[dict[str, type[Record]]] = {"arches": ArchRecord}

@@ -137,12 +137,47 @@ def test_platforms_of_keeps_catalog_entries_once_and_skips_unknown() -> None:
         ("ppc64le", True, ("ppc64le",)),
         ("s390x", True, ("s390x",)),
         ("riscv64", False, ("riscv64",)),
-        ("sparc64", True, ()),
+        ("sparc64", True, ("sparc64", "sparc", "sparc32plus")),
+        ("vax", True, ()),
     ],
 )
 def test_native_detection_table(machine: str, compat32: bool, native: tuple[str, ...]) -> None:
     """native_arches maps `uname -m` to what the host runs itself, 32-bit only with compat."""
     assert archmod.native_arches(machine, compat32=compat32) == native
+
+
+@pytest.mark.parametrize(
+    ("machine", "order", "always", "compat"),
+    [
+        ("armv6l", archmod.ByteOrder.LITTLE, ("arm",), ()),
+        ("armv5tel", archmod.ByteOrder.LITTLE, ("arm",), ()),
+        ("armv7b", archmod.ByteOrder.BIG, ("armeb",), ()),
+        ("armv8l", archmod.ByteOrder.LITTLE, ("arm",), ("aarch64",)),
+        ("mips64", archmod.ByteOrder.LITTLE, ("mips64el",), ("mipsel", "mipsn32el")),
+        ("mips64", archmod.ByteOrder.BIG, ("mips64",), ("mips", "mipsn32")),
+        ("ppc64", archmod.ByteOrder.BIG, ("ppc64",), ("ppc",)),
+        ("ppc64", archmod.ByteOrder.LITTLE, ("ppc64le",), ()),
+        ("aarch64", archmod.ByteOrder.BIG, ("aarch64_be",), ("armeb",)),
+        ("i586", archmod.ByteOrder.LITTLE, ("i386",), ()),
+        ("parisc64", archmod.ByteOrder.BIG, (), ("hppa",)),
+    ],
+)
+def test_uname_mapping_is_complete_with_byte_order_from_the_binary(
+    machine: str, order: archmod.ByteOrder, always: tuple[str, ...], compat: tuple[str, ...]
+) -> None:
+    """`uname -m` values that used to map to the wrong arch or none (issue 10, 4d)."""
+    assert archmod.host_arches(machine, order) == (always, compat)
+
+
+@pytest.mark.parametrize(
+    "arch", ["x86_64", "i386", "aarch64", "arm", "mips64el", "ppc64", "mipsn32"]
+)
+def test_own_header_names_its_arch_and_byte_order(arch: str) -> None:
+    """The running binary's header is caught by its own catalog row (and no emulated one)."""
+    row = archmod.BY_NAME[arch]
+    head = row.magic + bytes(64)
+    assert arch in archmod.arches_of_header(head)
+    assert archmod.order_of_header(head) is row.order
 
 
 def test_compat_candidates_and_host_machine() -> None:

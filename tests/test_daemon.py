@@ -297,8 +297,14 @@ def test_foreign_entry_put_in_place_of_ours_is_probed_not_trusted(
             lambda: ((r := daemon.arch("aarch64"))["probe"] or {}).get("at", 0) > before and r,
             REPAIR_S,
         )
-        assert row["state"] == "failed"
+        assert row["state"] == "shadowed-by-foreign"
         assert "made by another tool and is left alone" in row["error"]
+        assert "its probe failed" in row["error"]
+        assert row["handler"] == {
+            "entry": "other-aarch64",
+            "interpreter": "/bin/false",
+            "owner": "foreign",
+        }
         assert "linux/arm64" not in daemon.ctl("platforms").stdout
         left = entry_in(daemon, "other-aarch64")
         assert left is not None
@@ -327,7 +333,7 @@ def test_arch_whose_probe_fails_is_never_reported_as_working(tmp_path: Path, soc
         with Watcher(sock) as watcher:
             time.sleep(4 * INTERVAL)  # several reconcile ticks to observe
         row = daemon.arch("aarch64")
-        assert row["state"] == "failed"
+        assert row["state"] == "foreign"
         assert row["probe"]["ok"] is False
         assert row["interpreter"] == "/bin/false"
         check = daemon.ctl("check")
@@ -344,7 +350,7 @@ def test_arch_whose_probe_fails_is_never_reported_as_working(tmp_path: Path, soc
         assert (left.interpreter, left.flags) == ("/bin/false", "F")
     assert len(watcher.snapshots) > 5
     for status in watcher.snapshots:
-        assert rows(status)["aarch64"]["state"] == "failed"
+        assert rows(status)["aarch64"]["state"] == "foreign"
 
 
 # --- 3. access -----------------------------------------------------------------------------
@@ -465,7 +471,7 @@ def test_group_member_reads_outsider_cannot_connect_root_mutates(
         assert f"permission denied on {sock}" in denied.stderr
         assert (daemon.ctl("disable", "aarch64").returncode, daemon.arch("aarch64")["state"]) == (
             0,
-            "disabled",
+            "operator-disabled",
         )
         assert daemon.ctl("enable", "aarch64").stdout.strip() == "aarch64: verified"
 
@@ -590,7 +596,7 @@ def test_watchdog_pings_stop_while_the_loop_really_hangs(
             lambda: ((r := daemon.arch("aarch64"))["probe"] or {}).get("at", 0) > wall and r,
             10,
         )
-        assert row["state"] == "failed"
+        assert row["state"] == "shadowed-by-foreign"
         assert row["probe"]["error"] == "probe did not finish within 2.5 s"
         resumed = time.monotonic()
         du.wait_until("pings to resume", lambda: len(sink.pings_after(resumed)) >= 2, 3)

@@ -23,12 +23,8 @@ from conftest import daemon_config, write_config
 from daemonutil import ENTRIES, SandboxSh, run_daemon, run_oneshot, sha256_file, wait_until
 
 from binfmtd import arch as archmod
-from binfmtd import config as configmod
 from binfmtd.binfmt import Registration
-from binfmtd.engine import Engine
 from binfmtd.preflight import Exit
-from binfmtd.probe import ProbeResult
-from binfmtd.service import RETRY_FAILED_S, Daemon
 
 
 def more_events(daemon: du.Daemon, name: str, seen: int) -> bool:
@@ -222,7 +218,10 @@ def test_foreign_entry_under_another_name_under_leave_is_a_reported_conflict(
         return rows if reported and reprobed else None
 
     rows = wait_until("the conflict to be reported", conflict, 10)
-    assert rows["aarch64"]["interpreter"].endswith("/qemu-aarch64")  # ours, still in place
+    assert rows["aarch64"]["state"] == "shadowed-by-foreign"
+    assert rows["aarch64"]["interpreter"] == foreign.interpreter  # the kernel's handler now
+    ours = daemon.ns_ok(f"cat {ENTRIES}/qemu-aarch64").stdout  # ours, still in place
+    assert f"interpreter {daemon.install_dir}/qemu-aarch64" in ours
     assert rows["s390x"]["state"] == "verified"
     text = daemon.ns_ok(f"cat {ENTRIES}/other-aarch64").stdout
     assert f"interpreter {foreign.interpreter}" in text
@@ -297,34 +296,8 @@ def test_hanging_and_crashing_probes_fail_without_stopping_the_loop(
     assert daemon.get("/v1/health")[1]["ok"]
 
 
-class Clock:
-    """A wall clock the test moves."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_wall_clock_jumps_neither_stall_nor_storm_probe_scheduling(tmp_path: Path) -> None:
-    """Wall time jumping back re-verifies once (never waits out the jump); forward re-verifies."""
-    cfg = configmod.load(str(write_config(tmp_path, arches=["aarch64", "s390x"])))
-    clock = Clock(1_000_000.0)
-    daemon = Daemon(cfg, sandbox=False, config_path=None, clock=clock)
-    assert isinstance(daemon.engine, Engine) and daemon.engine.clock is clock
-    daemon.engine.probes = {
-        "aarch64": ProbeResult("aarch64", True, clock.now, 5.0),
-        "s390x": ProbeResult("s390x", False, clock.now, 5.0, "probe exited 1"),
-    }
-    clock.now += 5
-    assert daemon._due_for_probe() == ()
-    clock.now += RETRY_FAILED_S
-    assert daemon._due_for_probe() == ("s390x",)
-    clock.now = 1_000_000.0 - 3600  # NTP steps the clock back an hour
-    assert set(daemon._due_for_probe()) == {"aarch64", "s390x"}
-    clock.now = 1_000_000.0 + 86400  # and forward a day
-    assert set(daemon._due_for_probe()) == {"aarch64", "s390x"}
+# Probe scheduling under wall-clock jumps (back: re-verify at once; forward: re-verify) is a
+# pure decision now: tests/test_plan.py::test_due_probes holds the table.
 
 
 # ---------------------------------------------------------------- the process around it

@@ -176,7 +176,7 @@ RECORDS: list[type[wire.Record]] = [
     *(wire.IndexRecord, wire.StatusRecord, wire.DaemonRecord, wire.ArchRecord),
     *(wire.ProbeRecord, wire.PlatformsRecord, wire.BinfmtRecord, wire.HealthRecord),
     *(wire.WorkerRecord, wire.VerifyResult, wire.ReconcileResult, wire.ArchChange),
-    *(wire.ReloadResult, wire.OneshotRecord, wire.ErrorRecord),
+    *(wire.ReloadResult, wire.OneshotRecord, wire.ErrorRecord, wire.HandlerRecord),
 ]
 
 

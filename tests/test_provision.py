@@ -192,7 +192,12 @@ def test_json_output_shape_and_state_file(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert set(doc) == {
-        *("sandbox", "durations_ms", "actions", "native", "platforms", "arches", "wire")
+        *("sandbox", "durations_ms", "actions", "native", "native_proof", "platforms"),
+        *("arches", "wire"),
+    }
+    assert doc["native_proof"] == {
+        "x86_64": "this host's own format",
+        "i386": "the probe ran natively",
     }
     assert doc["actions"] == [
         "install riscv64",
@@ -220,11 +225,19 @@ def test_json_output_shape_and_state_file(tmp_path: Path) -> None:
             "interpreter",
             "sha256",
             "qemu_version",
+            "handler",
             "probe",
             "error",
             "working",
             "conflict",
         }
+        assert row["handler"] == {
+            "entry": f"qemu-{arch}",
+            "interpreter": str(path),
+            "owner": "binfmtd",
+        }
+        assert state["entries"][f"qemu-{arch}"].startswith(f":qemu-{arch}:M:0:")
+        assert state["entries"][f"qemu-{arch}"].endswith(f":{path}:{row['flags']}")
         assert row["platforms"] == [f"linux/{arch}"]
         assert (row["state"], row["registered"], row["enabled"]) == ("verified", True, True)
         assert (row["flags"], row["interpreter"], row["error"]) == ("POF", str(path), None)

@@ -1,0 +1,117 @@
+"""One model of truth: which binfmt_misc entry, if any, the kernel uses for each arch. Pure.
+
+An `Observation` is one frozen read of an instance: its `status` and every entry, newest first
+(the order in which the kernel tries them). `handler` runs a probe's header through those
+entries exactly as fs/binfmt_misc.c does; `owner_of` says whether the entry that answers is
+binfmtd's (by the state file's record, never by path) or another tool's. Every state, exit
+code, platform list and log line is derived from these two answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from binfmtd.binfmt import Entry, FormatError, Registration
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The outcome of one probe run: `at` is wall-clock seconds, `error` None when it passed."""
+
+    arch: str
+    ok: bool
+    at: float
+    duration_ms: float
+    error: str | None = None
+
+
+class Owner(StrEnum):
+    """Who made the entry that handles an arch's binaries."""
+
+    OURS = "binfmtd"
+    FOREIGN = "foreign"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One read of a binfmt_misc instance: `enabled` is its `status` file; `entries` newest first.
+
+    `broken` names entries that could not be parsed (name -> why); they still exist.
+    """
+
+    enabled: bool
+    entries: tuple[Entry, ...]
+    broken: tuple[tuple[str, str], ...] = ()
+    by_name: Mapping[str, Entry] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_name", {e.name: e for e in self.entries})
+
+    def get(self, name: str) -> Entry | None:
+        """The entry called `name`, if present."""
+        return self.by_name.get(name)
+
+    def handler(self, header: bytes, filename: str = "probe") -> Entry | None:
+        """The entry the kernel would run a file starting with `header` through, or None
+        (the kernel then loads it natively, or fails with "Exec format error")."""
+        if not self.enabled:
+            return None
+        return first_handler(self.entries, header, filename)
+
+    def catchers(self, header: bytes) -> tuple[Entry, ...]:
+        """Every enabled entry whose magic/mask catch `header`, newest first (even when the
+        instance as a whole is disabled: they catch again as soon as it is enabled)."""
+        return tuple(e for e in self.entries if e.handles(header))
+
+
+EMPTY = Observation(False, ())
+
+
+def first_handler(entries: tuple[Entry, ...], header: bytes, filename: str) -> Entry | None:
+    """The first enabled entry, in the kernel's order, that handles `header`."""
+    for entry in entries:
+        if entry.handles(header, filename):
+            return entry
+    return None
+
+
+def is_ours(entry: Entry, owned: Mapping[str, Registration]) -> bool:
+    """An entry is binfmtd's when the record names it and it is still what was registered."""
+    recorded = owned.get(entry.name)
+    return recorded is not None and entry.matches(recorded)
+
+
+def owner_of(entry: Entry | None, owned: Mapping[str, Registration]) -> Owner:
+    """OURS, FOREIGN or NONE (no entry)."""
+    if entry is None:
+        return Owner.NONE
+    return Owner.OURS if is_ours(entry, owned) else Owner.FOREIGN
+
+
+def adopt(obs: Observation, interpreters: Mapping[str, Collection[str]]) -> dict[str, Registration]:
+    """Ownership for a state file written before the record existed (migration).
+
+    `interpreters` maps arch -> the exact paths binfmtd put that arch's emulator at (what the
+    old state file recorded, and the configured `install_dir/qemu-<arch>`). An entry
+    `qemu-<arch>` running exactly one of them is binfmtd's; nothing is judged by prefix.
+    """
+    owned: dict[str, Registration] = {}
+    for arch, paths in interpreters.items():
+        entry = obs.get(f"qemu-{arch}")
+        if entry is None or entry.interpreter not in paths:
+            continue
+        try:
+            owned[entry.name] = entry.registration()
+        except FormatError:
+            continue
+    return owned
+
+
+def catches_self(reg: Registration, headers: tuple[bytes, ...]) -> bool:
+    """Whether registering `reg` would route any of `headers` (binfmtd's own executable, the
+    running Python) through it: that entry would break the host's own programs."""
+    probe = Entry(reg.name, True, reg.interpreter, reg.flags, 0, reg.magic, reg.mask)
+    return any(probe.handles(h, "") for h in headers if h)
