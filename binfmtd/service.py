@@ -159,9 +159,10 @@ class Daemon:
     def _loop_pass(self, change: watch.Change) -> None:
         """One reconcile pass of the loop; repeated repairs of an arch put it on hold."""
         report = self._tick()
-        repaired = [getattr(a, "arch", None) for a in report.actions]
+        acted = {getattr(a, "arch", None) for a in report.actions}
+        repaired = [a for a in acted if isinstance(a, str) and a not in report.errors]
         now = time.monotonic()
-        for arch in self.pacer.repaired([a for a in repaired if a is not None], now):
+        for arch in self.pacer.repaired(repaired, now):
             self.log.warning(
                 "repair_backed_off",
                 arch=arch,

@@ -317,8 +317,8 @@ class Pacer:
         return {
             arch: (
                 f"another tool keeps rewriting this entry (restored {self.limit} times within "
-                f"{self.window_s:g} s); binfmtd backs off and restores it again in "
-                f"{fight.until - now:.1f} s (backoff {fight.backoff_s:g} s)"
+                f"{self.window_s:g} s); binfmtd backs off {fight.backoff_s:g} s before "
+                "restoring it again"
             )
             for arch, fight in sorted(self.fights.items())
             if fight.until > now

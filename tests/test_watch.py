@@ -40,7 +40,7 @@ def test_a_fight_is_held_with_a_conflict_and_doubling_backoff() -> None:
     held = pacer.held(0.5)
     assert list(held) == ["aarch64"]
     assert "another tool keeps rewriting this entry" in held["aarch64"]
-    assert "backoff 1 s" in held["aarch64"]
+    assert "backs off 1 s" in held["aarch64"]
     assert pacer.next_release(0.5) == pytest.approx(1.4)
     assert pacer.held(1.5) == {}
     for i in range(4):
