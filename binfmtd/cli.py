@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from binfmtd.wire import R
 
 DEFAULT_SOCKET = "/run/binfmtd/binfmtd.sock"
-SANDBOX_SOCKET = "/run/binfmtd-sandbox/binfmtd.sock"
+SANDBOX_SOCKETS = "/run/binfmtd-sandbox/*/binfmtd.sock"  # one per --sandbox=NAME
 START_HINT = "start it with `systemctl start binfmtd`"
 
 
@@ -344,8 +344,12 @@ def _default_socket() -> str:
     """BINFMTD_SOCKET, else the system daemon's socket, else a --sandbox daemon's if alone."""
     if "BINFMTD_SOCKET" in os.environ:
         return os.environ["BINFMTD_SOCKET"]
-    if not os.path.exists(DEFAULT_SOCKET) and os.path.exists(SANDBOX_SOCKET):
-        return SANDBOX_SOCKET
+    if not os.path.exists(DEFAULT_SOCKET):
+        import glob
+
+        sandboxes = glob.glob(SANDBOX_SOCKETS)
+        if len(sandboxes) == 1:
+            return sandboxes[0]
     return DEFAULT_SOCKET
 
 

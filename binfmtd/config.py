@@ -125,27 +125,26 @@ class Config:
         return tuple(n for n in names if n not in self.exclude and n not in native)
 
 
-_SANDBOX_PATHS = {
-    "install_dir": "/var/lib/binfmtd-sandbox/qemu",
-    "state_file": "/var/lib/binfmtd-sandbox/state.json",
-    "lock_file": "/run/binfmtd-sandbox/binfmtd.lock",
-}
-
-
-def for_sandbox(cfg: Config) -> Config:
-    """Paths left at their defaults move aside, so a sandbox never touches the host daemon's."""
+def for_sandbox(cfg: Config, runtime: str, state: str) -> Config:
+    """Paths left at their defaults move under the sandbox's own `runtime` and `state`
+    directories, so a sandbox never touches the host daemon's files or another sandbox's."""
     defaults = Config()
-    moved = {k: v for k, v in _SANDBOX_PATHS.items() if getattr(cfg, k) == getattr(defaults, k)}
+    moved = {
+        "install_dir": f"{state}/qemu",
+        "state_file": f"{state}/state.json",
+        "lock_file": f"{runtime}/binfmtd.lock",
+    }
+    moved = {k: v for k, v in moved.items() if getattr(cfg, k) == getattr(defaults, k)}
     api = cfg.api
     if api.socket == defaults.api.socket:
-        api = dataclasses.replace(api, socket="/run/binfmtd-sandbox/binfmtd.sock")
+        api = dataclasses.replace(api, socket=f"{runtime}/binfmtd.sock")
     kit = cfg.buildkit
     if kit.socket == defaults.buildkit.socket:
         kit = dataclasses.replace(
             kit,
-            socket="/run/binfmtd-sandbox/buildkitd.sock",
-            config_path="/run/binfmtd-sandbox/buildkitd.toml",
-            state_dir="/var/lib/binfmtd-sandbox/buildkit",
+            socket=f"{runtime}/buildkitd.sock",
+            config_path=f"{runtime}/buildkitd.toml",
+            state_dir=f"{state}/buildkit",
         )
     return dataclasses.replace(
         cfg,

@@ -36,9 +36,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--sandbox",
-        action="store_true",
-        help="run in a new user+mount namespace with a private binfmt_misc "
-        "(Linux >= 6.7): nothing on the host changes",
+        nargs="?",
+        const="",
+        type=_sandbox_arg,
+        metavar="NAME",
+        help="run in a new user+mount namespace with a private binfmt_misc (Linux >= 6.7): "
+        "nothing registered reaches the host; files live in /run/binfmtd-sandbox/NAME and "
+        "/var/lib/binfmtd-sandbox/NAME, removed on exit. NAME defaults to oneshot-PID with "
+        "--oneshot, else 'default'; sandboxes with different names run side by side",
     )
     parser.add_argument("--json", action="store_true", help="with --oneshot: print JSON")
     parser.add_argument("--version", action="version", version=f"binfmtd {__version__}")
@@ -58,6 +63,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _sandbox_arg(text: str) -> str:
+    if text == "":
+        return text
+    try:
+        return ns.sandbox_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run binfmtd; returns the exit code."""
     args = parse_args(argv)
@@ -71,21 +85,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, cfg: config.Config) -> int:
+    sandbox = None
+    if args.sandbox is not None:
+        name = args.sandbox or ns.default_sandbox_name(oneshot=args.oneshot, pid=os.getpid())
+        sandbox = ns.SandboxDirs(name)
+    entered = False
     try:
-        if args.sandbox:
+        if sandbox is not None:
             ns.enter_sandbox(cfg.binfmt_misc, _socket_gids(cfg))
-            cfg = config.for_sandbox(cfg)
+            cfg = config.for_sandbox(cfg, sandbox.runtime, sandbox.state)
+            # The lock in the sandbox's runtime directory makes its directories ours to remove.
+            entered = cfg.lock_file.startswith(sandbox.runtime + "/")
         if args.oneshot:
-            code = oneshot(cfg, sandbox=args.sandbox, as_json=args.json)
+            code = oneshot(cfg, sandbox=sandbox, as_json=args.json)
             if code != Exit.OK or not args.command:
                 return code
             return _run_command(args.command)
         from binfmtd.service import serve
 
-        return serve(cfg, sandbox=args.sandbox, config_path=args.config)
+        return serve(cfg, sandbox=sandbox, config_path=args.config)
     except ns.SandboxError as exc:
         print(f"binfmtd: --sandbox: {exc}", file=sys.stderr)
         return Exit.SANDBOX_UNSUPPORTED
+    except PreflightError as exc:
+        if exc.code == Exit.ALREADY_RUNNING:
+            entered = False  # the directories belong to the sandbox that holds the lock
+        raise
+    finally:
+        if sandbox is not None and entered:
+            sandbox.remove()
 
 
 def _run_command(command: list[str]) -> int:
@@ -120,11 +148,11 @@ def _load_config(path: str | None) -> config.Config:
     return config.load(path, require_safe_mode=os.geteuid() == 0 and not ns.in_user_namespace())
 
 
-def oneshot(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
+def oneshot(cfg: config.Config, *, sandbox: ns.SandboxDirs | None, as_json: bool) -> int:
     """Preflight, install, register, verify; print the table; exit 1 if any arch failed."""
     from binfmtd.lock import Lock
 
-    lock = Lock(cfg.lock_file, cfg.install_dir)
+    lock = Lock(cfg.lock_file, cfg.install_dir, sandbox=sandbox.name if sandbox else None)
     lock.acquire()
     try:
         return _provision_once(cfg, sandbox=sandbox, as_json=as_json)
@@ -132,7 +160,7 @@ def oneshot(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
         lock.release()
 
 
-def _provision_once(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
+def _provision_once(cfg: config.Config, *, sandbox: ns.SandboxDirs | None, as_json: bool) -> int:
     """One guarded pass: per-arch failures are lines on stderr (exit 1); anything unexpected is
     one line (exit 72, the traceback only in the debug log), never a traceback for the user."""
     logger = log.get("binfmtd.oneshot")
@@ -150,7 +178,9 @@ def _provision_once(cfg: config.Config, *, sandbox: bool, as_json: bool) -> int:
         return Exit.SOFTWARE
 
 
-def _provision(cfg: config.Config, *, sandbox: bool, as_json: bool, logger: Any) -> int:
+def _provision(
+    cfg: config.Config, *, sandbox: ns.SandboxDirs | None, as_json: bool, logger: Any
+) -> int:
     from binfmtd import preflight, render, views
     from binfmtd.engine import Engine
 
@@ -160,7 +190,7 @@ def _provision(cfg: config.Config, *, sandbox: bool, as_json: bool, logger: Any)
     engine.detect_native()
     report = engine.tick()
     durations = {**report.durations_ms, "total": round((time.monotonic() - started) * 1000, 1)}
-    record = views.oneshot_record(engine, report.actions, durations, sandbox=sandbox)
+    record = views.oneshot_record(engine, report.actions, durations, sandbox=sandbox is not None)
     if as_json:
         import json
 

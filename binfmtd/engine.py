@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from binfmtd import arch as archmod
-from binfmtd import backoff, emulators, plan, probe, truth
+from binfmtd import backoff, emulators, origin, plan, probe, truth
 from binfmtd.binfmt import Entry, FormatError, Registration, normalize_flags, parse_register_string
 from binfmtd.config import Config, ConflictPolicy, InstallMethod, SourceKind
 from binfmtd.emulators import Installed, InstallError
@@ -91,6 +91,9 @@ class Engine:
         self.observation: Observation = truth.EMPTY
         self._registrations: dict[tuple[str, str, str], Registration] = {}
         self._headers: dict[str, bytes] = {}
+        # Where boot-time tools keep their entries (read to say where a foreign one comes from).
+        self.origin_roots = origin.Roots()
+        self._origins: origin.Index | None = None
         # Failures that recur every pass are logged when they start, change and end.
         self._install_failures = Repeats(log, "install_failed", "install_recovered")
         self._action_failures = Repeats(log, "action_failed", "action_recovered")
@@ -205,7 +208,8 @@ class Engine:
         snap = self.kernel.snapshot()
         return Observation(snap.enabled, tuple(snap.entries.values()), tuple(snap.broken.items()))
 
-    def _world(self, obs: Observation) -> plan.World:
+    def world(self, obs: Observation) -> plan.World:
+        """Everything `plan.plan` needs besides the desired state, for observation `obs`."""
         if self._adopt:  # a state file from before the ownership record: migrate it
             self.owned.update(truth.adopt(obs, self._adoptable()))
             self._adopt, self._state_dirty = False, True
@@ -274,6 +278,7 @@ class Engine:
         """
         report = TickReport()
         started = time.monotonic()
+        self._origins = None
         obs = self.observe()
         desired = {
             a: plan.Desired(
@@ -284,7 +289,7 @@ class Engine:
             )
             for a in self.selected
         }
-        actions = plan.plan(desired, self._world(obs), self.replace)
+        actions = plan.plan(desired, self.world(obs), self.replace)
         actions = _hold(actions, hold or {}, report)
         self.operator_changed.clear()
         report.durations_ms["observe"] = _ms(started)
@@ -706,6 +711,8 @@ class Engine:
         shown = handler or self.observation.get(archmod.BY_NAME[arch].entry_name)
         record = self.installed.get(arch)
         ours = shown is not None and truth.is_ours(shown, self.owned) and record is not None
+        if shown is not None and detail and not truth.is_ours(shown, self.owned):
+            detail = f"{detail}; origin: {self._origin_of(shown.name)}"
         proof = self.proofs.get(arch)
         return ArchStatus(
             arch=arch,
@@ -722,6 +729,12 @@ class Engine:
             handler=handler,
             owner=owner,
         )
+
+    def _origin_of(self, name: str) -> str:
+        """Where another tool's entry comes from; boot-time sources are read once per pass."""
+        if self._origins is None:
+            self._origins = origin.scan(self.origin_roots)
+        return self._origins.describe(name)
 
     def native_platforms(self) -> list[str]:
         """Platforms of the native arches no entry is in the way of."""

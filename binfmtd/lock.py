@@ -6,6 +6,7 @@ import fcntl
 import os
 
 from binfmtd import trust
+from binfmtd.ns import SandboxDirs
 from binfmtd.preflight import Exit, PreflightError
 
 
@@ -16,9 +17,12 @@ class Lock:
     configuration names another lock file still cannot work on the same emulators and entries.
     """
 
-    def __init__(self, path: str, install_dir: str | None = None) -> None:
+    def __init__(
+        self, path: str, install_dir: str | None = None, *, sandbox: str | None = None
+    ) -> None:
         self.path = path
         self.install_dir = install_dir
+        self.sandbox = sandbox  # the --sandbox name: the refusal names it, not systemctl
         self.fd = -1
         self.dir_fd = -1
 
@@ -28,16 +32,12 @@ class Lock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").split()
             os.close(self.fd)
-            raise PreflightError(
-                Exit.ALREADY_RUNNING,
-                f"another binfmtd (pid {holder}) holds {self.path}; while a daemon runs, use "
-                "`binfmtctl reconcile` / `binfmtctl verify`, or stop it first "
-                "(`systemctl stop binfmtd`)",
-            ) from None
+            raise PreflightError(Exit.ALREADY_RUNNING, self._refusal(*holder[:2])) from None
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        # "PID [SANDBOX]": a refused binfmtd names the holder, a sandbox by its name.
+        os.pwrite(self.fd, f"{os.getpid()} {self.sandbox or ''}".strip().encode() + b"\n", 0)
         self._lock_install_dir()
 
     def _lock_install_dir(self) -> None:
@@ -56,6 +56,22 @@ class Lock:
                 f"another binfmtd works on {self.install_dir} (with a lock file other than "
                 f"{self.path}); run one binfmtd per install directory: stop the other first",
             ) from None
+
+    def _refusal(self, pid: str = "?", sandbox: str | None = None) -> str:
+        what = f"another binfmtd (pid {pid}) holds {self.path}"
+        if sandbox is None:
+            return (
+                f"{what}; while a daemon runs, use `binfmtctl reconcile` / `binfmtctl verify`, "
+                "or stop it first (`systemctl stop binfmtd`)"
+            )
+        # Only a lock in the sandbox's own directory is freed by choosing another name.
+        named = os.path.dirname(self.path) == SandboxDirs(sandbox).runtime
+        return (
+            f"{what}: it is sandbox {sandbox!r} (binfmtd --sandbox={sandbox}); while it runs, "
+            f"use `binfmtctl reconcile` / `binfmtctl verify` on its socket, or stop it first "
+            f"(kill {pid})"
+            + (", or run this one under another name (--sandbox=NAME)" if named else "")
+        )
 
     def release(self) -> None:
         if self.fd >= 0:

@@ -6,13 +6,17 @@ private binfmt_misc instance (Linux >= 6.7), so nothing it registers reaches the
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
 import platform
+import re
+import shutil
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -23,8 +27,54 @@ SANDBOX_MIN_KERNEL = (6, 7)
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
+SANDBOX_RUNTIME = "/run/binfmtd-sandbox"
+SANDBOX_STATE = "/var/lib/binfmtd-sandbox"
+_SANDBOX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
 class SandboxError(RuntimeError):
     """The sandbox cannot be made here; the message says why."""
+
+
+@dataclass(frozen=True)
+class SandboxDirs:
+    """A named sandbox's own directories on the host: `runtime` (lock, sockets) and `state`
+    (installed emulators); both are removed when it exits, so sandboxes run side by side."""
+
+    name: str
+
+    @property
+    def runtime(self) -> str:
+        """/run/binfmtd-sandbox/NAME."""
+        return f"{SANDBOX_RUNTIME}/{self.name}"
+
+    @property
+    def state(self) -> str:
+        """/var/lib/binfmtd-sandbox/NAME."""
+        return f"{SANDBOX_STATE}/{self.name}"
+
+    def remove(self) -> None:
+        """Delete both directories, and their parents when no other sandbox uses them."""
+        for path in (self.runtime, self.state):
+            shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(OSError):  # another sandbox's directory is still there
+                os.rmdir(os.path.dirname(path))
+
+
+def sandbox_name(text: str) -> str:
+    """Check a --sandbox=NAME: letters, digits, `_.-`, at most 64, not starting with `.`/`-`."""
+    if not _SANDBOX_NAME.fullmatch(text):
+        raise ValueError(
+            f"bad sandbox name {text!r}: use letters, digits, '_', '.', '-' (at most 64), "
+            "starting with a letter or digit"
+        )
+    return text
+
+
+def default_sandbox_name(*, oneshot: bool, pid: int) -> str:
+    """A bare --sandbox: `oneshot-PID` for a one-shot run (the demo never collides with a
+    daemon), `default` for a daemon (a second one is refused and told to name itself)."""
+    return f"oneshot-{pid}" if oneshot else "default"
 
 
 def _check(result: int, what: str) -> None:

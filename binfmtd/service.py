@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from binfmtd import __version__, config, emulators, log, plan, preflight, views, watch, wire
+from binfmtd import __version__, config, emulators, log, ns, plan, preflight, views, watch, wire
 from binfmtd.engine import RETRY_FAILED_S, Engine, TickReport
 from binfmtd.kernel import KernelError
 from binfmtd.lock import Lock
@@ -77,7 +77,7 @@ class Daemon:
         self,
         cfg: config.Config,
         *,
-        sandbox: bool,
+        sandbox: ns.SandboxDirs | None,
         config_path: str | None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -120,7 +120,11 @@ class Daemon:
         self._publish()  # READY=1 must never be followed by a status that says "starting"
         self._start_server()
         self.notifier.ready(self._summary())
-        self.log.info("daemon_ready", summary=self._summary(), sandbox=self.sandbox)
+        self.log.info(
+            "daemon_ready",
+            summary=self._summary(),
+            sandbox=self.sandbox.name if self.sandbox else None,
+        )
         try:
             self._loop()
         finally:
@@ -370,7 +374,7 @@ class Daemon:
             version=__version__,
             pid=os.getpid(),
             started_at=self.started_at,
-            sandbox=self.sandbox,
+            sandbox=self.sandbox is not None,
             binfmt_misc=self.cfg.binfmt_misc,
             ready=self.published.ready,
             last_reconcile=self.last_reconcile,
@@ -499,8 +503,8 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = config.load(self.config_path, require_safe_mode=_needs_safe_mode())
-            if self.sandbox:
-                new = config.for_sandbox(new)
+            if self.sandbox is not None:
+                new = config.for_sandbox(new, self.sandbox.runtime, self.sandbox.state)
         except config.ConfigError as exc:
             self.log.error("reload_failed", error=str(exc), keeping=self.cfg.config_file)
             self.notifier.ready(f"reload failed, running on the old configuration: {exc}")
@@ -617,9 +621,9 @@ def _needs_safe_mode() -> bool:
     return os.geteuid() == 0 and not ns.in_user_namespace()
 
 
-def serve(cfg: config.Config, *, sandbox: bool, config_path: str | None) -> int:
+def serve(cfg: config.Config, *, sandbox: ns.SandboxDirs | None, config_path: str | None) -> int:
     """Run the daemon until SIGTERM."""
-    lock = Lock(cfg.lock_file, cfg.install_dir)
+    lock = Lock(cfg.lock_file, cfg.install_dir, sandbox=sandbox.name if sandbox else None)
     lock.acquire()
     try:
         return Daemon(cfg, sandbox=sandbox, config_path=config_path).run()

@@ -35,6 +35,7 @@ from binfmtd.emulators import InstallError
 from binfmtd.run import run
 
 AUTO_DIRS = ("/usr/bin", "/usr/local/bin")
+RPM_DB = "/var/lib/rpm"  # Fedora, RHEL, SUSE (a symlink to /usr/lib/sysimage/rpm on Fedora)
 MAX_LINK_HOPS = 8
 _PACKAGES = (
     "Debian 13: qemu-user; Debian 12 and Ubuntu: qemu-user-static; Fedora: qemu-user-static-<arch>"
@@ -364,15 +365,16 @@ def _deb_missing(path: str, arch: str, link: str | None) -> str:
 def packages_of(paths: Iterable[str]) -> dict[str, tuple[str, str]]:
     """{path: (package, version)} for the installed files the package manager knows.
 
-    Asks dpkg-query (Debian, Ubuntu) and then rpm (Fedora) when present; files no package owns
-    are left out. Never raises: a missing tool or a failing query just knows less.
+    Asks dpkg-query (Debian, Ubuntu) and then rpm (Fedora; only where the system's RPM database
+    is at /var/lib/rpm, not for an rpm tool on a Debian host) when present; files no package
+    owns are left out. Never raises: a missing tool or a failing query just knows less.
     """
     todo = list(dict.fromkeys(paths))
     found: dict[str, tuple[str, str]] = {}
     if todo and shutil.which("dpkg-query") and os.path.isdir("/var/lib/dpkg"):
         found.update(_dpkg_owners(todo))
     rest = [p for p in todo if p not in found]
-    if rest and shutil.which("rpm"):
+    if rest and shutil.which("rpm") and os.path.isdir(RPM_DB):
         found.update(_rpm_owners(rest))
     return found
 
@@ -397,8 +399,12 @@ def _dpkg_owners(paths: list[str]) -> dict[str, tuple[str, str]]:
 
 
 def _rpm_owners(paths: list[str]) -> dict[str, tuple[str, str]]:
+    paths = [p for p in paths if os.path.exists(p)]  # a missing one prints no line at all
+    if not paths:
+        return {}
     fmt = "%{NAME}\t%{EPOCHNUM}:%{VERSION}-%{RELEASE}\n"
-    result = run(["rpm", "-qf", "--queryformat", fmt, *paths], timeout=30, check=False)
+    argv = ["rpm", "--dbpath", RPM_DB, "-qf", "--queryformat", fmt, *paths]
+    result = run(argv, timeout=30, check=False)
     lines = result.stdout.decode(errors="replace").splitlines()
     if len(lines) != len(paths):  # one line per path, owned or not; anything else is unclear
         return {}

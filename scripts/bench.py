@@ -439,7 +439,7 @@ def inner_register(cfg_path: str, runs: int) -> None:
         flush_instance()
         observed = engine.observe()
         desired = {a: planmod.Desired(a, engine.registration(a), True) for a in engine.selected}
-        actions = planmod.plan(desired, observed, cfg.install_dir, cfg.conflict_policy)
+        actions = planmod.plan(desired, engine.world(observed), engine.replace)
         if not actions or not all(isinstance(a, planmod.Register) for a in actions):
             raise RuntimeError(f"expected only Register actions, got {actions[:3]}")
         strings = [a.reg.register_string().encode() for a in actions]

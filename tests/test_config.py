@@ -325,12 +325,14 @@ def test_selected_honours_all_exclude_and_native() -> None:
 
 def test_for_sandbox_moves_only_default_paths() -> None:
     """--sandbox moves default install/state/lock/socket paths aside and keeps explicit ones."""
-    moved = config.for_sandbox(Config())
-    assert moved.install_dir == "/var/lib/binfmtd-sandbox/qemu"
-    assert moved.api.socket == "/run/binfmtd-sandbox/binfmtd.sock"
-    kept = config.for_sandbox(Config(install_dir="/srv/q"))
+    moved = config.for_sandbox(Config(), "/run/s/a", "/var/lib/s/a")
+    assert moved.install_dir == "/var/lib/s/a/qemu"
+    assert moved.api.socket == "/run/s/a/binfmtd.sock"
+    assert moved.lock_file == "/run/s/a/binfmtd.lock"
+    assert moved.buildkit.state_dir == "/var/lib/s/a/buildkit"
+    kept = config.for_sandbox(Config(install_dir="/srv/q"), "/run/s/a", "/var/lib/s/a")
     assert kept.install_dir == "/srv/q"
-    assert kept.state_file == "/var/lib/binfmtd-sandbox/state.json"
+    assert kept.state_file == "/var/lib/s/a/state.json"
 
 
 def test_config_in_a_user_directory_refused(tmp_path: Path, local_user: LocalUser) -> None:

@@ -367,6 +367,61 @@ def test_packages_of_asks_dpkg(trixie: Trixie, sandbox_sh: Callable[..., Any]) -
     }
 
 
+FEDORA_SPEC = """Name: qemu-user-static-aarch64
+Version: 7.2.22
+Release: 1.fc41
+Epoch: 2
+Summary: QEMU user mode emulation for aarch64 (static), arranged from Debian's binary
+License: GPL-2.0-or-later
+%description
+The Fedora layout of one emulator, for the test.
+%install
+mkdir -p %{buildroot}/usr/bin
+cp %{src} %{buildroot}/usr/bin/qemu-aarch64-static
+%files
+/usr/bin/qemu-aarch64-static
+"""
+
+
+def test_packages_of_asks_rpm_on_a_fedora_layout(
+    qemu_dir: Path, tmp_path: Path, sandbox_sh: Callable[..., Any]
+) -> None:
+    """Fedora's layout with a real RPM database: rpm -qf names the package and epoch:version.
+
+    Fedora's RPMs are not reachable here: the package is built with rpmbuild from Debian's
+    binary under Fedora's name, recorded in an RPM database (rpm --justdb), and the sandbox
+    shows that database at /var/lib/rpm (no dpkg there, as on Fedora) and the file in /usr/bin.
+    """
+    if not shutil.which("rpmbuild"):
+        pytest.skip("rpmbuild is missing: run ./scripts/setup")
+    top, db, root = tmp_path / "rpmbuild", tmp_path / "rpmdb", tmp_path / "root" / "bin"
+    (top / "SPECS").mkdir(parents=True)
+    spec = top / "SPECS" / "qemu.spec"
+    spec.write_text(FEDORA_SPEC, encoding="utf-8")
+    defines = [f"_topdir {top}", f"src {qemu_dir / 'qemu-aarch64-static'}"]
+    defines += ["_binary_payload w1.gzdio", "__os_install_post %{nil}", "debug_package %{nil}"]
+    argv = ["rpmbuild", "-bb", "--quiet", str(spec)]
+    for define in defines:
+        argv[1:1] = ["--define", define]
+    subprocess.run(argv, check=True, capture_output=True)
+    (rpm,) = (top / "RPMS").rglob("*.rpm")
+    db.mkdir()
+    install = ["rpm", "--dbpath", str(db), "-i", "--justdb", "--nodeps", "--ignorearch"]
+    subprocess.run([*install, str(rpm)], check=True, capture_output=True)
+    layout(root, {"qemu-aarch64-static": qemu_dir / "qemu-aarch64-static"})
+    script = f"""
+        mount -t overlay overlay -o lowerdir={root}:/usr/bin /usr/bin
+        mount -t tmpfs tmpfs /var/lib && mkdir /var/lib/rpm && mount --bind {db} /var/lib/rpm
+        "$PYTHON" -c 'import json; from binfmtd.sources import packages_of; print(json.dumps(
+            packages_of(["/usr/bin/qemu-aarch64-static", "/usr/bin/nonesuch"])))'
+    """
+    run = sandbox_sh(script)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == {
+        "/usr/bin/qemu-aarch64-static": ["qemu-user-static-aarch64", "2:7.2.22-1.fc41"]
+    }
+
+
 def test_install_from_found_stream(trixie: Trixie, tmp_path: Path) -> None:
     """A Found stream installs like any other: the Debian 13 file lands checked at qemu-A."""
     dest = tmp_path / "qemu"

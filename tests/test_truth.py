@@ -293,6 +293,24 @@ def test_unwritable_probe_roots_are_per_arch_errors(sandbox_sh: SandboxSh, tmp_p
     assert no_traceback(run["stderr"])
 
 
+def test_full_disk_for_probe_roots_fails_only_the_arch_that_did_not_fit(
+    sandbox_sh: SandboxSh, tmp_path: Path
+) -> None:
+    """Probe roots on a one-page tmpfs: one probe fits, the other arch fails with ENOSPC as its
+    own result; the pass goes on, exit 1, no traceback."""
+    cfg = write_config(tmp_path, arches=["aarch64", "s390x"])
+    roots = tmp_path / "state" / "probe-roots"
+    before = f"mkdir -p {roots} && mount -t tmpfs -o size=4k,mode=0700 tmpfs {roots}"
+    (run,) = oneshot(sandbox_sh, tmp_path, [cfg], before)
+    assert run["rc"] == Exit.ARCH_FAILED
+    states = sorted(r["state"] for r in run["rows"].values())
+    assert states == ["failed", "verified"], run["rows"]
+    (failed,) = [r for r in run["rows"].values() if r["state"] == "failed"]
+    assert "cannot prepare the probe root" in failed["probe"]["error"]
+    assert "No space left on device" in failed["probe"]["error"]
+    assert no_traceback(run["stderr"])
+
+
 def test_full_disk_for_the_state_file_registers_nothing_unrecorded(
     sandbox_sh: SandboxSh, tmp_path: Path
 ) -> None:
@@ -459,7 +477,7 @@ def test_unexpected_exception_keeps_serving_stale_then_exits_72(tmp_path: Path) 
     """A pass that raises: traceback logged, last good status kept and marked stale; a good pass
     clears it; MAX_FAILED_PASSES in a row stop the daemon with exit 72."""
     cfg = configmod.load(str(write_config(tmp_path, arches=["s390x"])))
-    daemon = Daemon(cfg, sandbox=False, config_path=None)
+    daemon = Daemon(cfg, sandbox=None, config_path=None)
     fail = True
 
     def tick(verify_also: Iterable[str] = (), **_seams: Any) -> TickReport:

@@ -18,13 +18,13 @@ REAL_EXEC = "ExecStart=/opt/binfmtd/venv/bin/binfmtd"
 
 
 def units_copy(tmp_path: Path) -> Path:
-    """The units and the drop-in in `tmp_path`, ExecStart's binary swapped for /bin/true."""
+    """The units and the drop-in in `tmp_path`, the venv's binaries swapped for /bin/true."""
     shutil.copy(SYSTEMD / "binfmtd.socket", tmp_path)
     service = (SYSTEMD / "binfmtd.service").read_text(encoding="utf-8")
     assert REAL_EXEC in service
-    (tmp_path / "binfmtd.service").write_text(
-        service.replace(REAL_EXEC, "ExecStart=/bin/true"), encoding="utf-8"
-    )
+    service = service.replace(REAL_EXEC, "ExecStart=/bin/true")
+    service = service.replace("/opt/binfmtd/venv/bin/binfmtctl", "/bin/true")
+    (tmp_path / "binfmtd.service").write_text(service, encoding="utf-8")
     shutil.copytree(SYSTEMD / "binfmtd.service.d", tmp_path / "binfmtd.service.d")
     return tmp_path
 
@@ -81,7 +81,19 @@ def test_service_is_notify_with_watchdog_and_restart_policy() -> None:
     prevented = " ".join(service["RestartPreventExitStatus"]).split()
     assert "78" in prevented
     assert "71" in prevented  # another binfmtd holds the lock: restarting cannot help
-    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    # The reload waits for the daemon's verdict: a refused config fails `systemctl reload`.
+    (reload,) = service["ExecReload"]
+    assert reload.split()[1:] == ["--socket", config.ApiConfig().socket, "reload"]
+    assert reload.split()[0].endswith("/binfmtctl")
+
+
+def test_service_starts_after_the_boot_time_binfmt_tools() -> None:
+    """Ordered after systemd-binfmt and binfmt-support, so a reboot ends like the install."""
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(SYSTEMD / "binfmtd.service", encoding="utf-8")
+    after = parser["Unit"]["After"].split()
+    assert {"systemd-binfmt.service", "binfmt-support.service"} <= set(after)
 
 
 def test_socket_unit_matches_the_daemon_default() -> None:
