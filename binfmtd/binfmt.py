@@ -27,6 +27,15 @@ class Flag(StrEnum):
 FLAG_ORDER = "POCF"
 
 
+def credentials_warning(entry_name: str) -> str:
+    """The warning shown (status, CLI, oneshot) while an entry carries the C flag."""
+    return (
+        f"entry {entry_name} has the C flag: setuid foreign binaries run QEMU as root under the "
+        "caller's environment, so a local user can gain root; drop C from `flags` (or from "
+        "the tool that registered it) unless every local user is trusted with root"
+    )
+
+
 class FormatError(ValueError):
     """A value that cannot go into, or did not come out of, binfmt_misc as expected."""
 

@@ -182,6 +182,7 @@ def _provision(
     cfg: config.Config, *, sandbox: ns.SandboxDirs | None, as_json: bool, logger: Any
 ) -> int:
     from binfmtd import preflight, render, views
+    from binfmtd.binfmt import credentials_warning
     from binfmtd.engine import Engine
 
     engine = Engine(cfg, logger)
@@ -206,6 +207,8 @@ def _provision(
     # is a failure even when it works: the conflict is unresolved until the operator chooses.
     bad = [s for s in engine.statuses() if not s.state.fine]
     sys.stdout.flush()
+    for name in sorted(e.name for e in engine.observation.entries if "C" in e.flags):
+        print(f"binfmtd: warning: {credentials_warning(name)}", file=sys.stderr)
     for row in bad:
         print(f"binfmtd: {row.arch}: {row.state}: {row.error or 'not verified'}", file=sys.stderr)
     return Exit.ARCH_FAILED if bad else Exit.OK

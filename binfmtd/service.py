@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import os
 import queue
+import select
 import signal
 import threading
 import time
@@ -17,7 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from binfmtd import __version__, config, emulators, log, ns, plan, preflight, views, watch, wire
+from binfmtd.binfmt import credentials_warning
 from binfmtd.engine import RETRY_FAILED_S, Engine, TickReport
 from binfmtd.kernel import KernelError
 from binfmtd.lock import Lock
@@ -28,6 +32,7 @@ from binfmtd.server import ApiError, ApiServer
 from binfmtd.status import ArchState
 
 __all__ = ["RETRY_FAILED_S", "Daemon", "DaemonApi", "serve"]
+STOP_POLL_S = 0.05  # how often, after SIGTERM, helpers the ending tick starts are killed
 # Unexpected exceptions in this many passes in a row end the daemon with Exit.SOFTWARE (72).
 MAX_FAILED_PASSES = 3
 # Keys a running daemon cannot change: the lock and socket it holds, the binfmt_misc mount and
@@ -91,6 +96,9 @@ class Daemon:
         self.published = Published()
         self.commands: queue.Queue[_Command] = queue.Queue()
         self._queue_lock = threading.Lock()  # no mutation is queued after the stop drained it
+        self.in_loop = False
+        self._ender: threading.Thread | None = None
+        self._ender_lock = threading.RLock()  # re-entrant: a second signal may nest the handler
         self.wake = watch.Waker()
         self.pacer = watch.Pacer()
         self.stopping = False
@@ -115,6 +123,7 @@ class Daemon:
         self.engine.detect_native()
         self._note_flags_upgrade()
         self._start_worker()
+        self.in_loop = True  # from here on, SIGTERM also cuts the tick in progress short
         self._tick()
         self.published.ready = True
         self._publish()  # READY=1 must never be followed by a status that says "starting"
@@ -128,6 +137,7 @@ class Daemon:
         try:
             self._loop()
         finally:
+            self.in_loop = False
             self._shutdown()
         return self.exit_code
 
@@ -220,10 +230,52 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
+        # Python runs handlers in the main thread only, and a main thread blocked on a lock
+        # (waiting for probe threads) does not wake when the kernel hands the signal to another
+        # thread. The wakeup fd is written at C level by whichever thread receives it, so a
+        # watcher thread can act at once.
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        watcher = threading.Thread(
+            target=self._watch_signals, args=(read_end,), name="binfmtd-signals", daemon=True
+        )
+        watcher.start()
+
+    def _watch_signals(self, read_end: int) -> None:
+        while True:
+            select.select([read_end], [], [])
+            with contextlib.suppress(BlockingIOError):
+                received = os.read(read_end, 64)
+                # Only stopping is urgent (and idempotent); SIGHUP's handler runs in the main
+                # thread within one loop wait, and acting twice would reload twice.
+                if {signal.SIGTERM, signal.SIGINT} & set(received):
+                    self._stop_now()
 
     def _on_stop(self, _sig: int, _frame: object) -> None:
+        self._stop_now()
+
+    def _stop_now(self) -> None:
+        """Stop: the loop ends after its current step; the tick in progress is cut short."""
         self.stopping = True
         self.wake.set()
+        with self._ender_lock:
+            if self._ender is not None or not self.in_loop:
+                return
+            self._ender = threading.Thread(target=self._end_tick, name="binfmtd-stop", daemon=True)
+        self._ender.start()
+
+    def _end_tick(self) -> None:
+        """Until the loop has left its tick: kill every probe or `--version` run, including
+        ones the tick starts after the signal, so a tick in progress ends now rather than
+        after its timeouts. The BuildKit worker is left to its graceful stop."""
+        while self.in_loop:
+            worker = self.worker.status.pid if self.worker is not None else None
+            with contextlib.suppress(psutil.Error, OSError):
+                for child in psutil.Process().children():
+                    if child.pid != worker:
+                        with contextlib.suppress(psutil.Error):
+                            child.kill()
+            time.sleep(STOP_POLL_S)
 
     def _on_hup(self, _sig: int, _frame: object) -> None:
         self.reload_requested = True
@@ -309,7 +361,11 @@ class Daemon:
         if "C" in self.engine.flags:
             return
         recorded = emulators.read_state_flags(self.cfg.state_file)
-        with_c = sorted(e.name for e in self.engine.own_entries() if "C" in e.flags)
+        try:
+            own = self.engine.own_entries()
+        except (KernelError, OSError):
+            own = []  # the first tick reports an unreadable instance
+        with_c = sorted(e.name for e in own if "C" in e.flags)
         if not with_c and recorded != "" and "C" not in (recorded or ""):
             return
         self.log.warning(
@@ -333,12 +389,7 @@ class Daemon:
         return sorted(e.name for e in self.engine.observation.entries if "C" in e.flags)
 
     def _warnings(self) -> list[str]:
-        return [
-            f"entry {name} has the C flag: setuid foreign binaries run QEMU as root under the "
-            "caller's environment, so a local user can gain root; drop C from `flags` (or from "
-            "the tool that registered it) unless every local user is trusted with root"
-            for name in self._credential_entries()
-        ]
+        return [credentials_warning(name) for name in self._credential_entries()]
 
     def _log_credentials(self) -> None:
         """A warning whenever the set of entries carrying C changes to a non-empty one."""

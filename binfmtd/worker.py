@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import json
 import os
 import shutil
 import signal
@@ -212,6 +213,7 @@ class WorkerSupervisor:
                 self._apply(Kill(), self._clock())
                 proc.wait()
         self._reap(self._clock())
+        _remove(self.pidfile)  # a stale pid must never name another process later
 
     def reset(self) -> None:
         """Leave FATAL and forget failures (on config reload)."""
@@ -250,6 +252,8 @@ class WorkerSupervisor:
     def _feed(self, event: Event, now: float) -> None:
         before = self._status
         self._status, actions = step(before, event, now, self._policy)
+        if self._status.state is WorkerState.RUNNING and before.state is not WorkerState.RUNNING:
+            self._record_identity()  # a wrapper script has exec'd the real buildkitd by now
         self._log_change(before, self._status, now)
         for action in actions:
             follow_up = self._apply(action, now)
@@ -265,6 +269,7 @@ class WorkerSupervisor:
             reader.join(READER_JOIN_S)
         self._readers = ()
         _remove(self._config.socket)
+        _remove(self.pidfile)
         self._log.info("worker_exited", pid=proc.pid, returncode=proc.returncode)
         self._feed(Exited(proc.returncode), now)
 
@@ -344,7 +349,7 @@ class WorkerSupervisor:
             permanent = isinstance(exc, FileNotFoundError | PermissionError)
             return SpawnFailed(f"cannot run {binary}: {exc.strerror}", permanent=permanent)
         self._adopt(proc)
-        _write_pidfile(self.pidfile, proc.pid)
+        self._record_identity()
         self._log.info("worker_spawned", pid=proc.pid, argv=argv, platforms=list(platforms))
         return Started(proc.pid)
 
@@ -353,21 +358,33 @@ class WorkerSupervisor:
         """Where the running worker's pid is kept, so a restarted daemon can reap an orphan."""
         return os.path.join(self._config.state_dir, "buildkitd.binfmtd.pid")
 
+    def _record_identity(self) -> None:
+        """Write the pidfile: pid, start time and executable of our worker, to reap it safely."""
+        if self._proc is None:
+            return
+        identity = _identity(self._proc.pid)
+        if identity is not None:
+            with contextlib.suppress(OSError):
+                write_atomic(self.pidfile, json.dumps(identity) + "\n", mode=0o600)
+
     def reap_orphan(self) -> int | None:
         """Stop a worker left running by a daemon that died (kill -9, OOM): it holds the lock.
 
-        Only a process whose command line carries our worker socket is touched; psutil reads
-        that without racing on /proc parsing of our own.
+        Only the very process the pidfile records is touched: same pid, same start time, same
+        executable (a reused pid, or a client whose argv names our socket, never matches). The
+        pidfile is read under the trust rule and removed afterwards either way.
         """
-        try:
-            with open(self.pidfile, encoding="ascii") as handle:
-                pid = int(handle.read().strip())
-        except (OSError, ValueError):
+        recorded = _read_pidfile(self.pidfile)
+        if recorded is None:
+            _remove(self.pidfile)
+            return None
+        _remove(self.pidfile)
+        pid = int(recorded["pid"])
+        if _identity(pid) != recorded:
+            self._log.info("worker_pidfile_stale", pid=pid, recorded=recorded)
             return None
         try:
             proc = psutil.Process(pid)
-            if f"unix://{self._config.socket}" not in proc.cmdline():
-                return None
             proc.terminate()
             try:
                 proc.wait(timeout=self._config.grace_s)
@@ -376,7 +393,7 @@ class WorkerSupervisor:
                 proc.wait(timeout=5)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return None
-        self._log.warning("worker_orphan_reaped", pid=pid)
+        self._log.warning("worker_orphan_reaped", pid=pid, exe=recorded["exe"])
         return pid
 
     def _prepare(self, platforms: tuple[str, ...]) -> None:
@@ -446,6 +463,26 @@ def _seconds_until(moment: float | None, now: float) -> float | None:
     return None if moment is None else round(max(moment - now, 0.0), 1)
 
 
-def _write_pidfile(path: str, pid: int) -> None:
-    with contextlib.suppress(OSError):
-        write_atomic(path, f"{pid}\n")
+def _identity(pid: int) -> dict[str, Any] | None:
+    """What identifies a process beyond its (reusable) pid: start time and executable."""
+    try:
+        proc = psutil.Process(pid)
+        return {"pid": pid, "start_time": proc.create_time(), "exe": proc.exe()}
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+        return None
+
+
+def _read_pidfile(path: str) -> dict[str, Any] | None:
+    """The recorded identity; None when missing, untrusted, or in an older format (bare pid)."""
+    try:
+        record = json.loads(trust.read_file(path, max_bytes=4096))
+    except (OSError, ValueError, trust.TrustError):
+        return None
+    keys = {"pid": int, "start_time": float, "exe": str}
+    if not isinstance(record, dict) or set(record) != set(keys):
+        return None
+    if not all(
+        isinstance(record[k], t) and not isinstance(record[k], bool) for k, t in keys.items()
+    ):
+        return None
+    return record

@@ -359,3 +359,57 @@ def test_read_trusted_for_tls_files(short_dir: Path, local_user: LocalUser) -> N
     os.chown(cert, local_user.uid, local_user.gid)
     with pytest.raises(ValueError, match=f"refusing buildkit tls cert {cert}"):
         read_trusted(str(cert), "tls cert")
+
+
+# --- worker identity (issue 11, item 7) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("pidfile_format", ["bare pid", "identity of another start"])
+def test_reap_orphan_spares_a_client_naming_our_socket(
+    config: BuildkitConfig, local_user: LocalUser, pidfile_format: str
+) -> None:
+    """A user's `buildctl --addr unix://<our socket>` whose pid the pidfile names survives."""
+    client = local_user.popen(
+        [
+            "/usr/bin/python3",
+            "-c",
+            "import time; time.sleep(120)",
+            "--addr",
+            f"unix://{config.socket}",
+        ]
+    )
+    try:
+        sup = WorkerSupervisor(config)
+        os.makedirs(config.state_dir, exist_ok=True)
+        record = (
+            f"{client.pid}\n"
+            if pidfile_format == "bare pid"
+            else json.dumps({"pid": client.pid, "start_time": 1.0, "exe": "/usr/bin/buildkitd"})
+        )
+        Path(sup.pidfile).write_text(record)
+        assert sup.reap_orphan() is None
+        assert client.poll() is None, "a process that was not our worker got a signal"
+        assert not Path(sup.pidfile).exists()
+    finally:
+        client.kill()
+        client.wait()
+
+
+def test_reap_orphan_stops_our_own_orphan(harness: Harness, config: BuildkitConfig) -> None:
+    """The worker a killed daemon left behind (same pid, start time, executable) is reaped."""
+    harness.run_until(A, harness.in_state(WorkerState.RUNNING))
+    pid = harness.sup.status.pid
+    assert pid is not None
+    recorded = json.loads(Path(harness.sup.pidfile).read_text())
+    assert recorded["pid"] == pid and recorded["exe"] and recorded["start_time"] > 0
+    successor = WorkerSupervisor(config)  # the restarted daemon's supervisor
+    assert successor.reap_orphan() == pid
+    assert gone(pid)
+
+
+def test_pidfile_is_removed_on_stop(harness: Harness) -> None:
+    """After stop no pidfile is left to name a pid that may be reused."""
+    harness.run_until(A, harness.in_state(WorkerState.RUNNING))
+    assert Path(harness.sup.pidfile).exists()
+    harness.sup.stop()
+    assert not Path(harness.sup.pidfile).exists()
