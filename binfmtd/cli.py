@@ -289,11 +289,14 @@ def _quote(name: str) -> str:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """worker: the BuildKit worker's state and the buildx command for it."""
+    """worker: the BuildKit worker's state and the buildx command for it.
+
+    Exit 1 when the worker is enabled but not running, or a platform is refused or unproven.
+    """
     answer = call(args.socket, "GET", "/v1/worker", timeout=args.timeout)
     worker = read(wire.WorkerRecord, answer)
     print(json.dumps(answer, indent=2) if args.json else render.worker_page(worker))
-    return ExitCode.OK
+    return render.worker_exit_code(worker)
 
 
 def exec_argv(daemon: wire.DaemonRecord, command: Sequence[str], cwd: str) -> list[str]:

@@ -145,6 +145,7 @@ def for_sandbox(cfg: Config, runtime: str, state: str) -> Config:
             socket=f"{runtime}/buildkitd.sock",
             config_path=f"{runtime}/buildkitd.toml",
             state_dir=f"{state}/buildkit",
+            run_dir=f"{runtime}/buildkit",
         )
     return dataclasses.replace(
         cfg,
@@ -336,6 +337,8 @@ def _check_semantics(cfg: Config, path: str) -> None:
         validate_interpreter(os.path.join(cfg.install_dir, f"qemu-{longest}"))
     except FormatError as exc:
         raise ConfigError(f"{path}: install_dir: {exc}") from None
+    for problem in cfg.buildkit.problems():
+        raise ConfigError(f"{path}: {problem}")
     if cfg.source.kind is not SourceKind.AUTO and not cfg.source.path:
         raise ConfigError(f"{path}: source.path: required when source.kind is {cfg.source.kind}")
     if cfg.source.path is not None and not os.path.isabs(cfg.source.path):

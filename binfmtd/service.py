@@ -207,7 +207,8 @@ class Daemon:
             return
         self.worker.tick(time.monotonic(), tuple(self.engine.verified_platforms()))
         status = self.worker.status
-        key = (status.state, status.pid, status.advertised_platforms, status.last_error)
+        shown = (status.state, status.pid, status.advertised_platforms, status.last_error)
+        key = (*shown, status.proven, status.proving, status.refused, status.unproven)
         if key != self._worker_key:
             self._worker_key = key
             self._publish()

@@ -330,7 +330,7 @@ def test_worker(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
     """`worker` shows the state and the buildx command."""
     assert run(sock, "worker") == 0
     out = capsys.readouterr().out
-    assert "state: running" in out.splitlines()
+    assert out.startswith("worker: running (pid 99")
     assert out.rstrip().endswith(WORKER["buildx_command"])
 
 
