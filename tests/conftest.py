@@ -22,8 +22,8 @@ from typing import Any
 import daemonutil as du
 import pytest
 import yaml
-from hypothesis import settings
 from daemonutil import BINFMTD, REPO, SandboxSh
+from hypothesis import settings
 
 # Property tests check answers, not speed: on a loaded 2-core CI machine a per-example
 # deadline only makes them flaky (speed targets live in scripts/bench).
