@@ -1,15 +1,21 @@
-"""The BuildKit edge: buildkitd.toml rendering, the ListWorkers call, and platform comparison.
+"""The BuildKit edge: buildkitd.toml rendering, the Control API calls, platform comparison.
 
-`render_config`, `platform_diff`, `normalize_platform` and `buildx_command` are pure;
-`list_workers` is the only function here that touches a socket (gRPC over a Unix socket).
+`render_config`, `platform_diff`, `normalize_platform` and the `buildx_*` lines are pure;
+`list_workers` and `solve_definition` are the only functions here that touch a socket (gRPC
+over the worker's Unix socket).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import secrets
 import shlex
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from socket import getfqdn
 from types import ModuleType
 from typing import Any
 
@@ -17,6 +23,8 @@ import tomli_w
 
 DEFAULT_SOCKET = "/run/binfmtd/buildkitd.sock"
 LIST_WORKERS_METHOD = "/moby.buildkit.v1.Control/ListWorkers"
+# Listening on every interface: the buildx line then names this host by its FQDN instead.
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})  # noqa: S104
 
 # Platforms BuildKit adds to an amd64 worker by itself (x86-64 micro-architecture levels the
 # host CPU supports), whatever the configured list says. They are named in the diff as
@@ -45,6 +53,48 @@ class BuildkitConfig:
     start_timeout_s: float = 30.0
     health_interval_s: float = 5.0
     stable_s: float = 60.0
+    run_dir: str = "/run/binfmtd/buildkit"
+    proof_timeout_s: float = 60.0
+    tcp_address: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def tls_files(self) -> tuple[str, ...]:
+        """The CA, certificate and key buildkitd's TCP listener reads (empty without TCP)."""
+        files = (self.tls_ca, self.tls_cert, self.tls_key)
+        return tuple(f for f in files if f) if self.tcp_address else ()
+
+    def problems(self) -> list[str]:
+        """What is wrong with this section, each phrased for the operator (empty: fine)."""
+        found = []
+        for key in ("path", "socket", "state_dir", "config_path", "run_dir"):
+            value = getattr(self, key)
+            if key != "path" and not os.path.isabs(value):
+                found.append(f"buildkit.{key}: must be an absolute path, got {value!r}")
+        if self.tcp_address is not None:
+            found += _tcp_problems(self)
+        return found
+
+
+def _tcp_problems(config: BuildkitConfig) -> list[str]:
+    found = []
+    host, sep, port = (config.tcp_address or "").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        found.append(
+            f"buildkit.tcp_address: expected HOST:PORT (e.g. 0.0.0.0:1234), "
+            f"got {config.tcp_address!r}"
+        )
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        value = getattr(config, key)
+        if not value:
+            found.append(
+                f"buildkit.{key}: required with tcp_address (the TCP listener is mutual TLS only)"
+            )
+        elif not os.path.isabs(value):
+            found.append(f"buildkit.{key}: must be an absolute path, got {value!r}")
+    return found
 
 
 # --- buildkitd.toml ----------------------------------------------------------------------------
@@ -63,18 +113,25 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 
 
 def render_config(
-    base: Mapping[str, Any], platforms: Sequence[str], *, containerd: bool, root: str
+    base: Mapping[str, Any],
+    platforms: Sequence[str],
+    *,
+    containerd: bool,
+    root: str,
+    run_dir: str = "/run/binfmtd/buildkit",
 ) -> str:
     """buildkitd.toml text: the user's `base` (parsed with tomllib) with our keys forced on top.
 
-    Our keys win over the user's: `root`, `[worker.oci] enabled = true` and `platforms`, and
-    `[worker.containerd] enabled` and `platforms`. The platform lists are exactly `platforms`
-    (the verified set) so BuildKit never falls back to auto-detecting emulators. Every other key
-    of `base` survives unchanged.
+    Our keys win over the user's: `root`, `[otel] socketPath` (under `run_dir`, not
+    /run/buildkit, which a hardened unit cannot write), `[worker.oci] enabled = true` and
+    `platforms`, and `[worker.containerd] enabled` and `platforms`. The platform lists are
+    exactly `platforms` (the verified set less refusals) so BuildKit never falls back to
+    auto-detecting emulators for the configured list. Every other key of `base` survives.
     """
     listed = list(platforms)
     ours = {
         "root": root,
+        "otel": {"socketPath": os.path.join(run_dir, "otel-grpc.sock")},
         "worker": {
             "oci": {"enabled": True, "platforms": listed},
             "containerd": {"enabled": containerd, "platforms": listed},
@@ -138,13 +195,32 @@ def platform_diff(intended: Sequence[str], advertised: Sequence[str]) -> Platfor
     )
 
 
-def buildx_command(name: str, socket_path: str, platforms: Sequence[str]) -> str:
-    """The `docker buildx create` line that points buildx at this worker."""
+def buildx_command(name: str, socket_path: str) -> str:
+    """The `docker buildx create` line for a one-node builder on this host's worker socket.
+
+    No `--platform`: buildx then asks the worker for its platforms on every build, so the
+    builder keeps following the proven set as it changes.
+    """
     argv = ["docker", "buildx", "create", "--name", name, "--driver", "remote"]
+    return shlex.join([*argv, f"unix://{socket_path}"])
+
+
+def buildx_append_command(name: str, address: str, platforms: Sequence[str]) -> str:
+    """The line another machine runs to add this worker as a node of its builder `name`.
+
+    `--platform` routes those platforms to this node in a multi-node builder (the platforms
+    this worker proved); the TLS files are the client's own, signed by the CA given to
+    buildkitd as `tls_ca`.
+    """
+    host, _, port = address.rpartition(":")
+    if host in WILDCARD_HOSTS:
+        host = getfqdn()
+    argv = ["docker", "buildx", "create", "--append", "--name", name, "--driver", "remote"]
+    argv += ["--node", f"{name}-{host.split('.')[0]}"]
     if platforms:
         argv += ["--platform", ",".join(platforms)]
-    argv.append(f"unix://{socket_path}")
-    return shlex.join(argv)
+    argv += ["--driver-opt", "cacert=CA.pem,cert=CLIENT-CERT.pem,key=CLIENT-KEY.pem"]
+    return shlex.join([*argv, f"tcp://{host}:{port}"])
 
 
 # --- ListWorkers -------------------------------------------------------------------------------
@@ -193,3 +269,101 @@ def _rpc_message(exc: Any, target: str) -> str:
     details = exc.details() if hasattr(exc, "details") else str(exc)
     name = code.name if code is not None else "UNKNOWN"
     return f"ListWorkers on {target} failed: {name}: {details}"
+
+
+# --- Solve (the proof through the worker) --------------------------------------------------------
+
+NO_VERDICT_CODES = frozenset({"UNAVAILABLE", "CANCELLED", "UNKNOWN_JOB"})
+STATUS_JOIN_S = 10.0  # the Status stream ends with the job; a loaded host may lag behind
+
+
+@dataclass(frozen=True)
+class SolveOutcome:
+    """One inline-definition solve: BuildKit's verdict and what the named step printed.
+
+    `error` is BuildKit's own message (the gRPC status details), followed by the step's last
+    output line when it printed one (the real cause, e.g. `exec format error`, is only there).
+    `conclusive` is False when BuildKit gave no verdict (socket gone, call cancelled);
+    `output_complete` is False when the Status stream did not end in time (the output may
+    lack lines the step printed).
+    """
+
+    ok: bool
+    output: str
+    error: str | None = None
+    conclusive: bool = True
+    output_complete: bool = True
+
+
+class _StatusLog:
+    """Collects the Control/Status stream of one ref: vertex names, errors and logs."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
+        self.logs: dict[str, list[bytes]] = {}
+        self.complete = False
+
+    def follow(self, stream: Any) -> None:
+        import grpc
+
+        with contextlib.suppress(grpc.RpcError):
+            for response in stream:
+                for vertex in response.vertexes:
+                    self.names[vertex.digest] = vertex.name
+                    if vertex.error:
+                        self.errors[vertex.digest] = vertex.error
+                for entry in response.logs:
+                    self.logs.setdefault(entry.vertex, []).append(entry.msg)
+            self.complete = True
+
+    def output_of(self, name: str) -> str:
+        """Everything the vertex called `name` printed, stdout and stderr interleaved."""
+        chunks = [b"".join(self.logs.get(d, [])) for d, n in self.names.items() if n == name]
+        return b"".join(chunks).decode(errors="replace")
+
+
+def solve_definition(
+    socket_path: str, definition: bytes, step_name: str, timeout: float
+) -> SolveOutcome:
+    """Control/Solve an inline `pb.Definition` (no session, no exporter, `Internal`).
+
+    The Status stream of the same ref is followed alongside, so the output of the step named
+    `step_name` comes back with the verdict.
+    """
+    import grpc
+
+    control_pb2, control_pb2_grpc = _pb("control_pb2"), _pb("control_pb2_grpc")
+    ops_pb2 = _pb("ops_pb2")
+    ref = f"binfmtd-proof-{secrets.token_hex(10)}"
+    request = control_pb2.SolveRequest(
+        Ref=ref, Definition=ops_pb2.Definition.FromString(definition), Internal=True
+    )
+    status = _StatusLog()
+    with grpc.insecure_channel(f"unix://{socket_path}") as channel:
+        stub = control_pb2_grpc.ControlStub(channel)
+        stream = stub.Status(control_pb2.StatusRequest(Ref=ref), timeout=timeout)
+        follower = threading.Thread(target=status.follow, args=(stream,), daemon=True)
+        follower.start()
+        try:
+            stub.Solve(request, timeout=timeout)
+            error = None
+        except grpc.RpcError as exc:
+            error = exc
+        follower.join(STATUS_JOIN_S)
+        stream.cancel()
+    output = status.output_of(step_name)
+    if error is None:
+        return SolveOutcome(ok=True, output=output, output_complete=status.complete)
+    return _failed_solve(error, output, timeout)
+
+
+def _failed_solve(exc: Any, output: str, timeout: float) -> SolveOutcome:
+    code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == "DEADLINE_EXCEEDED":
+        details = f"no verdict within {timeout:g} s"
+    last = [line for line in output.splitlines() if line.strip()][-1:]
+    message = details + (f" ({last[0].strip()})" if last and last[0] not in details else "")
+    no_verdict = code in NO_VERDICT_CODES or "no such job" in details
+    return SolveOutcome(ok=False, output=output, error=message, conclusive=not no_verdict)

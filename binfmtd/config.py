@@ -116,6 +116,19 @@ class Config:
         names = [a.name for a in archmod.CATALOG] if "all" in self.arches else list(self.arches)
         return tuple(n for n in names if n not in self.exclude and n not in native)
 
+    def why_nothing_selected(self, native: tuple[str, ...]) -> str:
+        """Why `selected(native)` is empty, in words: the excluded and the native names."""
+        names = [a.name for a in archmod.CATALOG] if "all" in self.arches else list(self.arches)
+        why = []
+        excluded = [n for n in names if n in self.exclude]
+        if excluded:
+            why.append(f"{', '.join(excluded)} excluded by `exclude`")
+        own = [n for n in names if n in native and n not in self.exclude]
+        if own:
+            verb = "is" if len(own) == 1 else "are"
+            why.append(f"{', '.join(own)} {verb} this host's native architecture")
+        return "; ".join(why) or "`arches` names none"
+
 
 def for_sandbox(cfg: Config, runtime: str, state: str) -> Config:
     """Paths left at their defaults move under the sandbox's own `runtime` and `state`
@@ -137,6 +150,7 @@ def for_sandbox(cfg: Config, runtime: str, state: str) -> Config:
             socket=f"{runtime}/buildkitd.sock",
             config_path=f"{runtime}/buildkitd.toml",
             state_dir=f"{state}/buildkit",
+            run_dir=f"{runtime}/buildkit",
         )
     return dataclasses.replace(
         cfg,
@@ -328,6 +342,8 @@ def _check_semantics(cfg: Config, path: str) -> None:
         validate_interpreter(os.path.join(cfg.install_dir, f"qemu-{longest}"))
     except FormatError as exc:
         raise ConfigError(f"{path}: install_dir: {exc}") from None
+    for problem in cfg.buildkit.problems():
+        raise ConfigError(f"{path}: {problem}")
     if cfg.source.kind is not SourceKind.AUTO and not cfg.source.path:
         raise ConfigError(f"{path}: source.path: required when source.kind is {cfg.source.kind}")
     if cfg.source.path is not None and not os.path.isabs(cfg.source.path):

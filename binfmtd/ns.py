@@ -61,6 +61,40 @@ class SandboxDirs:
                 os.rmdir(os.path.dirname(path))
 
 
+def sweep_stale_oneshots() -> list[str]:
+    """Remove the directories of `oneshot-PID` sandboxes nobody holds any more (a run killed
+    with SIGKILL, or a power cut): PID is gone and the lock in its runtime directory is free.
+    Returns the names removed; errors are ignored (the next run tries again)."""
+    import fcntl
+
+    names: set[str] = set()
+    for parent in (SANDBOX_RUNTIME, SANDBOX_STATE):
+        with contextlib.suppress(OSError):
+            names.update(n for n in os.listdir(parent) if re.fullmatch(r"oneshot-[0-9]+", n))
+    removed = []
+    for name in sorted(names):
+        if os.path.exists(f"/proc/{name.removeprefix('oneshot-')}"):
+            continue  # alive (or the pid was reused: left for a later run)
+        dirs = SandboxDirs(name)
+        try:
+            fd = os.open(f"{dirs.runtime}/binfmtd.lock", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = -1
+        except OSError:
+            continue
+        try:
+            if fd >= 0:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            dirs.remove()
+            removed.append(name)
+        except OSError:
+            continue  # held: a live run
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    return removed
+
+
 def sandbox_name(text: str) -> str:
     """Check a --sandbox=NAME: letters, digits, `_.-`, at most 64, not starting with `.`/`-`."""
     if not _SANDBOX_NAME.fullmatch(text):
@@ -107,15 +141,19 @@ def kernel_version(release: str | None = None) -> tuple[int, int]:
 def enter_sandbox(binfmt_root: str, keep_gids: Iterable[int] = ()) -> None:
     """Unshare user+mount namespaces, map ourselves to root, mount a private binfmt_misc.
 
-    `keep_gids` (the socket groups) stay mapped, so sockets made inside can carry them. Only a
-    process with CAP_SETGID in the parent namespace may map them: a helper forked before the
-    unshare writes our maps, which is why this applies only to real root on the host.
+    As real root on the host, uids and gids 0-65535 are mapped to themselves (`id_maps`), so
+    a container runtime inside (runc under the BuildKit worker) can chown, mount devpts with
+    gid=5 and switch to any user of an image; `keep_gids` above that range (socket groups) are
+    added one by one, so sockets made inside carry the host's group and SO_PEERCRED reports
+    the host's ids. Only a process with CAP_SETUID/CAP_SETGID in the parent namespace may
+    write such maps: a helper forked before the unshare writes them. Anyone else gets root
+    mapped to itself only, which runs the probes but no containers.
     """
     if threading.active_count() > 1:
         raise SandboxError("internal: the sandbox must be entered before any thread starts")
     uid, gid = os.geteuid(), os.getegid()
-    extra = sorted(set(keep_gids) - {gid}) if uid == 0 and not in_user_namespace() else []
-    mapper = _fork_mapper(uid, gid, extra) if extra else None
+    full = uid == 0 and not in_user_namespace()
+    mapper = _fork_mapper(*id_maps(sorted(set(keep_gids)))) if full else None
     if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
         err = ctypes.get_errno()
         if mapper is not None:
@@ -142,7 +180,21 @@ def enter_sandbox(binfmt_root: str, keep_gids: Iterable[int] = ()) -> None:
         raise SandboxError(f"cannot mount a private binfmt_misc on {binfmt_root}: {exc}") from None
 
 
-def _fork_mapper(uid: int, gid: int, extra: list[int]) -> tuple[int, int]:
+MAPPED_IDS = 65536  # the ids every container image expects (nobody is 65534)
+
+
+def id_maps(keep_gids: Iterable[int] = (), size: int = MAPPED_IDS) -> tuple[str, str]:
+    """(uid_map, gid_map) texts: ids 0..size-1 onto themselves, plus each kept gid above them.
+
+    >>> id_maps([5, 70000])
+    ('0 0 65536', '0 0 65536\n70000 70000 1')
+    """
+    extra = sorted({g for g in keep_gids if g >= size})
+    gid_lines = [f"0 0 {size}", *(f"{g} {g} 1" for g in extra)]
+    return f"0 0 {size}", "\n".join(gid_lines)
+
+
+def _fork_mapper(uid_map: str, gid_map: str) -> tuple[int, int]:
     """A child that stays in the parent namespaces and writes our maps once told to."""
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -152,9 +204,8 @@ def _fork_mapper(uid: int, gid: int, extra: list[int]) -> tuple[int, int]:
             os.close(write_end)
             if os.read(read_end, 1) == b"1":
                 parent = os.getppid()
-                _write(f"/proc/{parent}/uid_map", f"0 {uid} 1")
-                lines = [f"0 {gid} 1", *(f"{g} {g} 1" for g in extra)]
-                _write(f"/proc/{parent}/gid_map", "\n".join(lines))
+                _write(f"/proc/{parent}/uid_map", uid_map)
+                _write(f"/proc/{parent}/gid_map", gid_map)
                 code = 0
         finally:
             os._exit(code)
@@ -167,7 +218,7 @@ def _finish_mapper(pid: int, write_end: int, *, go: bool) -> None:
     os.close(write_end)
     _, status = os.waitpid(pid, 0)
     if go and status != 0:
-        raise SandboxError("cannot map the socket group(s) into the sandbox's user namespace")
+        raise SandboxError("cannot write the uid/gid maps of the sandbox's user namespace")
 
 
 def in_user_namespace() -> bool:

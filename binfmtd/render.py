@@ -10,7 +10,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from binfmtd.wire import ArchRecord, ProbeRecord, StatusRecord, WorkerRecord
+    from binfmtd.wire import ArchRecord, DaemonRecord, ProbeRecord, StatusRecord, WorkerRecord
 
 ARCH_HEADER = ("ARCH", "PLATFORMS", "STATE", "FLAGS", "INTERPRETER", "VERIFIED")
 
@@ -110,26 +110,123 @@ def status_page(status: StatusRecord, now: float) -> str:
     return "\n".join(lines + problems(status.arches))
 
 
-def worker_page(worker: WorkerRecord) -> str:
-    """The worker's state, platforms and the buildx command to use it."""
+def reload_hint(daemon: DaemonRecord | None) -> str:
+    """How to make a running binfmtd re-read its configuration."""
+    if daemon is not None and daemon.sandbox:
+        return "binfmtctl reload"
+    return "systemctl reload binfmtd"
+
+
+def restart_hint(daemon: DaemonRecord | None) -> str:
+    """How to restart a running binfmtd: systemd's unit, or a --sandbox daemon by hand."""
+    if daemon is not None and daemon.sandbox:
+        name = f"={daemon.sandbox_name}" if daemon.sandbox_name else ""
+        config = f" --config {daemon.config}" if daemon.config else ""
+        return f"stop it (kill {daemon.pid}) and run binfmtd --sandbox{name}{config} again"
+    return "systemctl restart binfmtd"
+
+
+def worker_disabled_hint(daemon: DaemonRecord | None) -> str:
+    """What `binfmtctl worker` says when the worker is off: where to enable it, how to reload."""
+    config = daemon.config if daemon is not None and daemon.config else DEFAULT_CONFIG
+    return (
+        f"hint: set `buildkit.enabled: true` in the configuration ({config}) and\n"
+        f"      reload ({reload_hint(daemon)}). " + WORKER_DISABLED_HINT
+    )
+
+
+DEFAULT_CONFIG = "/etc/binfmtd/binfmtd.yaml"
+WORKER_DISABLED_HINT = (
+    "buildkitd is looked up on PATH (or set\n"
+    "      buildkit.path); no distribution package ships it: take buildkitd from BuildKit's\n"
+    "      release archives (https://github.com/moby/buildkit/releases), runc from your\n"
+    "      distribution (apt-get install runc). Under systemd, install the drop-in with\n"
+    "      scripts/install-service --with-buildkit."
+)
+WORKER_HEADER = ("PLATFORM", "FROM", "PROOF", "REASON")
+
+
+def worker_exit_code(worker: WorkerRecord) -> int:
+    """0 when disabled, or running with no platform refused or unproven; 1 otherwise."""
     if not worker.enabled:
-        return "worker: disabled (set buildkit.enabled: true in the configuration)"
-    diff = worker.differences or {}
-    lines = [
-        f"state: {worker.state or '-'}",
-        f"pid: {worker.pid or '-'}",
-        f"uptime: {'-' if worker.uptime_s is None else age(worker.uptime_s)}",
-        f"restarts: {worker.restarts}, failures: {worker.failures}",
-        f"socket: {worker.socket or '-'}",
-        f"intended platforms: {', '.join(worker.intended_platforms) or '-'}",
-        f"running platforms: {', '.join(worker.running_platforms) or '-'}",
-        f"advertised platforms: {', '.join(worker.advertised_platforms) or '-'}",
-    ]
-    lines += [f"{key}: {', '.join(map(str, v))}" for key, v in diff.items() if v]
+        return 0
+    if worker.state != "running":
+        return 1
+    return int(any(row.proof in ("refused", "unproven") for row in worker.platforms))
+
+
+def worker_page(worker: WorkerRecord, daemon: DaemonRecord | None = None) -> str:
+    """`binfmtctl worker`: summary, platform table (proven / refused with BuildKit's error,
+    BuildKit's own additions named), buildkitd's last lines when failing, and the buildx
+    lines only while the worker runs."""
+    if not worker.enabled:
+        return "worker: disabled (buildkit.enabled is false)\n" + worker_disabled_hint(daemon)
+    parts = [_worker_summary(worker), _worker_table(worker)]
+    parts += [p for p in (_offered(worker), _trouble(worker), _buildx(worker)) if p]
+    return "\n\n".join(parts)
+
+
+def _worker_summary(worker: WorkerRecord) -> str:
+    facts = [f"pid {worker.pid}"] if worker.pid else []
+    if worker.uptime_s is not None:
+        facts.append(f"up {age(worker.uptime_s)}")
+    facts.append(f"{worker.restarts} restarts, {worker.failures} failures")
     if worker.next_start_in_s is not None:
-        lines.append(f"next start in: {worker.next_start_in_s:g} s")
-    if worker.last_error:
-        lines.append(f"last error: {worker.last_error}")
-    if worker.buildx_command:
-        lines += ["", "use it with:", f"  {worker.buildx_command}"]
+        facts.append(f"next start in {worker.next_start_in_s:g}s")
+    lines = [
+        f"worker: {worker.state or 'unknown'} ({', '.join(facts)})",
+        f"buildkitd: {worker.binary or '-'}",
+        f"socket: unix://{worker.socket or '-'}",
+    ]
+    if worker.tcp_address:
+        lines.append(f"tcp: {worker.tcp_address} (mutual TLS)")
+    return "\n".join(lines)
+
+
+def _worker_table(worker: WorkerRecord) -> str:
+    if not worker.platforms:
+        return "platforms: none yet (no verified platform, or the worker has not answered)"
+    rows = [
+        [
+            r.platform,
+            "binfmtd" if r.source == "verified" else "BuildKit (added by itself)",
+            r.proof,
+            r.reason or "-",
+        ]
+        for r in worker.platforms
+    ]
+    return table(WORKER_HEADER, rows)
+
+
+def _offered(worker: WorkerRecord) -> str:
+    lines = [f"offered to buildx: {', '.join(worker.offered_platforms) or 'nothing'}"]
+    refused = sorted(worker.refused_platforms or {})
+    if refused:
+        lines.append(
+            f"refused by the worker: {', '.join(refused)} (left out of its configuration;"
+            " tried again when the platform is verified anew or on reload)"
+        )
+    additions = [r.platform for r in worker.platforms if r.source != "verified"]
+    if additions:
+        lines.append(f"added by BuildKit itself: {', '.join(additions)}")
+    return "\n".join(lines)
+
+
+def _trouble(worker: WorkerRecord) -> str:
+    lines = [f"last error: {worker.last_error}"] if worker.last_error else []
+    if worker.output_tail:
+        lines.append("buildkitd's last lines:")
+        lines += [f"  {line}" for line in worker.output_tail]
+    return "\n".join(lines)
+
+
+def _buildx(worker: WorkerRecord) -> str:
+    if worker.state != "running" or not worker.buildx_command:
+        return ""
+    lines = ["use it with:", f"  {worker.buildx_command}"]
+    if worker.buildx_append_command:
+        lines += [
+            "add it to a builder on another machine (client certificate signed by tls_ca):",
+            f"  {worker.buildx_append_command}",
+        ]
     return "\n".join(lines)

@@ -162,7 +162,8 @@ class Daemon:
             return
         self.worker.tick(time.monotonic(), tuple(self.engine.verified_platforms()))
         status = self.worker.status
-        key = (status.state, status.pid, status.advertised_platforms, status.last_error)
+        shown = (status.state, status.pid, status.advertised_platforms, status.last_error)
+        key = (*shown, status.proven, status.proving, status.refused, status.unproven)
         if key != self._worker_key:
             self._worker_key = key
             self._publish()
@@ -377,6 +378,7 @@ class Daemon:
             pid=os.getpid(),
             started_at=self.started_at,
             sandbox=self.sandbox is not None,
+            sandbox_name=self.sandbox.name if self.sandbox else None,
             binfmt_misc=self.cfg.binfmt_misc,
             ready=self.published.ready,
             last_reconcile=self.last_reconcile,
@@ -531,7 +533,12 @@ class Daemon:
             self.log.warning(
                 "config_needs_restart",
                 keys=later,
-                hint="these keys keep their running values until `systemctl restart binfmtd`",
+                hint="these keys keep their running values until "
+                + (
+                    f"binfmtd --sandbox={self.sandbox.name} is restarted"
+                    if self.sandbox
+                    else "`systemctl restart binfmtd`"
+                ),
             )
         self.notifier.ready(self._summary())
         return wire.ReloadResult(True, tuple(changed), tuple(later))

@@ -13,6 +13,13 @@ Rules:
   BACKOFF for `backoff_initial_s * 2**(n-1)` capped at `backoff_max_s`, FATAL after
   `max_failures` consecutive failures. FATAL holds until `ResetRequested` (config reload).
 - Healthy for `stable_s` in a row clears the failure count.
+- Proof through the worker: once ListWorkers answers, every advertised platform not proven yet
+  is proven by a real RUN step (`Prove`); results may arrive one by one. A platform BuildKit
+  refuses is kept out of the worker's configuration (with BuildKit's error) and, once every
+  running proof has answered, a worker serving it is restarted once without the refused ones,
+  after a backoff delay; the refusal holds until that platform leaves the verified set or a
+  reset (config reload), so refusals never loop. A proof that got no answer (worker gone,
+  timeout) refuses nothing and is retried with backoff.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ class StopCause(StrEnum):
     REQUESTED = "requested"
     RESTART = "restart"
     START_TIMEOUT = "start_timeout"
+    REFUSED = "refused"
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,33 @@ class WorkerStatus:
     deadline: float | None = None
     stop_cause: StopCause | None = None
     last_error: str | None = None
+    proven: tuple[str, ...] = ()
+    proving: tuple[str, ...] = ()
+    unproven: tuple[tuple[str, str], ...] = ()
+    refused: tuple[tuple[str, str], ...] = ()
+    proof_due_at: float | None = None
+    proof_retries: int = 0
+    refusal_restarts: int = 0
+
+    @property
+    def servable(self) -> tuple[str, ...]:
+        """The desired platforms the worker has not refused: what its configuration lists."""
+        refused = dict(self.refused)
+        return tuple(p for p in self.desired_platforms if p not in refused)
+
+
+@dataclass(frozen=True)
+class ProofResult:
+    """One platform's RUN step through the worker.
+
+    `conclusive` is False when the worker gave no verdict (it went away, or the call failed
+    before BuildKit ran the step); such a result refuses nothing.
+    """
+
+    platform: str
+    ok: bool
+    error: str | None = None
+    conclusive: bool = True
 
 
 # --- events ------------------------------------------------------------------------------------
@@ -131,6 +166,14 @@ class Exited:
 
 
 @dataclass(frozen=True)
+class ProofFinished:
+    """The proofs started for the process `pid` ended with these results."""
+
+    pid: int
+    results: tuple[ProofResult, ...]
+
+
+@dataclass(frozen=True)
 class StopRequested:
     """Stop the worker and keep it stopped."""
 
@@ -153,6 +196,7 @@ Event = (
     | Healthy
     | Unhealthy
     | Exited
+    | ProofFinished
     | StopRequested
     | RestartRequested
     | ResetRequested
@@ -181,7 +225,15 @@ class Kill:
     """Send SIGKILL to the worker's process group."""
 
 
-Action = Spawn | Terminate | Kill
+@dataclass(frozen=True)
+class Prove:
+    """Run each platform's probe as a RUN step through the worker; answer with ProofFinished."""
+
+    pid: int
+    platforms: tuple[str, ...]
+
+
+Action = Spawn | Terminate | Kill | Prove
 Step = tuple[WorkerStatus, tuple[Action, ...]]
 
 
@@ -199,7 +251,7 @@ def _settled(status: WorkerStatus, now: float, policy: SupervisorPolicy) -> bool
 
 
 def _spawn(status: WorkerStatus, now: float, policy: SupervisorPolicy) -> Step:
-    platforms = status.desired_platforms
+    platforms = status.servable
     new = replace(
         status,
         state=WorkerState.STARTING,
@@ -212,6 +264,11 @@ def _spawn(status: WorkerStatus, now: float, policy: SupervisorPolicy) -> Step:
         next_start_at=None,
         deadline=now + policy.start_timeout_s,
         stop_cause=None,
+        proven=(),
+        proving=(),
+        unproven=(),
+        proof_due_at=None,
+        proof_retries=0,
     )
     return new, (Spawn(platforms),)
 
@@ -226,6 +283,10 @@ def _gone(status: WorkerStatus, state: WorkerState) -> WorkerStatus:
         advertised_platforms=(),
         deadline=None,
         stop_cause=None,
+        proven=(),
+        proving=(),
+        unproven=(),
+        proof_due_at=None,
     )
 
 
@@ -264,7 +325,7 @@ def _on_tick(status: WorkerStatus, now: float, policy: SupervisorPolicy) -> Step
 
 
 def _tick_stopped(status: WorkerStatus, now: float, policy: SupervisorPolicy) -> Step:
-    if status.wanted and status.desired_platforms and _settled(status, now, policy):
+    if status.wanted and status.servable and _settled(status, now, policy):
         return _spawn(status, now, policy)
     return status, ()
 
@@ -288,13 +349,31 @@ def _tick_starting(status: WorkerStatus, now: float, policy: SupervisorPolicy) -
 
 
 def _tick_running(status: WorkerStatus, now: float, policy: SupervisorPolicy) -> Step:
-    follows = status.running_platforms == status.desired_platforms
-    if not follows and _settled(status, now, policy):
+    follows = status.running_platforms == status.servable
+    # While proofs run, refusals gather: the worker restarts once, when the last result is in.
+    if not follows and not status.proving and _settled(status, now, policy):
         return _stop(status, StopCause.RESTART, now, policy)
     stable = status.healthy_at is not None and now - status.healthy_at >= policy.stable_s
-    if stable and status.failures:
-        return replace(status, failures=0), ()
+    if stable and (status.failures or status.refusal_restarts):
+        return replace(status, failures=0, refusal_restarts=0), ()
+    due = status.proof_due_at is not None and now >= status.proof_due_at
+    if due and status.unproven and not status.proving:
+        return _prove(status, tuple(p for p, _ in status.unproven))
     return status, ()
+
+
+def _prove(status: WorkerStatus, platforms: tuple[str, ...]) -> Step:
+    """Start proofs for `platforms` on the running process."""
+    if not platforms or status.pid is None:
+        return status, ()
+    proving = tuple(sorted({*status.proving, *platforms}))
+    return replace(status, proving=proving, proof_due_at=None), (Prove(status.pid, platforms),)
+
+
+def _unjudged(status: WorkerStatus, advertised: tuple[str, ...]) -> tuple[str, ...]:
+    """Advertised platforms with no proof yet, none running, and no refusal on record."""
+    known = {*status.proven, *status.proving, *dict(status.unproven), *dict(status.refused)}
+    return tuple(p for p in advertised if p not in known)
 
 
 def _on_exit(status: WorkerStatus, code: int, now: float, policy: SupervisorPolicy) -> Step:
@@ -307,6 +386,12 @@ def _on_exit(status: WorkerStatus, code: int, now: float, policy: SupervisorPoli
         return _fail(status, status.last_error or "start timed out", now, policy)
     if cause is StopCause.RESTART and status.wanted:
         return _tick_stopped(_gone(status, WorkerState.STOPPED), now, policy)
+    if cause is StopCause.REFUSED and status.wanted:
+        if not status.servable:
+            error = "every verified platform was refused by the worker (see each reason)"
+            return replace(_gone(status, WorkerState.STOPPED), last_error=error), ()
+        delay = policy.backoff_delay(status.refusal_restarts)
+        return replace(_gone(status, WorkerState.BACKOFF), next_start_at=now + delay), ()
     return _gone(status, WorkerState.STOPPED), ()
 
 
@@ -314,7 +399,10 @@ def _on_platforms(status: WorkerStatus, platforms: tuple[str, ...], now: float) 
     wanted = tuple(sorted(set(platforms)))
     if wanted == status.desired_platforms:
         return status, ()
-    return replace(status, desired_platforms=wanted, desired_since=now), ()
+    # A platform that leaves the verified set loses its refusal: when it is verified again
+    # (something changed), the worker gets to prove it afresh.
+    refused = tuple((p, e) for p, e in status.refused if p in wanted)
+    return replace(status, desired_platforms=wanted, desired_since=now, refused=refused), ()
 
 
 def _on_started(status: WorkerStatus, pid: int) -> Step:
@@ -335,11 +423,46 @@ def _on_spawn_failed(
 
 def _on_healthy(status: WorkerStatus, platforms: tuple[str, ...], now: float) -> Step:
     if status.state is WorkerState.STARTING and status.pid is not None:
-        running = replace(status, state=WorkerState.RUNNING, healthy_at=now, deadline=None)
-        return replace(running, advertised_platforms=platforms, last_error=None), ()
-    if status.state is WorkerState.RUNNING:
-        return replace(status, advertised_platforms=platforms, last_error=None), ()
+        status = replace(status, state=WorkerState.RUNNING, healthy_at=now, deadline=None)
+    elif status.state is not WorkerState.RUNNING:
+        return status, ()
+    status = replace(status, advertised_platforms=platforms, last_error=None)
+    return _prove(status, _unjudged(status, platforms))
+
+
+def _on_proof(
+    status: WorkerStatus, event: ProofFinished, now: float, policy: SupervisorPolicy
+) -> Step:
+    if status.state is not WorkerState.RUNNING or event.pid != status.pid:
+        return status, ()
+    done = {r.platform for r in event.results}
+    proven = {*status.proven, *(r.platform for r in event.results if r.ok)}
+    refused = dict(status.refused)
+    refused.update({r.platform: r.error or "refused" for r in event.results if _refusal(r)})
+    unproven = {p: e for p, e in status.unproven if p not in done}
+    unproven.update({r.platform: r.error or "no verdict" for r in event.results if _no_verdict(r)})
+    retries = status.proof_retries + int(bool(unproven))
+    status = replace(
+        status,
+        proven=tuple(sorted(proven)),
+        proving=tuple(p for p in status.proving if p not in done),
+        unproven=tuple(sorted(unproven.items())),
+        refused=tuple(sorted(refused.items())),
+        proof_retries=retries,
+        proof_due_at=now + policy.backoff_delay(retries) if unproven else None,
+    )
+    if not status.proving and any(p in refused for p in status.running_platforms):
+        more = replace(status, refusal_restarts=status.refusal_restarts + 1)
+        return _stop(more, StopCause.REFUSED, now, policy)
     return status, ()
+
+
+def _refusal(result: ProofResult) -> bool:
+    return not result.ok and result.conclusive
+
+
+def _no_verdict(result: ProofResult) -> bool:
+    return not result.ok and not result.conclusive
 
 
 def _on_unhealthy(status: WorkerStatus, error: str) -> Step:
@@ -364,7 +487,9 @@ def _on_restart_requested(status: WorkerStatus, now: float, policy: SupervisorPo
 
 
 def _on_reset(status: WorkerStatus, now: float, policy: SupervisorPolicy) -> Step:
-    fresh = replace(status, wanted=True, failures=0, next_start_at=None)
+    fresh = replace(
+        status, wanted=True, failures=0, next_start_at=None, refused=(), refusal_restarts=0
+    )
     if status.state in (WorkerState.FATAL, WorkerState.BACKOFF):
         return _tick_stopped(
             replace(_gone(fresh, WorkerState.STOPPED), last_error=None), now, policy
@@ -393,6 +518,8 @@ def step(status: WorkerStatus, event: Event, now: float, policy: SupervisorPolic
             return _on_unhealthy(status, error)
         case Exited(code):
             return _on_exit(status, code, now, policy)
+        case ProofFinished():
+            return _on_proof(status, event, now, policy)
         case StopRequested():
             return _on_stop_requested(status, now, policy)
         case RestartRequested():

@@ -200,12 +200,36 @@ class DaemonRecord(Record):
     stale: bool = False
     stale_since: float | None = None
     failed_passes: int = 0
+    sandbox_name: str | None = None  # --sandbox=NAME; None for the system daemon
+
+
+@dataclass(frozen=True)
+class WorkerPlatformRecord(Record):
+    """One platform the worker was asked to serve or advertises.
+
+    `source`: `verified` (binfmtd's verified set) or `buildkit` (BuildKit added it by itself).
+    `proof`: `proven` (its probe ran as a RUN step through the worker), `refused` (BuildKit's
+    own error in `reason`; left out of the worker's configuration), `proving`, `unproven` (no
+    verdict yet, `reason` says why) or `pending`.
+    """
+
+    platform: str
+    source: str = "verified"
+    proof: str = "pending"
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
 class WorkerRecord(Record):
     """The supervised BuildKit worker (`GET /v1/worker`); `enabled: false` and nothing else
-    set when `buildkit.enabled` is off. `state` is one of `supervision.WorkerState`'s values."""
+    set when `buildkit.enabled` is off. `state` is one of `supervision.WorkerState`'s values.
+
+    `offered_platforms` are what buildx may use (advertised and proven); `refused_platforms`
+    maps each refused platform to BuildKit's error; `output_tail` holds buildkitd's last output
+    lines while it is failing; the `buildx_*` lines are set only while the worker runs
+    (`buildx_append_command` only with a TCP listener)."""
+
+    _nested: ClassVar[dict[str, type[Record]]] = {"platforms": WorkerPlatformRecord}
 
     enabled: bool = True
     state: str | None = None
@@ -221,6 +245,13 @@ class WorkerRecord(Record):
     last_error: str | None = None
     socket: str | None = None
     buildx_command: str | None = None
+    binary: str | None = None
+    platforms: tuple[WorkerPlatformRecord, ...] = ()
+    offered_platforms: tuple[str, ...] = ()
+    refused_platforms: dict[str, str] | None = None
+    output_tail: tuple[str, ...] = ()
+    tcp_address: str | None = None
+    buildx_append_command: str | None = None
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 `WorkerSupervisor.tick()` is non-blocking (one ListWorkers call at most, with a short timeout):
 it reaps the child, checks health every `health_interval_s`, feeds the events to `step()` and
-carries out the actions. `stop()` blocks for at most `grace_s` plus the SIGKILL. The status is an
-immutable value replaced whole, so `snapshot()` may be read from another thread.
+carries out the actions. Proofs through the worker (`binfmtd.proof`) run in a thread and come
+back as events on the next tick. `stop()` blocks for at most `grace_s` plus the SIGKILL. The
+status is an immutable value replaced whole, so `snapshot()` may be read from another thread.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import grp
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -19,6 +21,7 @@ import tempfile
 import threading
 import time
 import tomllib
+from collections import deque
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -30,12 +33,14 @@ from binfmtd import trust, wire
 from binfmtd.buildkit import (
     BuildkitConfig,
     WorkerUnreachable,
+    buildx_append_command,
     buildx_command,
     list_workers,
     normalize_platform,
     platform_diff,
     render_config,
 )
+from binfmtd.proof import prove_platforms
 from binfmtd.run import SAFE_PATH, minimal_env
 from binfmtd.supervision import (
     Action,
@@ -44,11 +49,15 @@ from binfmtd.supervision import (
     Healthy,
     Kill,
     PlatformsChanged,
+    ProofFinished,
+    ProofResult,
+    Prove,
     ResetRequested,
     RestartRequested,
     Spawn,
     SpawnFailed,
     Started,
+    StopCause,
     StopRequested,
     SupervisorPolicy,
     Terminate,
@@ -61,6 +70,7 @@ from binfmtd.supervision import (
 
 STARTING_HEALTH_INTERVAL_S = 0.2
 READER_JOIN_S = 0.5  # a grandchild holding the pipe open must not stall the loop
+TAIL_LINES = 20  # buildkitd's last output lines, shown when it fails
 
 
 def policy_of(config: BuildkitConfig) -> SupervisorPolicy:
@@ -84,11 +94,28 @@ def resolve_binary(path: str) -> str | None:
 
 
 def buildkitd_argv(binary: str, config: BuildkitConfig, gid: int | None) -> list[str]:
-    """The buildkitd command line; `root` and the platforms travel in the TOML."""
+    """The buildkitd command line; `root` and the platforms travel in the TOML.
+
+    With `tcp_address`, a second listener that accepts only clients with a certificate signed
+    by `tls_ca` (buildkitd's own mutual TLS: --tlscacert/--tlscert/--tlskey).
+    """
     argv = [binary, "--config", config.config_path, "--addr", f"unix://{config.socket}"]
+    if config.tcp_address:
+        argv += ["--addr", f"tcp://{config.tcp_address}"]
+        argv += ["--tlscacert", str(config.tls_ca), "--tlscert", str(config.tls_cert)]
+        argv += ["--tlskey", str(config.tls_key)]
     if gid is not None:
         argv += ["--group", str(gid)]
     return argv + list(config.extra_args)
+
+
+def buildkitd_env(config: BuildkitConfig) -> dict[str, str]:
+    """buildkitd's environment: the minimal one, and runc's state under `run_dir`.
+
+    runc keeps its state in $XDG_RUNTIME_DIR/runc when it runs as root of a user namespace
+    (`--sandbox`) and in /run/runc otherwise (the unit binds that into its RuntimeDirectory).
+    """
+    return minimal_env({"XDG_RUNTIME_DIR": config.run_dir})
 
 
 def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
@@ -129,6 +156,24 @@ def read_trusted(path: str, what: str, max_bytes: int = 1 << 20) -> bytes:
         raise ValueError(f"cannot read buildkit {what} {path}: {exc.strerror}") from None
 
 
+def check_tls_files(config: BuildkitConfig) -> None:
+    """The TCP listener's CA, certificate and key pass the trust rule; the key is private.
+
+    buildkitd reads them itself (by path) when it starts, right after this check; the trust
+    rule makes sure only root could change them in between. Raises ValueError with the fix.
+    """
+    if not config.tcp_address:
+        return
+    for what in ("tls_ca", "tls_cert", "tls_key"):
+        read_trusted(str(getattr(config, what)), what)
+    mode = os.stat(str(config.tls_key)).st_mode
+    if mode & 0o077:
+        raise ValueError(
+            f"refusing buildkit tls_key {config.tls_key}: readable by group or others "
+            f"(mode {mode & 0o777:o}); run: chmod 600 {config.tls_key}"
+        )
+
+
 def load_base_config(path: str | None) -> dict[str, Any]:
     """The user's buildkitd.toml to merge ours into; a readable error names the file.
 
@@ -151,12 +196,15 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def _forward_lines(stream: IO[bytes], name: str, pid: int, log: FilteringBoundLogger) -> None:
-    """Copy the child's output into the log, one `worker_output` event per line."""
+def _forward_lines(
+    stream: IO[bytes], name: str, pid: int, log: FilteringBoundLogger, tail: deque[str]
+) -> None:
+    """Copy the child's output into the log (one `worker_output` event per line) and `tail`."""
     with stream:
         for raw in stream:
             line = raw.decode(errors="replace").rstrip()
             if line:
+                tail.append(line)
                 log.info("worker_output", stream=name, pid=pid, line=line)
 
 
@@ -184,6 +232,9 @@ class WorkerSupervisor:
         self._proc: subprocess.Popen[bytes] | None = None
         self._readers: tuple[threading.Thread, ...] = ()
         self._last_health: float | None = None
+        self._proofs: queue.SimpleQueue[ProofFinished] = queue.SimpleQueue()
+        self._tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self._binary: str | None = None
 
     @property
     def status(self) -> WorkerStatus:
@@ -197,6 +248,8 @@ class WorkerSupervisor:
         desired = tuple(sorted({normalize_platform(p) for p in desired_platforms}))
         if desired != self._status.desired_platforms:
             self._feed(PlatformsChanged(desired), now)
+        while not self._proofs.empty():
+            self._feed(self._proofs.get_nowait(), now)
         self._reap(now)
         self._check_health(now)
         self._feed(Tick(), now)
@@ -224,28 +277,45 @@ class WorkerSupervisor:
         self._feed(RestartRequested(), self._clock())
 
     def snapshot(self) -> wire.WorkerRecord:
-        """The worker as the status API and `binfmtctl worker` show it (`wire.WorkerRecord`)."""
+        """The worker as the status API and `binfmtctl worker` show it (`wire.WorkerRecord`).
+
+        One `platforms` row per platform asked for or advertised, with its proof; `offered` are
+        the platforms buildx may use: advertised and proven. The `buildx_*` lines appear only
+        while the worker runs; `output_tail` holds buildkitd's last lines when it is failing.
+        """
         status, now = self._status, self._clock()
         advertised = status.advertised_platforms
-        diff = platform_diff(status.desired_platforms, advertised) if advertised else None
+        diff = platform_diff(status.servable, advertised) if advertised else None
+        running = status.state is WorkerState.RUNNING
+        offered = tuple(p for p in advertised if p in status.proven) if running else ()
+        failing = status.state in _ALARMING or (status.last_error is not None and not running)
         return wire.WorkerRecord(
             enabled=True,
             state=status.state.value,
             pid=status.pid,
+            binary=self._binary or self._config.path,
             uptime_s=None if status.healthy_at is None else round(now - status.healthy_at, 1),
             restarts=status.restarts,
             failures=status.failures,
             intended_platforms=tuple(status.desired_platforms),
             running_platforms=tuple(status.running_platforms) if status.pid else (),
             advertised_platforms=tuple(advertised),
+            offered_platforms=offered,
+            refused_platforms=dict(status.refused),
+            platforms=platform_rows(status),
             differences=None if diff is None else diff.as_dict(),
             next_start_in_s=_seconds_until(status.next_start_at, now),
             last_error=status.last_error,
+            output_tail=tuple(self._tail) if failing else (),
             socket=self._config.socket,
-            buildx_command=buildx_command(
-                self._name, self._config.socket, status.desired_platforms
-            ),
+            tcp_address=self._config.tcp_address,
+            buildx_command=buildx_command(self._name, self._config.socket) if running else None,
+            buildx_append_command=self._append_line(list(offered)) if running else None,
         )
+
+    def _append_line(self, offered: list[str]) -> str | None:
+        address = self._config.tcp_address
+        return buildx_append_command(self._name, address, offered) if address else None
 
     # --- events in -----------------------------------------------------------------------------
 
@@ -270,7 +340,11 @@ class WorkerSupervisor:
         self._readers = ()
         _remove(self._config.socket)
         _remove(self.pidfile)
-        self._log.info("worker_exited", pid=proc.pid, returncode=proc.returncode)
+        # buildkitd exits 1 after SIGTERM too: a stop we asked for is not a failure.
+        cause = self._status.stop_cause
+        stopping = self._status.state is WorkerState.STOPPING and cause in _ASKED
+        log = self._log.info if stopping else self._log.warning
+        log("worker_exited", pid=proc.pid, returncode=proc.returncode, requested=stopping)
         self._feed(Exited(proc.returncode), now)
 
     def _check_health(self, now: float) -> None:
@@ -306,7 +380,45 @@ class WorkerSupervisor:
                 self._signal(signal.SIGTERM, group=False, grace_s=grace_s)
             case Kill():
                 self._signal(signal.SIGKILL, group=True)
+            case Prove(pid, platforms):
+                self._start_proof(pid, platforms, now)
         return None
+
+    def _start_proof(self, pid: int, platforms: tuple[str, ...], now: float) -> None:
+        """Prove `platforms` in a thread; the results come back through `tick()`."""
+        spawned_at = self._status.started_at
+
+        def landed(result: ProofResult) -> None:
+            self._log_result(pid, result, spawned_at)
+            self._proofs.put(ProofFinished(pid, (result,)))
+
+        def prove() -> None:
+            started = time.monotonic()
+            config = self._config
+            results = prove_platforms(
+                config.socket, platforms, config.proof_timeout_s, on_result=landed
+            )
+            self._log.info(
+                "worker_proof_finished",
+                pid=pid,
+                proven=sum(r.ok for r in results),
+                of=len(results),
+                duration_ms=round((time.monotonic() - started) * 1000, 1),
+                since_spawn_s=_since(spawned_at),
+            )
+
+        threading.Thread(target=prove, name="buildkit-proof", daemon=True).start()
+        self._log.info("worker_proof_started", pid=pid, platforms=list(platforms))
+
+    def _log_result(self, pid: int, result: ProofResult, spawned_at: float | None) -> None:
+        since = _since(spawned_at)
+        if result.ok:
+            self._log.info(
+                "worker_platform_proven", pid=pid, platform=result.platform, since_spawn_s=since
+            )
+            return
+        event = "worker_platform_refused" if result.conclusive else "worker_proof_no_verdict"
+        self._log.warning(event, pid=pid, platform=result.platform, error=result.error)
 
     def _signal(self, signum: signal.Signals, *, group: bool, **keys: Any) -> None:
         proc = self._proc
@@ -334,6 +446,7 @@ class WorkerSupervisor:
             self._prepare(platforms)
         except (OSError, ValueError) as exc:
             return SpawnFailed(f"cannot prepare buildkitd: {exc}", permanent=True)
+        self._binary = binary
         argv = buildkitd_argv(binary, config, self._socket_gid())
         try:
             proc = subprocess.Popen(
@@ -341,7 +454,7 @@ class WorkerSupervisor:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=minimal_env(),
+                env=buildkitd_env(config),
                 close_fds=True,
                 process_group=0,
             )
@@ -399,10 +512,16 @@ class WorkerSupervisor:
     def _prepare(self, platforms: tuple[str, ...]) -> None:
         config = self._config
         base = load_base_config(config.base_config)
+        check_tls_files(config)
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         os.makedirs(os.path.dirname(config.socket) or ".", exist_ok=True)
+        os.makedirs(config.run_dir, mode=0o711, exist_ok=True)
         text = render_config(
-            base, platforms, containerd=config.containerd_worker, root=config.state_dir
+            base,
+            platforms,
+            containerd=config.containerd_worker,
+            root=config.state_dir,
+            run_dir=config.run_dir,
         )
         write_atomic(config.config_path, text)
         _remove(config.socket)
@@ -410,11 +529,12 @@ class WorkerSupervisor:
     def _adopt(self, proc: subprocess.Popen[bytes]) -> None:
         self._proc = proc
         self._last_health = None
+        self._tail.clear()
         streams = (("stdout", proc.stdout), ("stderr", proc.stderr))
         self._readers = tuple(
             threading.Thread(
                 target=_forward_lines,
-                args=(stream, name, proc.pid, self._log),
+                args=(stream, name, proc.pid, self._log, self._tail),
                 name=f"buildkitd-{name}",
                 daemon=True,
             )
@@ -457,6 +577,12 @@ class WorkerSupervisor:
 
 
 _ALARMING = frozenset({WorkerState.BACKOFF, WorkerState.FATAL})
+_ASKED = frozenset({StopCause.REQUESTED, StopCause.RESTART, StopCause.REFUSED})
+
+
+def _since(moment: float | None) -> float | None:
+    """Seconds from `moment` (time.monotonic) to now, for log events."""
+    return None if moment is None else round(time.monotonic() - moment, 3)
 
 
 def _seconds_until(moment: float | None, now: float) -> float | None:
@@ -486,3 +612,31 @@ def _read_pidfile(path: str) -> dict[str, Any] | None:
     ):
         return None
     return record
+
+
+def platform_rows(status: WorkerStatus) -> tuple[wire.WorkerPlatformRecord, ...]:
+    """One row per platform asked for or advertised: its source, its proof and the reason."""
+    desired = set(status.desired_platforms)
+    refused, unproven = dict(status.refused), dict(status.unproven)
+    names = sorted({*status.desired_platforms, *status.advertised_platforms, *refused})
+    return tuple(_row(p, p in desired, status, refused, unproven) for p in names)
+
+
+def _row(
+    platform: str,
+    verified: bool,
+    status: WorkerStatus,
+    refused: dict[str, str],
+    unproven: dict[str, str],
+) -> wire.WorkerPlatformRecord:
+    proof, reason = "pending", None
+    if platform in refused:
+        proof, reason = "refused", refused[platform]
+    elif platform in status.proven:
+        proof = "proven"
+    elif platform in status.proving:
+        proof = "proving"
+    elif platform in unproven:
+        proof, reason = "unproven", unproven[platform]
+    source = "verified" if verified else "buildkit"
+    return wire.WorkerPlatformRecord(platform, source, proof, reason)

@@ -16,6 +16,9 @@ from binfmtd.supervision import (
     Healthy,
     Kill,
     PlatformsChanged,
+    ProofFinished,
+    ProofResult,
+    Prove,
     ResetRequested,
     RestartRequested,
     Spawn,
@@ -43,31 +46,38 @@ POLICY = SupervisorPolicy(
     stable_s=30.0,
 )
 A = ("linux/amd64", "linux/arm64")
+OK = ProofResult
 B = ("linux/amd64", "linux/arm64", "linux/riscv64")
 
 
 def run(
-    status: WorkerStatus, timeline: Sequence[tuple[float, Event]]
+    status: WorkerStatus, timeline: Sequence[tuple[float, Event]], *, proofs: bool = False
 ) -> tuple[WorkerStatus, list[Action]]:
-    """Feed events at their times; return the final status and every action emitted."""
+    """Feed events at their times; return the final status and the actions emitted.
+
+    `Prove` actions are left out unless `proofs` (the lifecycle tests do not care about them).
+    """
     actions: list[Action] = []
     for now, event in timeline:
         status, emitted = step(status, event, now, POLICY)
-        actions.extend(emitted)
+        actions.extend(a for a in emitted if proofs or not isinstance(a, Prove))
     return status, actions
 
 
-def running(platforms: tuple[str, ...] = A, *, at: float = 10.0, pid: int = 100) -> WorkerStatus:
-    """A worker that spawned at `at - 1` and answered healthy at `at`."""
-    status, _ = run(
-        WorkerStatus(),
-        [
-            (at - 1 - POLICY.debounce_s, PlatformsChanged(platforms)),
-            (at - 1, Tick()),
-            (at - 1, Started(pid)),
-            (at, Healthy(platforms)),
-        ],
-    )
+def running(
+    platforms: tuple[str, ...] = A, *, at: float = 10.0, pid: int = 100, proven: bool = True
+) -> WorkerStatus:
+    """A worker that spawned at `at - 1`, answered healthy at `at` and (if `proven`) whose
+    proofs all passed at `at`; otherwise its proofs are still running."""
+    timeline: list[tuple[float, Event]] = [
+        (at - 1 - POLICY.debounce_s, PlatformsChanged(platforms)),
+        (at - 1, Tick()),
+        (at - 1, Started(pid)),
+        (at, Healthy(platforms)),
+    ]
+    if proven:
+        timeline.append((at, ProofFinished(pid, tuple(OK(p, True) for p in platforms))))
+    status, _ = run(WorkerStatus(), timeline)
     assert status.state is WorkerState.RUNNING
     return status
 
@@ -322,7 +332,10 @@ def test_platform_change_during_start_applies_once_running() -> None:
         WorkerStatus(),
         [(0.0, PlatformsChanged(A)), (2.0, Tick()), (2.0, Started(7)), (2.5, PlatformsChanged(B))],
     )
-    status, actions = run(status, [(3.0, Healthy(A)), (4.4, Tick()), (4.5, Tick())])
+    status, actions = run(status, [(3.0, Healthy(A)), (4.4, Tick())])
+    assert actions == [], "the running proofs answer first"
+    proofs = ProofFinished(7, (OK(A[0], True), OK(A[1], True)))
+    status, actions = run(status, [(4.45, proofs), (4.5, Tick())])
     assert actions == [Terminate(POLICY.grace_s)]
 
 
@@ -410,6 +423,124 @@ def test_stray_events_when_stopped_are_ignored(event: Event) -> None:
     assert step(status, event, 1.0, POLICY) == (status, ())
 
 
+# --- proof through the worker -----------------------------------------------------------------
+
+
+def refused(platform: str) -> ProofResult:
+    """BuildKit ran the step and it failed."""
+    return ProofResult(platform, False, "exit code: 255 (exec format error)")
+
+
+def test_healthy_worker_is_asked_to_prove_what_it_advertises() -> None:
+    """The first ListWorkers answer starts proofs of every advertised platform, extras too."""
+    status, actions = run(
+        WorkerStatus(),
+        [(0.0, PlatformsChanged(A)), (2.0, Tick()), (2.0, Started(7))],
+        proofs=True,
+    )
+    advertised = (*A, "linux/amd64/v2")
+    status, actions = run(status, [(3.0, Healthy(advertised))], proofs=True)
+    assert actions == [Prove(7, advertised)]
+    assert status.proving == tuple(sorted(advertised))
+
+
+def test_proven_platforms_change_nothing_else() -> None:
+    """All proofs passing: every platform proven, no restart, nothing due."""
+    status, actions = run(
+        running(A), [(11.0, ProofFinished(100, (OK(A[0], True), OK(A[1], True))))]
+    )
+    assert status.proven == tuple(sorted(A))
+    assert (status.proving, status.refused, actions) == ((), (), [])
+
+
+def test_refused_platform_restarts_the_worker_without_it_after_backoff() -> None:
+    """A refusal stops the worker; after the backoff it comes back serving the rest only."""
+    status, actions = run(running(A), [(11.0, ProofFinished(100, (refused("linux/arm64"),)))])
+    assert actions == [Terminate(POLICY.grace_s)]
+    assert dict(status.refused) == {"linux/arm64": "exit code: 255 (exec format error)"}
+    status, _ = run(status, [(12.0, Exited(1))])
+    assert status.state is WorkerState.BACKOFF
+    assert status.failures == 0, "a refusal is not a crash"
+    assert status.next_start_at == 12.0 + POLICY.backoff_delay(1)
+    status, actions = run(status, [(12.0 + POLICY.backoff_delay(1), Tick())])
+    assert actions == [Spawn(("linux/amd64",))]
+
+
+def test_refusals_arriving_one_by_one_restart_the_worker_once() -> None:
+    """Results land separately: no restart until the last proof answered, then one."""
+    status = running(A, proven=False)  # both proofs still running
+    status, actions = run(status, [(11.0, ProofFinished(100, (refused("linux/arm64"),)))])
+    assert (actions, status.state) == ([], WorkerState.RUNNING)
+    status, actions = run(status, [(11.5, Tick())])
+    assert actions == [], "no restart while a proof is still running"
+    status, actions = run(status, [(12.0, ProofFinished(100, (refused("linux/amd64"),)))])
+    assert actions == [Terminate(POLICY.grace_s)]
+    assert set(dict(status.refused)) == set(A)
+
+
+def test_a_refusal_is_not_tried_again_so_it_cannot_loop() -> None:
+    """Once restarted without the refused platform, healthy answers prove only what is served."""
+    status, _ = run(running(A), [(11.0, ProofFinished(100, (refused("linux/arm64"),)))])
+    status, _ = run(status, [(12.0, Exited(1)), (20.0, Tick()), (20.0, Started(101))])
+    status, actions = run(status, [(21.0, Healthy(("linux/amd64",)))], proofs=True)
+    assert actions == [Prove(101, ("linux/amd64",))]
+    status, actions = run(status, [(22.0, ProofFinished(101, (OK("linux/amd64", True),)))])
+    assert actions == []
+    status, actions = run(status, [(30.0, Tick()), (90.0, Tick())], proofs=True)
+    assert (actions, status.state, status.restarts) == ([], WorkerState.RUNNING, 1)
+
+
+def test_refused_buildkit_addition_is_named_but_cannot_be_configured_away() -> None:
+    """A platform BuildKit added itself is recorded as refused; no restart would remove it."""
+    status, actions = run(running(A), [(11.0, ProofFinished(100, (refused("linux/mips64"),)))])
+    assert actions == []
+    assert "linux/mips64" in dict(status.refused)
+    assert status.servable == A
+
+
+def test_no_verdict_refuses_nothing_and_is_retried_with_backoff() -> None:
+    """A proof without an answer leaves the platform unproven and re-proves it later."""
+    lost = ProofResult("linux/arm64", False, "UNAVAILABLE", conclusive=False)
+    status, actions = run(running(A), [(11.0, ProofFinished(100, (OK(A[0], True), lost)))])
+    assert (actions, status.refused) == ([], ())
+    assert dict(status.unproven) == {"linux/arm64": "UNAVAILABLE"}
+    due = 11.0 + POLICY.backoff_delay(1)
+    status, actions = run(status, [(due - 0.1, Tick())], proofs=True)
+    assert actions == []
+    status, actions = run(status, [(due, Tick())], proofs=True)
+    assert actions == [Prove(100, ("linux/arm64",))]
+
+
+def test_refusal_is_forgotten_when_the_platform_leaves_the_verified_set() -> None:
+    """Verified anew after leaving the set, a refused platform gets a fresh proof."""
+    status, _ = run(running(A), [(11.0, ProofFinished(100, (refused("linux/arm64"),)))])
+    status, _ = run(status, [(12.0, PlatformsChanged(("linux/amd64",)))])
+    assert status.refused == ()
+    status, _ = run(status, [(13.0, PlatformsChanged(A))])
+    assert status.servable == A
+
+
+def test_everything_refused_keeps_the_worker_stopped() -> None:
+    """With every platform refused the worker stays down (fail closed), saying why."""
+    results = (refused("linux/amd64"), refused("linux/arm64"))
+    status, _ = run(running(A), [(11.0, ProofFinished(100, results)), (12.0, Exited(1))])
+    status, actions = run(status, [(100.0, Tick()), (200.0, Tick())])
+    assert (status.state, actions) == (WorkerState.STOPPED, [])
+
+
+def test_proof_of_an_earlier_process_is_ignored() -> None:
+    """Results for a pid that is not the running worker's change nothing."""
+    status = running(A)
+    assert step(status, ProofFinished(99, (refused("linux/arm64"),)), 11.0, POLICY) == (status, ())
+
+
+def test_reset_forgets_refusals() -> None:
+    """A config reload gives refused platforms another chance."""
+    status, _ = run(running(A), [(11.0, ProofFinished(100, (refused("linux/arm64"),)))])
+    status, _ = run(status, [(11.5, ResetRequested())])
+    assert status.refused == ()
+
+
 # --- invariants --------------------------------------------------------------------------------
 
 EVENTS = st.one_of(
@@ -420,6 +551,13 @@ EVENTS = st.one_of(
     st.sampled_from([Healthy(A), Healthy(B), Unhealthy("u")]),
     st.sampled_from([Exited(0), Exited(1), Exited(-9)]),
     st.sampled_from([StopRequested(), RestartRequested(), ResetRequested()]),
+    st.sampled_from(
+        [
+            ProofFinished(1, (ProofResult("linux/arm64", False, "x"),)),
+            ProofFinished(2, (ProofResult("linux/amd64", True),)),
+            ProofFinished(3, (ProofResult("linux/riscv64", False, "y", conclusive=False),)),
+        ]
+    ),
 )
 
 

@@ -61,6 +61,7 @@ def _daemon(tmp_path: Path, sock: str, daemons: list[du.Daemon], **kit: Any) -> 
             "socket": kit_sock,
             "config_path": f"{short}/buildkitd.toml",
             "state_dir": f"{short}/state",
+            "run_dir": f"{short}/kit",
             "socket_group": None,
             "debounce_s": 0.2,
             "grace_s": 2.0,
@@ -77,6 +78,12 @@ def _daemon(tmp_path: Path, sock: str, daemons: list[du.Daemon], **kit: Any) -> 
         "log": running.log_path,
         "toml": f"{short}/buildkitd.toml",
     }
+
+
+def _events(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """The daemon's JSON log events so far."""
+    lines = info["log"].read_text().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
 
 
 def _status(sock: str) -> dict[str, Any]:
@@ -186,3 +193,41 @@ def test_crash_loop_backs_off_to_fatal_and_daemon_keeps_serving(
     assert all(a["state"] == "verified" for a in health["arches"])
     log = info["log"].read_text()
     assert log.count('"state": "backoff"') >= 2, "each failure went through BACKOFF"
+
+
+def test_refused_platform_is_dropped_with_buildkits_error_and_never_loops(
+    tmp_path: Path, sock: str, daemons: list[du.Daemon]
+) -> None:
+    """A platform whose RUN step fails is named with BuildKit's error, served no more, once."""
+    info = _daemon(
+        tmp_path, sock, daemons, extra_args=["--fake-refuse=linux/s390x"], backoff_initial_s=0.1
+    )
+    worker = _wait(
+        "s390x refused and the worker back without it",
+        lambda: (
+            (w := _status(info["api"])["worker"])["state"] == "running"
+            and "linux/s390x" in w["refused_platforms"]
+            and "linux/s390x" not in w["running_platforms"]
+            and "linux/arm64" in w["offered_platforms"]
+            and w
+        ),
+        timeout=120,
+    )
+    assert "exec format error" in worker["refused_platforms"]["linux/s390x"]
+    assert "linux/s390x" not in _served(info["kit"])
+    restarts = worker["restarts"]
+    refusals = [e for e in _events(info) if e.get("event") == "worker_platform_refused"]
+    assert [e["platform"] for e in refusals] == ["linux/s390x"], "refused once, never re-tried"
+    rows = {r["platform"]: r for r in worker["platforms"]}
+    assert rows["linux/s390x"]["proof"] == "refused"
+    assert rows["linux/arm64"]["proof"] == "proven"
+    # No loop: re-verifying every arch (s390x included) keeps the refusal and the worker.
+    for _ in range(2):
+        assert du.ctl(info["api"], "verify").returncode == 0
+    later = _status(info["api"])["worker"]
+    assert (later["restarts"], later["pid"]) == (restarts, worker["pid"])
+    assert "linux/s390x" in later["refused_platforms"]
+    assert len([e for e in _events(info) if e.get("event") == "worker_platform_refused"]) == 1
+    shown = du.ctl(info["api"], "worker")
+    assert shown.returncode == 1, shown.stdout
+    assert "linux/s390x" in shown.stdout and "exec format error" in shown.stdout

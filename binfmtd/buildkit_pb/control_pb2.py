@@ -22,20 +22,38 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from binfmtd.buildkit_pb import ops_pb2 as binfmtd_dot_buildkit__pb_dot_ops__pb2
 from binfmtd.buildkit_pb import worker_pb2 as binfmtd_dot_buildkit__pb_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!binfmtd/buildkit_pb/control.proto\x12\x10moby.buildkit.v1\x1a binfmtd/buildkit_pb/worker.proto\"$\n\x12ListWorkersRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x03(\t\"K\n\x13ListWorkersResponse\x12\x34\n\x06record\x18\x01 \x03(\x0b\x32$.moby.buildkit.v1.types.WorkerRecord2e\n\x07\x43ontrol\x12Z\n\x0bListWorkers\x12$.moby.buildkit.v1.ListWorkersRequest\x1a%.moby.buildkit.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!binfmtd/buildkit_pb/control.proto\x12\x10moby.buildkit.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1d\x62infmtd/buildkit_pb/ops.proto\x1a binfmtd/buildkit_pb/worker.proto\"\x8a\x01\n\x0cSolveRequest\x12\x0b\n\x03Ref\x18\x01 \x01(\t\x12\"\n\nDefinition\x18\x02 \x01(\x0b\x32\x0e.pb.Definition\x12\x0f\n\x07Session\x18\x05 \x01(\t\x12\x10\n\x08\x46rontend\x18\x06 \x01(\t\x12\x14\n\x0c\x45ntitlements\x18\t \x03(\t\x12\x10\n\x08Internal\x18\x0b \x01(\x08\"\x99\x01\n\rSolveResponse\x12O\n\x10\x45xporterResponse\x18\x01 \x03(\x0b\x32\x35.moby.buildkit.v1.SolveResponse.ExporterResponseEntry\x1a\x37\n\x15\x45xporterResponseEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1c\n\rStatusRequest\x12\x0b\n\x03Ref\x18\x01 \x01(\t\"g\n\x0eStatusResponse\x12*\n\x08vertexes\x18\x01 \x03(\x0b\x32\x18.moby.buildkit.v1.Vertex\x12)\n\x04logs\x18\x03 \x03(\x0b\x32\x1b.moby.buildkit.v1.VertexLog\"\xb1\x01\n\x06Vertex\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08\x12+\n\x07started\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tcompleted\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"g\n\tVertexLog\x12\x0e\n\x06vertex\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06stream\x18\x03 \x01(\x03\x12\x0b\n\x03msg\x18\x04 \x01(\x0c\"$\n\x12ListWorkersRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x03(\t\"K\n\x13ListWorkersResponse\x12\x34\n\x06record\x18\x01 \x03(\x0b\x32$.moby.buildkit.v1.types.WorkerRecord2\xfe\x01\n\x07\x43ontrol\x12H\n\x05Solve\x12\x1e.moby.buildkit.v1.SolveRequest\x1a\x1f.moby.buildkit.v1.SolveResponse\x12M\n\x06Status\x12\x1f.moby.buildkit.v1.StatusRequest\x1a .moby.buildkit.v1.StatusResponse0\x01\x12Z\n\x0bListWorkers\x12$.moby.buildkit.v1.ListWorkersRequest\x1a%.moby.buildkit.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'binfmtd.buildkit_pb.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTWORKERSREQUEST']._serialized_start=89
-  _globals['_LISTWORKERSREQUEST']._serialized_end=125
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=127
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=202
-  _globals['_CONTROL']._serialized_start=204
-  _globals['_CONTROL']._serialized_end=305
+  _globals['_SOLVERESPONSE_EXPORTERRESPONSEENTRY']._loaded_options = None
+  _globals['_SOLVERESPONSE_EXPORTERRESPONSEENTRY']._serialized_options = b'8\001'
+  _globals['_SOLVEREQUEST']._serialized_start=154
+  _globals['_SOLVEREQUEST']._serialized_end=292
+  _globals['_SOLVERESPONSE']._serialized_start=295
+  _globals['_SOLVERESPONSE']._serialized_end=448
+  _globals['_SOLVERESPONSE_EXPORTERRESPONSEENTRY']._serialized_start=393
+  _globals['_SOLVERESPONSE_EXPORTERRESPONSEENTRY']._serialized_end=448
+  _globals['_STATUSREQUEST']._serialized_start=450
+  _globals['_STATUSREQUEST']._serialized_end=478
+  _globals['_STATUSRESPONSE']._serialized_start=480
+  _globals['_STATUSRESPONSE']._serialized_end=583
+  _globals['_VERTEX']._serialized_start=586
+  _globals['_VERTEX']._serialized_end=763
+  _globals['_VERTEXLOG']._serialized_start=765
+  _globals['_VERTEXLOG']._serialized_end=868
+  _globals['_LISTWORKERSREQUEST']._serialized_start=870
+  _globals['_LISTWORKERSREQUEST']._serialized_end=906
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=908
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=983
+  _globals['_CONTROL']._serialized_start=986
+  _globals['_CONTROL']._serialized_end=1240
 # @@protoc_insertion_point(module_scope)

@@ -34,6 +34,16 @@ class ControlStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Solve = channel.unary_unary(
+                '/moby.buildkit.v1.Control/Solve',
+                request_serializer=binfmtd_dot_buildkit__pb_dot_control__pb2.SolveRequest.SerializeToString,
+                response_deserializer=binfmtd_dot_buildkit__pb_dot_control__pb2.SolveResponse.FromString,
+                _registered_method=True)
+        self.Status = channel.unary_stream(
+                '/moby.buildkit.v1.Control/Status',
+                request_serializer=binfmtd_dot_buildkit__pb_dot_control__pb2.StatusRequest.SerializeToString,
+                response_deserializer=binfmtd_dot_buildkit__pb_dot_control__pb2.StatusResponse.FromString,
+                _registered_method=True)
         self.ListWorkers = channel.unary_unary(
                 '/moby.buildkit.v1.Control/ListWorkers',
                 request_serializer=binfmtd_dot_buildkit__pb_dot_control__pb2.ListWorkersRequest.SerializeToString,
@@ -44,6 +54,18 @@ class ControlStub:
 class ControlServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def Solve(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListWorkers(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -53,6 +75,16 @@ class ControlServicer:
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Solve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Solve,
+                    request_deserializer=binfmtd_dot_buildkit__pb_dot_control__pb2.SolveRequest.FromString,
+                    response_serializer=binfmtd_dot_buildkit__pb_dot_control__pb2.SolveResponse.SerializeToString,
+            ),
+            'Status': grpc.unary_stream_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=binfmtd_dot_buildkit__pb_dot_control__pb2.StatusRequest.FromString,
+                    response_serializer=binfmtd_dot_buildkit__pb_dot_control__pb2.StatusResponse.SerializeToString,
+            ),
             'ListWorkers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkers,
                     request_deserializer=binfmtd_dot_buildkit__pb_dot_control__pb2.ListWorkersRequest.FromString,
@@ -68,6 +100,60 @@ def add_ControlServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Control:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Solve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moby.buildkit.v1.Control/Solve',
+            binfmtd_dot_buildkit__pb_dot_control__pb2.SolveRequest.SerializeToString,
+            binfmtd_dot_buildkit__pb_dot_control__pb2.SolveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moby.buildkit.v1.Control/Status',
+            binfmtd_dot_buildkit__pb_dot_control__pb2.StatusRequest.SerializeToString,
+            binfmtd_dot_buildkit__pb_dot_control__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def ListWorkers(request,

@@ -24,13 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62infmtd/buildkit_pb/ops.proto\x12\x02pb\"d\n\x08Platform\x12\x14\n\x0c\x41rchitecture\x18\x01 \x01(\t\x12\n\n\x02OS\x18\x02 \x01(\t\x12\x0f\n\x07Variant\x18\x03 \x01(\t\x12\x11\n\tOSVersion\x18\x04 \x01(\t\x12\x12\n\nOSFeatures\x18\x05 \x03(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62infmtd/buildkit_pb/ops.proto\x12\x02pb\"}\n\x02Op\x12\x19\n\x06inputs\x18\x01 \x03(\x0b\x32\t.pb.Input\x12\x1a\n\x04\x65xec\x18\x02 \x01(\x0b\x32\n.pb.ExecOpH\x00\x12\x1a\n\x04\x66ile\x18\x04 \x01(\x0b\x32\n.pb.FileOpH\x00\x12\x1e\n\x08platform\x18\n \x01(\x0b\x32\x0c.pb.PlatformB\x04\n\x02op\"d\n\x08Platform\x12\x14\n\x0c\x41rchitecture\x18\x01 \x01(\t\x12\n\n\x02OS\x18\x02 \x01(\t\x12\x0f\n\x07Variant\x18\x03 \x01(\t\x12\x11\n\tOSVersion\x18\x04 \x01(\t\x12\x12\n\nOSFeatures\x18\x05 \x03(\t\"&\n\x05Input\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x03\"}\n\x06\x45xecOp\x12\x16\n\x04meta\x18\x01 \x01(\x0b\x32\x08.pb.Meta\x12\x19\n\x06mounts\x18\x02 \x03(\x0b\x32\t.pb.Mount\x12\x1c\n\x07network\x18\x03 \x01(\x0e\x32\x0b.pb.NetMode\x12\"\n\x08security\x18\x04 \x01(\x0e\x32\x10.pb.SecurityMode\"<\n\x04Meta\x12\x0c\n\x04\x61rgs\x18\x01 \x03(\t\x12\x0b\n\x03\x65nv\x18\x02 \x03(\t\x12\x0b\n\x03\x63wd\x18\x03 \x01(\t\x12\x0c\n\x04user\x18\x04 \x01(\t\"z\n\x05Mount\x12\r\n\x05input\x18\x01 \x01(\x03\x12\x10\n\x08selector\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x65st\x18\x03 \x01(\t\x12\x0e\n\x06output\x18\x04 \x01(\x03\x12\x10\n\x08readonly\x18\x05 \x01(\x08\x12 \n\tmountType\x18\x06 \x01(\x0e\x32\r.pb.MountType\")\n\x06\x46ileOp\x12\x1f\n\x07\x61\x63tions\x18\x02 \x03(\x0b\x32\x0e.pb.FileAction\"u\n\nFileAction\x12\r\n\x05input\x18\x01 \x01(\x03\x12\x16\n\x0esecondaryInput\x18\x02 \x01(\x03\x12\x0e\n\x06output\x18\x03 \x01(\x03\x12&\n\x06mkfile\x18\x05 \x01(\x0b\x32\x14.pb.FileActionMkFileH\x00\x42\x08\n\x06\x61\x63tion\"O\n\x10\x46ileActionMkFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\ttimestamp\x18\x05 \x01(\x03\"\x8c\x01\n\nOpMetadata\x12\x14\n\x0cignore_cache\x18\x01 \x01(\x08\x12\x34\n\x0b\x64\x65scription\x18\x02 \x03(\x0b\x32\x1f.pb.OpMetadata.DescriptionEntry\x1a\x32\n\x10\x44\x65scriptionEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8a\x01\n\nDefinition\x12\x0b\n\x03\x64\x65\x66\x18\x01 \x03(\x0c\x12.\n\x08metadata\x18\x02 \x03(\x0b\x32\x1c.pb.Definition.MetadataEntry\x1a?\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.pb.OpMetadata:\x02\x38\x01*(\n\x07NetMode\x12\t\n\x05UNSET\x10\x00\x12\x08\n\x04HOST\x10\x01\x12\x08\n\x04NONE\x10\x02*)\n\x0cSecurityMode\x12\x0b\n\x07SANDBOX\x10\x00\x12\x0c\n\x08INSECURE\x10\x01*@\n\tMountType\x12\x08\n\x04\x42IND\x10\x00\x12\n\n\x06SECRET\x10\x01\x12\x07\n\x03SSH\x10\x02\x12\t\n\x05\x43\x41\x43HE\x10\x03\x12\t\n\x05TMPFS\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'binfmtd.buildkit_pb.ops_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLATFORM']._serialized_start=37
-  _globals['_PLATFORM']._serialized_end=137
+  _globals['_OPMETADATA_DESCRIPTIONENTRY']._loaded_options = None
+  _globals['_OPMETADATA_DESCRIPTIONENTRY']._serialized_options = b'8\001'
+  _globals['_DEFINITION_METADATAENTRY']._loaded_options = None
+  _globals['_DEFINITION_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_NETMODE']._serialized_start=1146
+  _globals['_NETMODE']._serialized_end=1186
+  _globals['_SECURITYMODE']._serialized_start=1188
+  _globals['_SECURITYMODE']._serialized_end=1229
+  _globals['_MOUNTTYPE']._serialized_start=1231
+  _globals['_MOUNTTYPE']._serialized_end=1295
+  _globals['_OP']._serialized_start=37
+  _globals['_OP']._serialized_end=162
+  _globals['_PLATFORM']._serialized_start=164
+  _globals['_PLATFORM']._serialized_end=264
+  _globals['_INPUT']._serialized_start=266
+  _globals['_INPUT']._serialized_end=304
+  _globals['_EXECOP']._serialized_start=306
+  _globals['_EXECOP']._serialized_end=431
+  _globals['_META']._serialized_start=433
+  _globals['_META']._serialized_end=493
+  _globals['_MOUNT']._serialized_start=495
+  _globals['_MOUNT']._serialized_end=617
+  _globals['_FILEOP']._serialized_start=619
+  _globals['_FILEOP']._serialized_end=660
+  _globals['_FILEACTION']._serialized_start=662
+  _globals['_FILEACTION']._serialized_end=779
+  _globals['_FILEACTIONMKFILE']._serialized_start=781
+  _globals['_FILEACTIONMKFILE']._serialized_end=860
+  _globals['_OPMETADATA']._serialized_start=863
+  _globals['_OPMETADATA']._serialized_end=1003
+  _globals['_OPMETADATA_DESCRIPTIONENTRY']._serialized_start=953
+  _globals['_OPMETADATA_DESCRIPTIONENTRY']._serialized_end=1003
+  _globals['_DEFINITION']._serialized_start=1006
+  _globals['_DEFINITION']._serialized_end=1144
+  _globals['_DEFINITION_METADATAENTRY']._serialized_start=1081
+  _globals['_DEFINITION_METADATAENTRY']._serialized_end=1144
 # @@protoc_insertion_point(module_scope)
