@@ -124,6 +124,19 @@ class Config:
         names = [a.name for a in archmod.CATALOG] if "all" in self.arches else list(self.arches)
         return tuple(n for n in names if n not in self.exclude and n not in native)
 
+    def why_nothing_selected(self, native: tuple[str, ...]) -> str:
+        """Why `selected(native)` is empty, in words: the excluded and the native names."""
+        names = [a.name for a in archmod.CATALOG] if "all" in self.arches else list(self.arches)
+        why = []
+        excluded = [n for n in names if n in self.exclude]
+        if excluded:
+            why.append(f"{', '.join(excluded)} excluded by `exclude`")
+        own = [n for n in names if n in native and n not in self.exclude]
+        if own:
+            verb = "is" if len(own) == 1 else "are"
+            why.append(f"{', '.join(own)} {verb} this host's native architecture")
+        return "; ".join(why) or "`arches` names none"
+
 
 def for_sandbox(cfg: Config, runtime: str, state: str) -> Config:
     """Paths left at their defaults move under the sandbox's own `runtime` and `state`

@@ -427,6 +427,7 @@ class Daemon:
             pid=os.getpid(),
             started_at=self.started_at,
             sandbox=self.sandbox is not None,
+            sandbox_name=self.sandbox.name if self.sandbox else None,
             binfmt_misc=self.cfg.binfmt_misc,
             ready=self.published.ready,
             last_reconcile=self.last_reconcile,
@@ -581,7 +582,12 @@ class Daemon:
             self.log.warning(
                 "config_needs_restart",
                 keys=later,
-                hint="these keys keep their running values until `systemctl restart binfmtd`",
+                hint="these keys keep their running values until "
+                + (
+                    f"binfmtd --sandbox={self.sandbox.name} is restarted"
+                    if self.sandbox
+                    else "`systemctl restart binfmtd`"
+                ),
             )
         self.notifier.ready(self._summary())
         return wire.ReloadResult(True, tuple(changed), tuple(later))
