@@ -84,13 +84,26 @@ def call(path: str, method: str, target: str, body: object = None, timeout: floa
     return _decode(status, data)
 
 
+def _no_socket(path: str) -> str:
+    """No socket at `path`: how to start binfmtd, or, when only --sandbox daemons run, the
+    `--socket` option that reaches each of them."""
+    import glob
+
+    sandboxes = sorted(glob.glob(SANDBOX_SOCKETS)) if path == DEFAULT_SOCKET else []
+    if not sandboxes:
+        return f"binfmtd is not running (no socket at {path}); {START_HINT}"
+    lines = [f"  binfmtctl --socket {s} ..." for s in sandboxes]
+    return (
+        f"no system binfmtd (no socket at {path}); {len(sandboxes)} --sandbox daemons run: "
+        "name one with --socket (or BINFMTD_SOCKET):\n" + "\n".join(lines)
+    )
+
+
 def _connect(sock: socket.socket, path: str, timeout: float) -> None:
     try:
         sock.connect(path)
     except FileNotFoundError:
-        raise CliError(
-            ExitCode.UNREACHABLE, f"binfmtd is not running (no socket at {path}); {START_HINT}"
-        ) from None
+        raise CliError(ExitCode.UNREACHABLE, _no_socket(path)) from None
     except ConnectionRefusedError:
         message = f"binfmtd is not running (connection refused on {path}); {START_HINT}"
         raise CliError(ExitCode.UNREACHABLE, message) from None
@@ -234,12 +247,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     for line in problems:
         print(line)
     if not problems:
-        print(f"ok: {len(status.arches)} architectures registered with F and verified")
+        print(f"ok: {check_summary(status.arches)}")
     return ExitCode.NOT_OK if problems else ExitCode.OK
 
 
+def check_summary(arches: Sequence[wire.ArchRecord]) -> str:
+    """`check`'s healthy line: how many verified, and which the operator disabled."""
+    off = [a.arch for a in arches if a.state == "operator-disabled"]
+    verified = len(arches) - len(off)
+    if not off:
+        return f"{verified} architectures registered with F and verified"
+    return f"{verified} verified, {len(off)} disabled by the operator ({', '.join(off)})"
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    """verify: probe now; exit 1 when any probe failed."""
+    """verify: probe now; exit 1 when any probe failed, or an arch named on the command line
+    was not verified (e.g. disabled by the operator, so not probed)."""
     body = {"arches": args.arches} if args.arches else None
     answer = call(args.socket, "POST", "/v1/verify", body, timeout=args.timeout)
     result = read(wire.VerifyResult, answer)
@@ -251,10 +274,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{arch}: FAILED (see `binfmtctl status`)")
     for arch in result.disabled:
         print(f"{arch}: disabled by the operator (not probed)")
-    return ExitCode.NOT_OK if result.failed else ExitCode.OK
+    named_but_off = bool(args.arches) and bool(result.disabled)
+    return ExitCode.NOT_OK if result.failed or named_but_off else ExitCode.OK
 
 
-def render_mutation(command: str, answer: Any) -> str:
+def _daemon(args: argparse.Namespace) -> wire.DaemonRecord:
+    """The daemon's own record (config path, sandbox name) for a hint that names them."""
+    status = call(args.socket, "GET", "/v1/status", timeout=args.timeout)
+    return read(wire.StatusRecord, status).daemon
+
+
+def render_mutation(
+    command: str, answer: Any, daemon: Callable[[], wire.DaemonRecord] | None = None
+) -> str:
     """What reconcile, enable, disable and reload answered, in words."""
     if command == "reconcile":
         result = read(wire.ReconcileResult, answer)
@@ -265,7 +297,8 @@ def render_mutation(command: str, answer: Any) -> str:
         text = f"reloaded; changed: {', '.join(reloaded.changed) or 'nothing'}"
         if reloaded.needs_restart:
             later = ", ".join(reloaded.needs_restart)
-            text += f"\nnot applied, need a restart (systemctl restart binfmtd): {later}"
+            how = render.restart_hint(daemon() if daemon else None)
+            text += f"\nnot applied, need a restart ({how}): {later}"
         return text
     change = read(wire.ArchChange, answer)
     return f"{change.arch}: {change.state}"
@@ -278,7 +311,7 @@ def cmd_mutate(args: argparse.Namespace) -> int:
     else:
         target = f"/v1/{args.command}"
     answer = call(args.socket, "POST", target, timeout=args.timeout)
-    print(render_mutation(args.command, answer))
+    print(render_mutation(args.command, answer, lambda: _daemon(args)))
     return ExitCode.OK
 
 
@@ -295,7 +328,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """
     answer = call(args.socket, "GET", "/v1/worker", timeout=args.timeout)
     worker = read(wire.WorkerRecord, answer)
-    print(json.dumps(answer, indent=2) if args.json else render.worker_page(worker))
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        daemon = None if worker.enabled else _daemon(args)
+        print(render.worker_page(worker, daemon))
     return render.worker_exit_code(worker)
 
 
@@ -354,6 +391,20 @@ def _default_socket() -> str:
         if len(sandboxes) == 1:
             return sandboxes[0]
     return DEFAULT_SOCKET
+
+
+MAX_TIMEOUT_S = 86400.0  # a day: longer is a typo, and socket timeouts overflow near 1e308
+
+
+def _timeout(text: str) -> float:
+    """--timeout S: a finite number of seconds, > 0 and <= MAX_TIMEOUT_S (argparse: exit 64)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= MAX_TIMEOUT_S:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r} seconds: must be > 0 and <= {MAX_TIMEOUT_S:g}")
+    return value
 
 
 def _status_args(parser: argparse.ArgumentParser) -> None:
@@ -433,7 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"binfmtd's API socket (default {DEFAULT_SOCKET}; env BINFMTD_SOCKET)",
     )
     parser.add_argument(
-        "--timeout", type=float, metavar="S", help="seconds to wait (10; 300 for mutations)"
+        "--timeout",
+        type=_timeout,
+        metavar="S",
+        help=f"seconds to wait, > 0 and <= {MAX_TIMEOUT_S:g} (10; 300 for mutations)",
     )
     parser.add_argument("command", nargs="?", metavar="COMMAND", help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)

@@ -46,6 +46,13 @@ class ConflictPolicy(StrEnum):
     REPLACE = "replace"
 
 
+class InstallMethod(StrEnum):
+    """How emulator bytes reach the install directory."""
+
+    AUTO = "auto"  # hard link when allowed, else reflink, else an in-kernel copy
+    COPY = "copy"  # always bytes of our own: reflink, else an in-kernel copy
+
+
 class LogFormat(StrEnum):
     """How log events are rendered."""
 
@@ -100,7 +107,8 @@ class Config:
     exclude: tuple[str, ...] = ()
     flags: str = DEFAULT_FLAGS
     conflict_policy: ConflictPolicy = ConflictPolicy.LEAVE
-    reconcile_interval_s: float = 1.0
+    install_method: InstallMethod = InstallMethod.AUTO
+    reconcile_interval_s: float = 30.0
     reverify_interval_s: float = 600.0
     remove_on_stop: bool = False
     lock_file: str = "/run/binfmtd/binfmtd.lock"
@@ -115,6 +123,19 @@ class Config:
         """The catalog names to provision: configured, minus excluded, minus host-native."""
         names = [a.name for a in archmod.CATALOG] if "all" in self.arches else list(self.arches)
         return tuple(n for n in names if n not in self.exclude and n not in native)
+
+    def why_nothing_selected(self, native: tuple[str, ...]) -> str:
+        """Why `selected(native)` is empty, in words: the excluded and the native names."""
+        names = [a.name for a in archmod.CATALOG] if "all" in self.arches else list(self.arches)
+        why = []
+        excluded = [n for n in names if n in self.exclude]
+        if excluded:
+            why.append(f"{', '.join(excluded)} excluded by `exclude`")
+        own = [n for n in names if n in native and n not in self.exclude]
+        if own:
+            verb = "is" if len(own) == 1 else "are"
+            why.append(f"{', '.join(own)} {verb} this host's native architecture")
+        return "; ".join(why) or "`arches` names none"
 
 
 def for_sandbox(cfg: Config, runtime: str, state: str) -> Config:

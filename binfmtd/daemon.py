@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         epilog="Exit codes: 0 ok; 1 an architecture failed; 64 usage; 65 kernel < 4.8; "
         "66 no binfmt_misc; 67 cannot mount binfmt_misc; 68 binfmt_misc disabled; 69 not root; "
         "70 sandbox unsupported; 71 already running; 72 internal error; 78 bad configuration; "
+        "128+N --oneshot stopped by signal N (its sandbox removed); "
         "141 stdout closed early (e.g. piped into head).",
     )
     parser.add_argument(
@@ -87,20 +89,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_quietly(lambda: _run(args, cfg), "binfmtd")
 
 
+class Stopped(BaseException):
+    """SIGTERM, SIGHUP or SIGINT ended a --oneshot run: its sandbox is removed on the way out,
+    and binfmtd exits 128 + the signal's number, as a shell reports a killed process."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signals() -> None:
+    """--oneshot: SIGTERM, SIGHUP and SIGINT raise `Stopped` in the main thread (cleanup runs)."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Stopped(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, stop)
+
+
 def _run(args: argparse.Namespace, cfg: config.Config) -> int:
     sandbox = None
     if args.sandbox is not None:
         name = args.sandbox or ns.default_sandbox_name(oneshot=args.oneshot, pid=os.getpid())
         sandbox = ns.SandboxDirs(name)
     entered = False
+    if args.oneshot:
+        _stop_on_signals()
     try:
         if sandbox is not None:
+            ns.sweep_stale_oneshots()
             ns.enter_sandbox(cfg.binfmt_misc, _socket_gids(cfg))
             cfg = config.for_sandbox(cfg, sandbox.runtime, sandbox.state)
             # The lock in the sandbox's runtime directory makes its directories ours to remove.
             entered = cfg.lock_file.startswith(sandbox.runtime + "/")
         if args.oneshot:
             code = oneshot(cfg, sandbox=sandbox, as_json=args.json)
+            if code != Exit.OK and args.command:
+                print(
+                    f"binfmtd: not running {args.command[0]}: not every architecture was "
+                    "provisioned and verified (see above)",
+                    file=sys.stderr,
+                )
             if code != Exit.OK or not args.command:
                 return code
             return _run_command(args.command)
@@ -110,6 +140,10 @@ def _run(args: argparse.Namespace, cfg: config.Config) -> int:
     except ns.SandboxError as exc:
         print(f"binfmtd: --sandbox: {exc}", file=sys.stderr)
         return Exit.SANDBOX_UNSUPPORTED
+    except Stopped as exc:
+        signal.signal(exc.signum, signal.SIG_IGN)  # a second one must not cut the cleanup short
+        print(f"binfmtd: stopped by {signal.Signals(exc.signum).name}", file=sys.stderr)
+        return 128 + exc.signum
     except PreflightError as exc:
         if exc.code == Exit.ALREADY_RUNNING:
             entered = False  # the directories belong to the sandbox that holds the lock
@@ -174,8 +208,8 @@ def _provision_once(cfg: config.Config, *, sandbox: ns.SandboxDirs | None, as_js
     logger = log.get("binfmtd.oneshot")
     try:
         return _provision(cfg, sandbox=sandbox, as_json=as_json, logger=logger)
-    except PreflightError:
-        raise
+    except (PreflightError, BrokenPipeError):
+        raise  # BrokenPipeError: stdout closed early, run_quietly ends with 141
     except Exception as exc:  # the per-pass guard of --oneshot
         logger.debug("oneshot_crashed", exc_info=True)
         print(
@@ -200,6 +234,9 @@ def _provision(
     report = engine.tick()
     durations = {**report.durations_ms, "total": round((time.monotonic() - started) * 1000, 1)}
     record = views.oneshot_record(engine, report.actions, durations, sandbox=sandbox is not None)
+    if not engine.selected:
+        why = cfg.why_nothing_selected(engine.native)
+        print(f"binfmtd: warning: no architectures to provision: {why}", file=sys.stderr)
     if as_json:
         import json
 

@@ -10,13 +10,19 @@ never partial. The state file is written the same way.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
+import io
 import json
 import os
+import secrets
 import stat
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import IO
 
 from binfmtd import elf, trust
@@ -46,6 +52,7 @@ class Installed:
     origin: str = ""  # the source file (or `<deb>:<member>`) the bytes were taken from
     package: str | None = None  # the package that shipped it (dpkg-query, rpm -qf, .deb control)
     package_version: str | None = None
+    method: str = "copy"  # a Method; "link" shares the source's inode
 
 
 # ---------------------------------------------------------------- install directory safety
@@ -86,22 +93,33 @@ def clean_temp_files(path: str) -> list[str]:
 # ---------------------------------------------------------------- checks of installed files
 
 
-def sha256_of(path: str) -> str | None:
-    """sha256 of a root-owned regular file with a single link, else None (not trusted)."""
+def sha256_of(path: str, *, linked_inode: int | None = None) -> str | None:
+    """sha256 of a root-owned regular file nobody else may write, else None (not trusted).
+
+    A copy must have a single link: another name means someone meddled (a planted hard link).
+    An emulator installed by hard link shares its inode with the source: that inode (and only
+    that one, `linked_inode`) may have other names; writing it still needs root or a
+    group/other write bit, and both are checked.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
-    with os.fdopen(fd, "rb") as handle:
+    try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_nlink != 1:
+        if not _root_only(st) or (st.st_nlink != 1 and st.st_ino != linked_inode):
             return None
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            return None
-        digest = hashlib.sha256()
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return _digest_fd(fd, None).sha256
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _root_only(st: os.stat_result) -> bool:
+    """A regular file only root can change."""
+    writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    return stat.S_ISREG(st.st_mode) and st.st_uid == 0 and not writable
 
 
 def qemu_version(path: str) -> str | None:
@@ -113,42 +131,324 @@ def qemu_version(path: str) -> str | None:
     return line[0].strip() if line else None
 
 
+# ---------------------------------------------------------------- hashing, once per identity
+
+
+@dataclass(frozen=True)
+class Digest:
+    """What reading an emulator's bytes once tells: its sha256 and the QEMU version it prints."""
+
+    sha256: str
+    version: str | None
+
+
+class _Scan:
+    """sha256 over chunks, and the `qemu-<arch> version ...` line QEMU prints for --version
+    (a literal in the binary: found while hashing, so no process has to run for it)."""
+
+    def __init__(self, arch: str | None) -> None:
+        self.hash = hashlib.sha256()
+        self.marker = f"qemu-{arch} version ".encode() if arch else b""
+        self.version: str | None = None
+        self._tail = b""
+
+    def update(self, data: bytes | bytearray, count: int) -> None:
+        """Take the first `count` bytes of `data`."""
+        with memoryview(data) as view:
+            self.hash.update(view[:count])  # releases the GIL: threads hash files at once
+        if self.version is not None or not self.marker:
+            return
+        edge = self._tail + bytes(data[: min(count, VERSION_MAX)])
+        self.version = _version_in(edge, self.marker, len(edge)) or _version_in(
+            data, self.marker, count
+        )
+        self._tail = bytes(data[max(0, count - len(self.marker) - VERSION_MAX) : count])
+
+    def result(self) -> Digest:
+        """The digest of everything taken."""
+        return Digest(self.hash.hexdigest(), self.version)
+
+
+VERSION_MAX = 200
+
+
+def _version_in(data: bytes | bytearray, marker: bytes, count: int) -> str | None:
+    """The version line at `marker` in the first `count` bytes, when whole and printable."""
+    at = data.find(marker, 0, count)
+    end = data.find(b"\n", at, min(count, at + VERSION_MAX)) if at >= 0 else -1
+    line = bytes(data[at:end]) if end >= 0 else b""
+    if not line or not line.isascii() or not line.decode("ascii").isprintable():
+        return None
+    return line.decode("ascii")
+
+
+def _digest_fd(fd: int, arch: str | None) -> Digest:
+    """Read an open file from its start: sha256 (and QEMU version when `arch` is given)."""
+    scan = _Scan(arch)
+    buffer = bytearray(CHUNK)
+    offset = 0
+    while count := os.preadv(fd, [buffer], offset):
+        scan.update(buffer, count)
+        offset += count
+    return scan.result()
+
+
+def _identity(st: os.stat_result) -> str:
+    """(device, inode, size, mtime, ctime): any write changes mtime and ctime, and ctime cannot
+    be set from user space, so bytes under an unchanged identity are unchanged."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+class HashCache:
+    """Digests per file identity, so a source file is read once, not at every install.
+
+    Kept in the state file; thread-safe (installs run in parallel). Bounded: the oldest
+    identities are dropped first.
+    """
+
+    LIMIT = 256
+
+    def __init__(self, entries: dict[str, Digest] | None = None) -> None:
+        self._entries = dict(entries or {})
+        self._lock = threading.Lock()
+
+    def get(self, st: os.stat_result) -> Digest | None:
+        """The digest recorded for this identity, if any."""
+        with self._lock:
+            return self._entries.get(_identity(st))
+
+    def put(self, st: os.stat_result, digest: Digest) -> Digest:
+        """Record `digest` for this identity; returns it."""
+        with self._lock:
+            self._entries[_identity(st)] = digest
+            while len(self._entries) > self.LIMIT:
+                del self._entries[next(iter(self._entries))]
+        return digest
+
+    def to_json(self) -> dict[str, list[str | None]]:
+        """{identity: [sha256, version]} for the state file."""
+        with self._lock:
+            return {k: [d.sha256, d.version] for k, d in self._entries.items()}
+
+    @classmethod
+    def from_json(cls, data: object) -> HashCache:
+        """The inverse of to_json; anything malformed is dropped (it only costs a re-read)."""
+        entries: dict[str, Digest] = {}
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                    version = value[1] if isinstance(value[1], str) else None
+                    entries[str(key)] = Digest(value[0], version)
+        return cls(entries)
+
+
 # ---------------------------------------------------------------- the atomic install
 
 
-def install_stream(
-    stream: IO[bytes], arch: str, dest_dir: str, host_machine: int | None
-) -> tuple[str, str]:
-    """Copy, check and checksum one emulator, then rename it to `dest_dir/qemu-<arch>`.
+class Method(StrEnum):
+    """How an emulator's bytes reached the install directory, cheapest first."""
 
-    Returns (path, sha256). Nothing reaches the final name unless every check passed.
+    LINK = "link"  # a hard link to the source's inode: nothing copied
+    REFLINK = "reflink"  # FICLONE: shared extents, copy-on-write
+    COPY = "copy"  # copy_file_range: copied inside the kernel
+    STREAM = "stream"  # read and written through userspace (a member of a .deb)
+
+
+@dataclass(frozen=True)
+class Written:
+    """One installed emulator."""
+
+    path: str
+    sha256: str
+    method: Method
+    version: str | None
+
+
+def install_stream(
+    stream: IO[bytes],
+    arch: str,
+    dest_dir: str,
+    host_machine: int | None,
+    *,
+    allow_link: bool = True,
+    hashes: HashCache | None = None,
+) -> Written:
+    """Check, checksum and install one emulator as `dest_dir/qemu-<arch>`.
+
+    A stream over a plain file (`open(path, "rb")`, `os.fdopen(fd, "rb")`) is installed without
+    reading it through Python: by hard link when `allow_link` and the file is root:root 0755 on
+    the same filesystem, else by FICLONE, else by copy_file_range; its digest comes from
+    `hashes` when the file's identity is known. Any other stream (a .deb member) is copied.
+    Nothing reaches the final name unless every check passed. Raises InstallError.
     """
-    dest = os.path.join(dest_dir, f"qemu-{arch}")
+    source = _plain_file(stream)
+    if source is not None:
+        return _install_file(source, arch, dest_dir, host_machine, allow_link, hashes)
+    return _install_bytes(stream, arch, dest_dir, host_machine)
+
+
+def _plain_file(stream: IO[bytes]) -> int | None:
+    """The fd of a buffered reader over a regular file read from its start, else None."""
+    raw = getattr(stream, "raw", None)
+    if not isinstance(raw, io.FileIO) or raw.closed:
+        return None
+    fd = raw.fileno()
+    if stream.tell() != 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+        return None
+    return fd
+
+
+def _install_file(
+    src: int,
+    arch: str,
+    dest_dir: str,
+    host_machine: int | None,
+    allow_link: bool,
+    hashes: HashCache | None,
+) -> Written:
+    before = os.fstat(src)
+    _check_elf(src, before.st_size, host_machine, arch)
+    cache = hashes if hashes is not None else HashCache()
+    digest = cache.get(before) or cache.put(before, _digest_fd(src, arch))
+    tmp, fd, method = None, -1, Method.LINK
+    try:
+        if allow_link and _linkable(before, dest_dir):
+            tmp = _link_temp(src, dest_dir)
+        if tmp is None:
+            fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=dest_dir)
+            method = _clone_or_copy(src, fd, before.st_size)
+            _seal(fd)
+            os.close(fd)
+            fd = -1
+        after = os.fstat(src)
+        if _content_key(after) != _content_key(before):
+            raise InstallError(f"qemu-{arch} changed in the source while being installed")
+        if method is Method.LINK:
+            cache.put(after, digest)  # the new link changed the inode's ctime
+        dest = _place(tmp, dest_dir, arch)
+    except BaseException:
+        _discard(fd, tmp)
+        raise
+    return Written(dest, digest.sha256, method, digest.version)
+
+
+def _content_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What a write changes (ctime also moves when a link is added, so it is left out)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _linkable(st: os.stat_result, dest_dir: str) -> bool:
+    """A hard link is installed as is, so the source inode must already be what a copy gets."""
+    owner = (st.st_uid, st.st_gid) == (0, 0)
+    return owner and stat.S_IMODE(st.st_mode) == 0o755 and os.stat(dest_dir).st_dev == st.st_dev
+
+
+def _link_temp(src: int, dest_dir: str) -> str | None:
+    """A new name in `dest_dir` for the inode open as `src` (the opened file, not whatever its
+    path names now); None when this filesystem or kernel refuses."""
+    try:
+        fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        for _ in range(8):
+            tmp = os.path.join(dest_dir, TEMP_PREFIX + secrets.token_hex(8))
+            try:  # linkat(AT_SYMLINK_FOLLOW) on the fd's magic link: the inode we checked
+                os.link(str(src), tmp, src_dir_fd=fds, follow_symlinks=True)
+            except FileExistsError:
+                continue
+            except OSError:
+                return None
+            return tmp
+        return None
+    finally:
+        os.close(fds)
+
+
+def _clone_or_copy(src: int, dst: int, size: int) -> Method:
+    """Share the extents (FICLONE) where the filesystem can, else copy inside the kernel."""
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+    except OSError as exc:
+        if exc.errno not in _NO_CLONE:
+            raise InstallError(f"cloning the emulator failed: {exc.strerror}") from None
+    else:
+        return Method.REFLINK
+    copied = 0
+    in_range = True
+    try:
+        while copied < size:
+            if in_range:
+                try:
+                    count = os.copy_file_range(src, dst, size - copied, copied, copied)
+                except OSError as exc:  # another filesystem, on kernels that refuse that
+                    if copied or exc.errno not in _NO_CLONE:
+                        raise
+                    in_range = False
+                    continue
+            else:  # writes at dst's offset, still 0 when the first copy_file_range failed
+                count = os.sendfile(dst, src, copied, size - copied)
+            if count == 0:
+                break
+            copied += count
+    except OSError as exc:
+        raise InstallError(f"copying the emulator failed: {exc.strerror}") from None
+    if copied != size:
+        raise InstallError(f"copying the emulator stopped at {copied} of {size} bytes")
+    return Method.COPY
+
+
+FICLONE = 0x40049409
+_NO_CLONE = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS}
+
+
+def _install_bytes(
+    stream: IO[bytes], arch: str, dest_dir: str, host_machine: int | None
+) -> Written:
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=dest_dir)
     try:
-        digest, size = _copy(stream, fd)
-        _check_written(fd, size, host_machine, arch)
-        os.fchown(fd, 0, 0)
-        os.fchmod(fd, 0o755)
-        os.fsync(fd)
+        digest, size = _copy(stream, fd, arch)
+        _check_elf(fd, size, host_machine, arch)
+        _seal(fd)
         os.close(fd)
         fd = -1
-        os.rename(tmp, dest)
-        fsync_dir(dest_dir)
+        dest = _place(tmp, dest_dir, arch)
     except BaseException:
-        if fd >= 0:
-            os.close(fd)
+        _discard(fd, tmp)
+        raise
+    return Written(dest, digest.sha256, Method.STREAM, digest.version)
+
+
+def _seal(fd: int) -> None:
+    """root:root 0755, on disk."""
+    os.fchown(fd, 0, 0)
+    os.fchmod(fd, 0o755)
+    os.fsync(fd)
+
+
+def _place(tmp: str, dest_dir: str, arch: str) -> str:
+    """Rename `tmp` over the final name and make it durable."""
+    dest = os.path.join(dest_dir, f"qemu-{arch}")
+    os.rename(tmp, dest)
+    if os.path.lexists(tmp):  # rename(2) does nothing when both names are one inode
+        os.unlink(tmp)
+    fsync_dir(dest_dir)
+    return dest
+
+
+def _discard(fd: int, tmp: str | None) -> None:
+    if fd >= 0:
+        os.close(fd)
+    if tmp is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
-    return dest, digest
 
 
-def _copy(stream: IO[bytes], fd: int) -> tuple[str, int]:
-    digest = hashlib.sha256()
+def _copy(stream: IO[bytes], fd: int, arch: str) -> tuple[Digest, int]:
+    scan = _Scan(arch)
     size = 0
     while chunk := stream.read(CHUNK):
-        digest.update(chunk)
+        scan.update(chunk, len(chunk))
         view = memoryview(chunk)
         while view:
             try:
@@ -157,10 +457,10 @@ def _copy(stream: IO[bytes], fd: int) -> tuple[str, int]:
                 raise InstallError(f"writing the emulator failed: {exc.strerror}") from None
             view = view[written:]
         size += len(chunk)
-    return digest.hexdigest(), size
+    return scan.result(), size
 
 
-def _check_written(fd: int, size: int, host_machine: int | None, arch: str) -> None:
+def _check_elf(fd: int, size: int, host_machine: int | None, arch: str) -> None:
     head = os.pread(fd, elf.HEADER_READ, 0)
     try:
         info = elf.parse_header(head)
@@ -187,13 +487,15 @@ def write_state(
     installed: dict[str, Installed],
     flags: str | None = None,
     owned: Mapping[str, str] | None = None,
+    *,
+    hashes: HashCache | None = None,
 ) -> None:
     """Replace the state file atomically (temp, fsync, rename, fsync dir).
 
     `flags`: the binfmt_misc flags the entries are registered with (recorded so that a later
     version can tell what an install relied on). `owned` is the ownership record: every
     binfmt_misc entry binfmtd registered, name -> register string. Only those entries are
-    binfmtd's (see `read_owned`).
+    binfmtd's (see `read_owned`). `hashes`: the digest cache, kept beside.
     """
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -203,6 +505,8 @@ def write_state(
     doc["emulators"] = {k: asdict(v) for k, v in sorted(installed.items())}
     if owned is not None:
         doc["entries"] = dict(sorted(owned.items()))
+    if hashes is not None:
+        doc["hashes"] = hashes.to_json()
     body = json.dumps(doc, indent=2).encode()
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     try:
@@ -238,6 +542,15 @@ def read_state(path: str) -> dict[str, Installed]:
         return {k: Installed(**v) for k, v in data["emulators"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, trust.TrustError):
         return {}
+
+
+def read_hashes(path: str) -> HashCache:
+    """The digest cache kept in the state file (empty when missing or unreadable)."""
+    try:
+        data = json.loads(trust.read_file(path, max_bytes=STATE_MAX_BYTES))
+        return HashCache.from_json(data.get("hashes"))
+    except (OSError, ValueError, AttributeError, trust.TrustError):
+        return HashCache()
 
 
 def read_owned(path: str) -> dict[str, str] | None:

@@ -19,7 +19,7 @@ import sys
 import tarfile
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -27,7 +27,7 @@ from typing import Any
 from binfmtd import arch as archmod
 from binfmtd import backoff, emulators, origin, plan, probe, truth
 from binfmtd.binfmt import Entry, FormatError, Registration, normalize_flags, parse_register_string
-from binfmtd.config import Config, ConflictPolicy, SourceKind
+from binfmtd.config import Config, ConflictPolicy, InstallMethod, SourceKind
 from binfmtd.emulators import Installed, InstallError
 from binfmtd.kernel import BinfmtMisc, KernelError
 from binfmtd.log import Repeats
@@ -111,6 +111,7 @@ class Engine:
         self.source = Source(cfg.source) if _source_ok(cfg) else None
         self.flags = normalize_flags(cfg.flags)
         self.installed = emulators.read_state(cfg.state_file)
+        self.hashes = emulators.read_hashes(cfg.state_file)
         self.owned, self._adopt = _read_owned(cfg.state_file)
         for directory in (cfg.install_dir, os.path.dirname(cfg.state_file)):
             with contextlib.suppress(OSError):  # left by a killed install or state write
@@ -249,7 +250,7 @@ class Engine:
         # restart: an unchanged file is not hashed again, so a warm start stays fast.
         if ident is not None and ident in (self.file_ids.get(arch), record.file_id):
             return True
-        if emulators.sha256_of(record.path) != record.sha256:
+        if emulators.sha256_of(record.path, linked_inode=_linked_inode(record)) != record.sha256:
             return False
         self.file_ids[arch] = ident or ""
         return True
@@ -261,9 +262,20 @@ class Engine:
         except (OSError, InstallError):
             return False  # source gone: keep what works, report it elsewhere
 
-    def tick(self, verify_also: Iterable[str] = ()) -> TickReport:
+    def tick(
+        self,
+        verify_also: Iterable[str] = (),
+        hold: Mapping[str, str] | None = None,
+        progress: Callable[[], None] | None = None,
+    ) -> TickReport:
         """Observe, plan, execute, then probe every arch whose handler is unproven or due
-        (and `verify_also`). Status is derived from this pass's last observation."""
+        (and `verify_also`). Status is derived from this pass's last observation.
+
+        `hold`: {arch: why} arches not to repair in this pass (why becomes their error).
+        `progress`: called when status changed in the middle of the pass: once the drift is
+        observed (before any slow repair: an install, a state file write) and once the entries
+        are restored (before the probes), so a publisher never shows a broken arch as verified.
+        """
         report = TickReport()
         started = time.monotonic()
         self._origins = None
@@ -278,16 +290,23 @@ class Engine:
             for a in self.selected
         }
         actions = plan.plan(desired, self.world(obs), self.replace)
+        actions = _hold(actions, hold or {}, report)
         self.operator_changed.clear()
         report.durations_ms["observe"] = _ms(started)
+        if progress is not None and actions:
+            self._log_instance_change(obs)
+            self.observation = obs  # what is broken shows as such before the slow repairs
+            progress()
         self.execute(actions, report)
         if report.actions:
             obs = self.observe()
             for arch in {getattr(a, "arch", None) for a in report.actions} - set(report.errors):
                 self.proofs.pop(str(arch), None)  # what binfmtd just changed is proven anew
-        self._save_state_if_needed(report)
         self._log_instance_change(obs)
         self.observation = obs
+        if progress is not None and report.actions:
+            progress()  # restored, unproven: published before the state file and the probes
+        self._save_state_if_needed(report)
         started = time.monotonic()
         self.verify(self._due(obs, verify_also), report)
         report.durations_ms["verify"] = _ms(started)
@@ -341,8 +360,8 @@ class Engine:
         two never leaves an entry of ours that a restart would call foreign. An arch whose
         record cannot be saved (ENOSPC...) registers nothing this pass."""
         regs = [a for a in actions if isinstance(a, plan.Register) and a.arch not in report.errors]
-        if not regs:
-            return
+        if all(self.owned.get(a.reg.name) == a.reg for a in regs):
+            return  # already on record (a flushed entry restored): nothing to write first
         before = dict(self.owned)
         self.owned.update({a.reg.name: a.reg for a in regs})
         self._state_dirty = True
@@ -382,8 +401,9 @@ class Engine:
     def _do(self, action: plan.Action) -> None:
         if isinstance(action, plan.Register):
             self.kernel.register(action.reg)
-            self.owned[action.reg.name] = action.reg
-            self._state_dirty = True
+            if self.owned.get(action.reg.name) != action.reg:
+                self.owned[action.reg.name] = action.reg
+                self._state_dirty = True
         elif isinstance(action, plan.Remove):
             self.kernel.remove(action.name)
             if self.owned.pop(action.name, None) is not None:
@@ -506,16 +526,23 @@ class Engine:
         arch = item.arch
         try:
             source_id = self.source.identity(arch)
-            path, digest = emulators.install_stream(item.stream, arch, self.cfg.install_dir, host)
+            done = emulators.install_stream(
+                item.stream,
+                arch,
+                self.cfg.install_dir,
+                host,
+                allow_link=self.cfg.install_method is InstallMethod.AUTO,
+                hashes=self.hashes,
+            )
         except SOURCE_ERRORS as exc:
             self._fail_install([arch], report, _source_error(exc))
             return
-        file_id = _file_id(path) or ""
+        file_id = _file_id(done.path) or ""
         self.installed[arch] = Installed(
             arch,
-            path,
-            digest,
-            None,
+            done.path,
+            done.sha256,
+            done.version,
             self.source.describe(),
             source_id,
             self.clock(),
@@ -523,21 +550,32 @@ class Engine:
             origin=item.origin,
             package=item.package,
             package_version=item.version,
+            method=done.method,
         )
         self.file_ids[arch] = file_id
-        self.log.info("emulator_installed", arch=arch, interpreter=path, sha256=digest)
+        self.log.info(
+            "emulator_installed",
+            arch=arch,
+            interpreter=done.path,
+            sha256=done.sha256,
+            method=done.method,
+        )
         self._install_failures.cleared(arch)
 
     def _add_versions(self, arches: list[str]) -> None:
         """`qemu-X --version` once every write is closed: a fork while another thread holds a
         new emulator open for writing could make that emulator's exec fail with ETXTBSY.
+        (Usually the version was read from the bytes while hashing: nothing runs.)
         Then the package each file came from, when the package manager knows it."""
         if not arches:
             return
-        with ThreadPoolExecutor(min(INSTALL_PARALLELISM, len(arches))) as pool:
-            paths = [self.installed[a].path for a in arches]
-            for arch, version in zip(arches, pool.map(emulators.qemu_version, paths), strict=True):
-                self.installed[arch] = replace(self.installed[arch], version=version)
+        unread = [a for a in arches if self.installed[a].version is None]
+        if unread:
+            with ThreadPoolExecutor(min(INSTALL_PARALLELISM, len(unread))) as pool:
+                paths = [self.installed[a].path for a in unread]
+                versions = pool.map(emulators.qemu_version, paths)
+                for arch, version in zip(unread, versions, strict=True):
+                    self.installed[arch] = replace(self.installed[arch], version=version)
         unknown = [a for a in arches if self.installed[a].package is None]
         owners = packages_of(self.installed[a].origin for a in unknown)
         for arch in unknown:
@@ -584,7 +622,9 @@ class Engine:
             return
         owned = {name: reg.register_string() for name, reg in self.owned.items()}
         try:
-            emulators.write_state(self.cfg.state_file, self.installed, self.flags, owned)
+            emulators.write_state(
+                self.cfg.state_file, self.installed, self.flags, owned, hashes=self.hashes
+            )
         except OSError as exc:
             why = f"state file {self.cfg.state_file} not saved: {exc}; binfmtd retries every pass"
             acted = list(arches) or [str(getattr(a, "arch", None)) for a in report.actions]
@@ -721,6 +761,32 @@ def _source_error(exc: BaseException) -> str:
     if isinstance(exc, InstallError | OSError):
         return str(exc)
     return f"the emulator source is corrupt or truncated ({type(exc).__name__}: {exc})"
+
+
+def _hold(
+    actions: list[plan.Action], hold: Mapping[str, str], report: TickReport
+) -> list[plan.Action]:
+    """Drop the repairs of held arches (another tool keeps rewriting them); say why."""
+    kept = []
+    for action in actions:
+        arch = getattr(action, "arch", None)
+        if (
+            isinstance(arch, str)
+            and arch in hold
+            and not isinstance(action, plan.Conflict | plan.Refuse)
+        ):
+            report.errors[arch] = hold[arch]
+        else:
+            kept.append(action)
+    return kept
+
+
+def _linked_inode(record: Installed) -> int | None:
+    """The inode a hard-link install shares with its source (the first field of file_id)."""
+    if record.method != emulators.Method.LINK:
+        return None
+    head = record.file_id.split(":", 1)[0]
+    return int(head) if head.isdigit() else None
 
 
 def _file_id(path: str) -> str | None:

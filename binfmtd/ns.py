@@ -61,6 +61,40 @@ class SandboxDirs:
                 os.rmdir(os.path.dirname(path))
 
 
+def sweep_stale_oneshots() -> list[str]:
+    """Remove the directories of `oneshot-PID` sandboxes nobody holds any more (a run killed
+    with SIGKILL, or a power cut): PID is gone and the lock in its runtime directory is free.
+    Returns the names removed; errors are ignored (the next run tries again)."""
+    import fcntl
+
+    names: set[str] = set()
+    for parent in (SANDBOX_RUNTIME, SANDBOX_STATE):
+        with contextlib.suppress(OSError):
+            names.update(n for n in os.listdir(parent) if re.fullmatch(r"oneshot-[0-9]+", n))
+    removed = []
+    for name in sorted(names):
+        if os.path.exists(f"/proc/{name.removeprefix('oneshot-')}"):
+            continue  # alive (or the pid was reused: left for a later run)
+        dirs = SandboxDirs(name)
+        try:
+            fd = os.open(f"{dirs.runtime}/binfmtd.lock", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = -1
+        except OSError:
+            continue
+        try:
+            if fd >= 0:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            dirs.remove()
+            removed.append(name)
+        except OSError:
+            continue  # held: a live run
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    return removed
+
+
 def sandbox_name(text: str) -> str:
     """Check a --sandbox=NAME: letters, digits, `_.-`, at most 64, not starting with `.`/`-`."""
     if not _SANDBOX_NAME.fullmatch(text):

@@ -10,7 +10,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from binfmtd.wire import ArchRecord, ProbeRecord, StatusRecord, WorkerRecord
+    from binfmtd.wire import ArchRecord, DaemonRecord, ProbeRecord, StatusRecord, WorkerRecord
 
 ARCH_HEADER = ("ARCH", "PLATFORMS", "STATE", "FLAGS", "INTERPRETER", "VERIFIED")
 
@@ -110,9 +110,34 @@ def status_page(status: StatusRecord, now: float) -> str:
     return "\n".join(lines + problems(status.arches))
 
 
+def reload_hint(daemon: DaemonRecord | None) -> str:
+    """How to make a running binfmtd re-read its configuration."""
+    if daemon is not None and daemon.sandbox:
+        return "binfmtctl reload"
+    return "systemctl reload binfmtd"
+
+
+def restart_hint(daemon: DaemonRecord | None) -> str:
+    """How to restart a running binfmtd: systemd's unit, or a --sandbox daemon by hand."""
+    if daemon is not None and daemon.sandbox:
+        name = f"={daemon.sandbox_name}" if daemon.sandbox_name else ""
+        config = f" --config {daemon.config}" if daemon.config else ""
+        return f"stop it (kill {daemon.pid}) and run binfmtd --sandbox{name}{config} again"
+    return "systemctl restart binfmtd"
+
+
+def worker_disabled_hint(daemon: DaemonRecord | None) -> str:
+    """What `binfmtctl worker` says when the worker is off: where to enable it, how to reload."""
+    config = daemon.config if daemon is not None and daemon.config else DEFAULT_CONFIG
+    return (
+        f"hint: set `buildkit.enabled: true` in the configuration ({config}) and\n"
+        f"      reload ({reload_hint(daemon)}). " + WORKER_DISABLED_HINT
+    )
+
+
+DEFAULT_CONFIG = "/etc/binfmtd/binfmtd.yaml"
 WORKER_DISABLED_HINT = (
-    "hint: set `buildkit.enabled: true` in the configuration (/etc/binfmtd/binfmtd.yaml) and\n"
-    "      reload (systemctl reload binfmtd). buildkitd is looked up on PATH (or set\n"
+    "buildkitd is looked up on PATH (or set\n"
     "      buildkit.path); no distribution package ships it: take buildkitd from BuildKit's\n"
     "      release archives (https://github.com/moby/buildkit/releases), runc from your\n"
     "      distribution (apt-get install runc). Under systemd, install the drop-in with\n"
@@ -130,12 +155,12 @@ def worker_exit_code(worker: WorkerRecord) -> int:
     return int(any(row.proof in ("refused", "unproven") for row in worker.platforms))
 
 
-def worker_page(worker: WorkerRecord) -> str:
+def worker_page(worker: WorkerRecord, daemon: DaemonRecord | None = None) -> str:
     """`binfmtctl worker`: summary, platform table (proven / refused with BuildKit's error,
     BuildKit's own additions named), buildkitd's last lines when failing, and the buildx
     lines only while the worker runs."""
     if not worker.enabled:
-        return "worker: disabled (buildkit.enabled is false)\n" + WORKER_DISABLED_HINT
+        return "worker: disabled (buildkit.enabled is false)\n" + worker_disabled_hint(daemon)
     parts = [_worker_summary(worker), _worker_table(worker)]
     parts += [p for p in (_offered(worker), _trouble(worker), _buildx(worker)) if p]
     return "\n\n".join(parts)

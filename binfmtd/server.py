@@ -164,7 +164,12 @@ class ApiServer:
         log.info("api_listening", path=listener.path, activated=listener.activated)
 
     def close(self) -> None:
-        """Stop the loop, drop every connection, and remove the socket file if still ours."""
+        """Stop the loop, drop every connection, and remove the socket file if still ours.
+
+        Mutations already answered (at stop, with 503) are sent first: the pool is drained
+        before the loop is told to stop, and the loop flushes what is queued on its way out.
+        """
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self._stopping = True
         self._wake()
         if self._thread.is_alive():
@@ -199,6 +204,9 @@ class ApiServer:
             if self._now >= next_sweep:
                 self._sweep()
                 next_sweep = self._now + self._limits.sweep_interval
+        self._finish_mutations()  # best effort, non-blocking: answers queued before the stop
+        for conn in list(self._conns):
+            self._flush(conn)
 
     def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
         if isinstance(key.data, _Conn):

@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from binfmtd import __version__, config, emulators, log, ns, plan, preflight, views, wire
+from binfmtd import __version__, config, emulators, log, ns, plan, preflight, views, watch, wire
 from binfmtd.binfmt import credentials_warning
 from binfmtd.engine import RETRY_FAILED_S, Engine, TickReport
 from binfmtd.kernel import KernelError
@@ -38,6 +38,7 @@ MAX_FAILED_PASSES = 3
 # Keys a running daemon cannot change: the lock and socket it holds, the binfmt_misc mount and
 # install directory its entries belong to, the logger configured once at start.
 RESTART_KEYS = frozenset({"binfmt_misc", "install_dir", "lock_file", "api", "log"})
+POLL_FALLBACK_S = 1.0  # the pass interval when inotify is unavailable
 
 
 @dataclass
@@ -101,7 +102,8 @@ class Daemon:
         self.in_loop = False
         self._ender: threading.Thread | None = None
         self._ender_lock = threading.RLock()  # re-entrant: a second signal may nest the handler
-        self.wake = threading.Event()
+        self.wake = watch.Waker()
+        self.pacer = watch.Pacer()
         self.stopping = False
         self.reload_requested = False
         self.started_at = clock()
@@ -143,21 +145,64 @@ class Daemon:
         return self.exit_code
 
     def _loop(self) -> None:
-        next_tick = time.monotonic() + self.cfg.reconcile_interval_s
-        while not self.stopping:
-            self.wake.wait(timeout=max(0.0, min(next_tick - time.monotonic(), 0.5)))
-            self.wake.clear()
-            if self.stopping:
-                break
-            if self.reload_requested:
-                with contextlib.suppress(ApiError):  # logged; the old configuration runs on
-                    self._reload()
-            self._run_commands()
-            if time.monotonic() >= next_tick and not self.stopping:
-                self._tick()
-                next_tick = time.monotonic() + self.cfg.reconcile_interval_s  # reload may change it
-            self._tick_worker()
-            self.notifier.watchdog()
+        """Sleep until something changes (inotify), a command or signal arrives, a held repair
+        is released, or the slow safety pass is due; then reconcile once for all of it."""
+        watcher = watch.Watcher(self.wake)
+        if not watcher.active:
+            self.log.warning("inotify_unavailable", error=watcher.error, poll_s=POLL_FALLBACK_S)
+        due = watcher.watch(self._watch_targets())
+        next_pass = time.monotonic() + self._safety_s(watcher)
+        try:
+            while not self.stopping:
+                release = self.pacer.next_release(time.monotonic()) or float("inf")
+                change = watcher.wait(self._wait_s(min(next_pass, release)))
+                self.wake.clear()
+                if self.stopping:
+                    break
+                if self.reload_requested:
+                    with contextlib.suppress(ApiError):  # logged; the old configuration runs on
+                        self._reload()
+                self._run_commands()
+                now = time.monotonic()
+                if (change or due or now >= min(next_pass, release)) and not self.stopping:
+                    self._loop_pass(change)
+                    next_pass = time.monotonic() + self._safety_s(watcher)
+                due = watcher.watch(self._watch_targets())  # re-watch after unmount, reload
+                self._tick_worker()
+                self.notifier.watchdog()
+        finally:
+            watcher.close()
+
+    def _loop_pass(self, change: watch.Change) -> None:
+        """One reconcile pass of the loop; repeated repairs of an arch put it on hold."""
+        report = self._tick()
+        acted = {getattr(a, "arch", None) for a in report.actions}
+        repaired = [a for a in acted if isinstance(a, str) and a not in report.errors]
+        now = time.monotonic()
+        for arch in self.pacer.repaired(repaired, now):
+            self.log.warning(
+                "repair_backed_off",
+                arch=arch,
+                trigger=change.reason,
+                why=self.pacer.held(now)[arch],
+            )
+
+    def _watch_targets(self) -> list[watch.Target]:
+        return watch.targets(self.cfg.binfmt_misc, self.cfg.install_dir, self.engine.source)
+
+    def _safety_s(self, watcher: watch.Watcher) -> float:
+        interval = self.cfg.reconcile_interval_s
+        return interval if watcher.active else min(interval, POLL_FALLBACK_S)
+
+    def _wait_s(self, next_pass: float) -> float:
+        """Until the next deadline: a pass (safety, held repair), worker tick, watchdog ping."""
+        now = time.monotonic()
+        deadlines = [next_pass]
+        if self.worker is not None:
+            deadlines.append(now + 0.5)
+        if self.notifier.watchdog_s:
+            deadlines.append(now + self.notifier.watchdog_s / 4)
+        return max(0.0, min(deadlines) - now)
 
     def _tick_worker(self) -> None:
         """Let the supervisor follow the verified set; publish when what it shows changed."""
@@ -280,7 +325,11 @@ class Daemon:
 
     def _pass(self, verify_also: tuple[str, ...]) -> TickReport:
         try:
-            return self.engine.tick(verify_also=verify_also)
+            return self.engine.tick(
+                verify_also=verify_also,
+                hold=self.pacer.held(time.monotonic()),
+                progress=self._publish,  # a vanished entry stops showing as verified now
+            )
         except KernelError as exc:
             return self._recover_mount(exc)
 
@@ -381,6 +430,7 @@ class Daemon:
             pid=os.getpid(),
             started_at=self.started_at,
             sandbox=self.sandbox is not None,
+            sandbox_name=self.sandbox.name if self.sandbox else None,
             binfmt_misc=self.cfg.binfmt_misc,
             ready=self.published.ready,
             last_reconcile=self.last_reconcile,
@@ -535,7 +585,12 @@ class Daemon:
             self.log.warning(
                 "config_needs_restart",
                 keys=later,
-                hint="these keys keep their running values until `systemctl restart binfmtd`",
+                hint="these keys keep their running values until "
+                + (
+                    f"binfmtd --sandbox={self.sandbox.name} is restarted"
+                    if self.sandbox
+                    else "`systemctl restart binfmtd`"
+                ),
             )
         self.notifier.ready(self._summary())
         return wire.ReloadResult(True, tuple(changed), tuple(later))

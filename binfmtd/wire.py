@@ -200,6 +200,7 @@ class DaemonRecord(Record):
     stale: bool = False
     stale_since: float | None = None
     failed_passes: int = 0
+    sandbox_name: str | None = None  # --sandbox=NAME; None for the system daemon
 
 
 @dataclass(frozen=True)

@@ -243,14 +243,26 @@ def check_invariants(lab: Lab) -> list[str]:
     return problems
 
 
+def linked_to_source(lab: Lab, arch: str, st: os.stat_result) -> bool:
+    """Whether `st` is the source file's own inode (binfmtd installs by hard link then)."""
+    try:
+        source = os.stat(lab.source / f"qemu-{arch}-static")
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (source.st_dev, source.st_ino)
+
+
 def check_file(lab: Lab, arch: str, path: Path, record: dict[str, Any] | None) -> list[str]:
     """A registered interpreter: a complete regular file, the recorded (or source) bytes."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return [f"{arch}: registered interpreter {path} does not exist"]
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        return [f"{arch}: registered interpreter {path} is not a single-link regular file"]
+    if not stat.S_ISREG(st.st_mode) or (st.st_nlink != 1 and not linked_to_source(lab, arch, st)):
+        return [
+            f"{arch}: registered interpreter {path} is neither a single-link regular file nor "
+            "a hard link to the source"
+        ]
     digest = sha256(path)
     want = record["sha256"] if record else lab.source_sha.get(arch)
     if digest != want:

@@ -23,6 +23,12 @@ import daemonutil as du
 import pytest
 import yaml
 from daemonutil import BINFMTD, REPO, SandboxSh
+from hypothesis import settings
+
+# Property tests check answers, not speed: on a loaded 2-core CI machine a per-example
+# deadline only makes them flaky (speed targets live in scripts/bench).
+settings.register_profile("binfmtd", deadline=None)
+settings.load_profile("binfmtd")
 
 GLOBAL_BINFMT = du.ENTRIES
 PYTHON = sys.executable

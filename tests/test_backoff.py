@@ -181,9 +181,9 @@ def test_wrong_arch_directory_is_not_rewritten_every_tick(
     writes: list[str] = []
     real = emulators.install_stream
 
-    def counting(*args: Any) -> tuple[str, str]:
+    def counting(*args: Any, **kwargs: Any) -> emulators.Written:
         writes.append(args[1])
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(emulators, "install_stream", counting)
     harness = Harness(tmp_path, SourceConfig(SourceKind.DIRECTORY, str(src)))

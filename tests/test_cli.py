@@ -630,3 +630,96 @@ def test_offline_says_binfmt_misc_is_not_mounted(
     assert "binfmt_misc is not mounted at" in captured.err
     assert f"mount -t binfmt_misc binfmt_misc {tmp_path}" in captured.err
     assert "0 entries" not in captured.out
+
+
+# --- new-user trial defects ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "-inf", "1e308", "86401", "soon"])
+def test_bad_timeout_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--timeout -1/0/nan/inf/1e308`: exit 64 with the usage line, never a traceback."""
+    assert cli.main(["--socket", "/nonexistent", "--timeout", value, "status"]) == 64
+    err = capsys.readouterr().err
+    assert err.startswith("usage: binfmtctl ") and "--timeout" in err
+    assert "Traceback" not in err
+
+
+def test_good_timeout_is_accepted(sock: str) -> None:
+    """A finite timeout in range works, fractions too."""
+    assert cli.main(["--socket", sock, "--timeout", "0.5", "check"]) == 0
+    assert cli.main(["--socket", sock, "--timeout", "86400", "check"]) == 0
+
+
+def test_verify_of_a_disabled_arch_is_exit_1(
+    sock: str, daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`disable arm64; verify arm64`: the named arch was not verified, so exit 1 (as --help says);
+    a bare `verify` with an operator-disabled arch stays 0 (the operator chose it)."""
+    answer = {"verified": ["riscv64"], "failed": [], "disabled": ["aarch64"]}
+    daemon.mutate = lambda action, arg: answer  # type: ignore[method-assign]
+    assert run(sock, "verify", "arm64") == 1
+    assert "aarch64: disabled by the operator (not probed)" in capsys.readouterr().out
+    assert run(sock, "verify") == 0
+
+
+def test_check_names_operator_disabled_arches(
+    sock: str, daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check` does not claim an operator-disabled arch is registered and verified."""
+    daemon.set_status(
+        status_doc(arch("aarch64"), arch("mips64el", "operator-disabled", enabled=False))
+    )
+    assert run(sock, "check") == 0
+    assert capsys.readouterr().out == ("ok: 1 verified, 1 disabled by the operator (mips64el)\n")
+
+
+def test_two_sandbox_daemons_are_named_not_systemctl(
+    sockdir: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No system socket but two --sandbox daemons: name their sockets and the --socket line."""
+    for name in ("a", "b"):
+        os.makedirs(os.path.join(sockdir, name))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.bind(os.path.join(sockdir, name, "binfmtd.sock"))
+    monkeypatch.setattr(cli, "DEFAULT_SOCKET", os.path.join(sockdir, "none.sock"))
+    monkeypatch.setattr(cli, "SANDBOX_SOCKETS", os.path.join(sockdir, "*", "binfmtd.sock"))
+    monkeypatch.delenv("BINFMTD_SOCKET", raising=False)
+    assert cli.main(["status"]) == 3
+    err = capsys.readouterr().err
+    assert "systemctl" not in err
+    for name in ("a", "b"):
+        assert f"binfmtctl --socket {sockdir}/{name}/binfmtd.sock ..." in err
+
+
+def test_hints_name_a_sandbox_daemon_not_systemd(
+    sock: str, daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Talking to a --sandbox daemon, hints name its config and `binfmtctl reload` /
+    `binfmtd --sandbox=NAME`, never systemctl or /etc."""
+    doc = status_doc(arch("aarch64"), sandbox=True)
+    doc["daemon"].update(config="/srv/e.yaml", sandbox_name="a")
+    daemon.set_status(doc)
+    daemon.worker = lambda: {"enabled": False}  # type: ignore[method-assign]
+    assert run(sock, "worker") == 0
+    out = capsys.readouterr().out
+    assert "/srv/e.yaml" in out and "binfmtctl reload" in out
+    assert "systemctl" not in out and "/etc/" not in out
+    answer = {"reloaded": True, "changed": [], "needs_restart": ["api.socket"]}
+    daemon.mutate = lambda action, arg: answer  # type: ignore[method-assign]
+    assert run(sock, "reload") == 0
+    out = capsys.readouterr().out
+    assert "binfmtd --sandbox=a --config /srv/e.yaml" in out and "systemctl" not in out
+
+
+def test_hints_name_systemd_for_the_system_daemon(
+    sock: str, daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The system daemon's hints keep naming its unit and its configuration file."""
+    daemon.worker = lambda: {"enabled": False}  # type: ignore[method-assign]
+    assert run(sock, "worker") == 0
+    out = capsys.readouterr().out
+    assert "(/etc/binfmtd/binfmtd.yaml)" in out and "systemctl reload binfmtd" in out
+    answer = {"reloaded": True, "changed": [], "needs_restart": ["api.socket"]}
+    daemon.mutate = lambda action, arg: answer  # type: ignore[method-assign]
+    assert run(sock, "reload") == 0
+    assert "(systemctl restart binfmtd)" in capsys.readouterr().out

@@ -25,6 +25,7 @@ from binfmtd.config import (
     Config,
     ConfigError,
     ConflictPolicy,
+    InstallMethod,
     LogConfig,
     LogFormat,
     ProbeConfig,
@@ -40,6 +41,7 @@ arches: [aarch64, riscv64, s390x]
 exclude: [s390x]
 flags: F
 conflict_policy: replace
+install_method: copy
 reconcile_interval_s: 2.5
 reverify_interval_s: 120
 remove_on_stop: true
@@ -97,8 +99,16 @@ def test_defaults() -> None:
     assert cfg.flags == "POF" and cfg.conflict_policy is ConflictPolicy.LEAVE
     assert cfg.source == SourceConfig(SourceKind.AUTO, None)
     assert cfg.log == LogConfig("info", LogFormat.AUTO)
+    assert cfg.install_method is InstallMethod.AUTO
     assert config.parse("", "e.yaml") == dataclasses.replace(Config(), config_file="e.yaml")
     assert config.parse("# nothing\n", "c.yaml").install_dir == cfg.install_dir
+
+
+def test_safety_pass_defaults_to_thirty_seconds_and_is_configurable() -> None:
+    """Events drive reconcile; the safety pass runs every 30 s unless set (within its limits)."""
+    assert Config().reconcile_interval_s == 30.0
+    assert config.parse("reconcile_interval_s: 60\n").reconcile_interval_s == 60.0
+    assert "between 0.05 and 3600" in error_of("reconcile_interval_s: 7200\n")
 
 
 def test_every_option_in_a_full_yaml() -> None:
@@ -112,6 +122,7 @@ def test_every_option_in_a_full_yaml() -> None:
         exclude=("s390x",),
         flags="F",
         conflict_policy=ConflictPolicy.REPLACE,
+        install_method=InstallMethod.COPY,
         reconcile_interval_s=2.5,
         reverify_interval_s=120.0,
         remove_on_stop=True,
@@ -198,6 +209,7 @@ def test_full_yaml_covers_every_option() -> None:
         ("probe:\n  timeout_s: 601\n", 2, "probe.timeout_s", "between 0.1 and 600"),
         ("probe:\n  timeout_s: .nan\n", 2, "probe.timeout_s", "between"),
         ("reconcile_interval_s: 0.001\n", 1, "reconcile_interval_s", "between"),
+        ("install_method: hardlink\n", 1, "install_method", "not one of: auto, copy"),
         ("- a\n- b\n", 1, "<top>", "expected a mapping"),
     ],
 )

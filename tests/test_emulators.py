@@ -31,10 +31,27 @@ def install_dir(tmp_path: Path) -> Path:
     return path
 
 
-def install_file(source: Path, dest: Path, arch: str = "aarch64") -> tuple[str, str]:
-    """install_stream from a file on disk."""
+def install_file(
+    source: Path, dest: Path, arch: str = "aarch64", *, link: bool = False
+) -> tuple[str, str]:
+    """install_stream from a file on disk (by hard link only when `link`): (path, sha256)."""
+    written = install_written(source, dest, arch, link=link)
+    return written.path, written.sha256
+
+
+def install_written(
+    source: Path,
+    dest: Path,
+    arch: str = "aarch64",
+    *,
+    link: bool = True,
+    hashes: emulators.HashCache | None = None,
+) -> emulators.Written:
+    """install_stream from a file on disk, the whole result."""
     with source.open("rb") as stream:
-        return emulators.install_stream(stream, arch, str(dest), X86_64)
+        return emulators.install_stream(
+            stream, arch, str(dest), X86_64, allow_link=link, hashes=hashes
+        )
 
 
 def test_install_is_complete_root_owned_0755_and_checksummed(
@@ -180,3 +197,115 @@ def test_sha256_of_distrusts_modifiable_files(qemu_dir: Path, tmp_path: Path) ->
     os.chown(path, 1000, 0)
     assert emulators.sha256_of(path) is None
     assert emulators.sha256_of(str(tmp_path / "absent")) is None
+
+
+def test_trusted_source_on_the_same_filesystem_is_installed_by_hard_link(
+    qemu_dir: Path, tmp_path: Path
+) -> None:
+    """A root:root 0755 source beside the install dir: same inode, checksummed, version read."""
+    source = tmp_path / "src" / "qemu-riscv64-static"
+    source.parent.mkdir()
+    shutil.copy2(qemu_dir / "qemu-riscv64-static", source)
+    dest = install_dir(tmp_path)
+    written = install_written(source, dest, "riscv64")
+    assert written.method is emulators.Method.LINK
+    assert os.stat(written.path).st_ino == source.stat().st_ino
+    assert os.stat(written.path).st_nlink == 2
+    assert written.sha256 == sha256(source)
+    assert written.version == emulators.qemu_version(written.path)
+    inode = os.stat(written.path).st_ino
+    assert emulators.sha256_of(written.path, linked_inode=inode) == written.sha256
+    assert emulators.sha256_of(written.path) is None  # a copy must have one link
+    assert emulators.sha256_of(written.path, linked_inode=inode + 1) is None
+    again = install_written(source, dest, "riscv64")  # rename(2) onto the same inode
+    assert again.method is emulators.Method.LINK
+    assert os.listdir(dest) == ["qemu-riscv64"]
+
+
+def test_package_manager_replacing_the_source_leaves_the_link_alone(
+    qemu_dir: Path, tmp_path: Path
+) -> None:
+    """dpkg installs a new version by rename(2): the linked emulator keeps the old inode."""
+    source = tmp_path / "src" / "qemu-riscv64-static"
+    source.parent.mkdir()
+    shutil.copy2(qemu_dir / "qemu-riscv64-static", source)
+    dest = install_dir(tmp_path)
+    written = install_written(source, dest, "riscv64")
+    upgrade = source.with_name("qemu-riscv64-static.dpkg-new")
+    shutil.copy2(qemu_dir / "qemu-s390x-static", upgrade)
+    os.rename(upgrade, source)
+    inode = os.stat(written.path).st_ino
+    assert sha256(Path(written.path)) == written.sha256 != sha256(source)
+    assert emulators.sha256_of(written.path, linked_inode=inode) == written.sha256
+    source.unlink()  # and removing the package does not remove the emulator
+    assert emulators.sha256_of(written.path) == written.sha256
+
+
+@pytest.mark.parametrize("mode", [0o775, 0o750, 0o4755])
+def test_source_that_is_not_root_0755_is_copied_not_linked(
+    qemu_dir: Path, tmp_path: Path, mode: int
+) -> None:
+    """A link would carry the source's mode: anything but root:root 0755 gets its own copy."""
+    source = tmp_path / "src" / "qemu-riscv64-static"
+    source.parent.mkdir()
+    shutil.copy2(qemu_dir / "qemu-riscv64-static", source)
+    source.chmod(mode)
+    dest = install_dir(tmp_path)
+    written = install_written(source, dest, "riscv64")
+    st = os.stat(written.path)
+    assert written.method in {emulators.Method.REFLINK, emulators.Method.COPY}
+    assert st.st_ino != source.stat().st_ino and st.st_nlink == 1
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 0, 0)
+    assert written.sha256 == sha256(source) == emulators.sha256_of(written.path)
+
+
+def test_copy_method_never_links(qemu_dir: Path, tmp_path: Path) -> None:
+    """install_method: copy gives bytes of our own even from a linkable source."""
+    dest = install_dir(tmp_path)
+    written = install_written(qemu_dir / "qemu-aarch64-static", dest, link=False)
+    assert written.method in {emulators.Method.REFLINK, emulators.Method.COPY}
+    assert os.stat(written.path).st_nlink == 1
+    assert emulators.sha256_of(written.path) == written.sha256
+
+
+def test_source_bytes_are_read_once_per_identity(
+    qemu_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hash cache skips re-reading an unchanged source; a rewritten one is read again."""
+    reads: list[int] = []
+    real = emulators._digest_fd
+
+    def counting(fd: int, arch: str | None) -> emulators.Digest:
+        reads.append(fd)
+        return real(fd, arch)
+
+    monkeypatch.setattr(emulators, "_digest_fd", counting)
+    source = tmp_path / "src" / "qemu-riscv64-static"
+    source.parent.mkdir()
+    shutil.copy2(qemu_dir / "qemu-riscv64-static", source)
+    hashes = emulators.HashCache()
+    first = install_written(source, install_dir(tmp_path), "riscv64", link=False, hashes=hashes)
+    second = install_written(source, tmp_path / "qemu", "riscv64", link=False, hashes=hashes)
+    assert len(reads) == 1 and first.sha256 == second.sha256
+    assert first.version is not None and second.version == first.version
+    with source.open("r+b") as handle:  # same size, same inode, other bytes
+        handle.seek(-1, os.SEEK_END)
+        handle.write(b"\x01")
+    third = install_written(source, tmp_path / "qemu", "riscv64", link=False, hashes=hashes)
+    assert len(reads) == 2 and third.sha256 == sha256(source) != first.sha256
+
+
+def test_hash_cache_survives_in_the_state_file(qemu_dir: Path, tmp_path: Path) -> None:
+    """write_state keeps the digest cache; read_hashes gives it back (garbage gives empty)."""
+    hashes = emulators.HashCache()
+    written = install_written(
+        qemu_dir / "qemu-s390x-static", install_dir(tmp_path), "s390x", link=False, hashes=hashes
+    )
+    state = tmp_path / "state.json"
+    emulators.write_state(str(state), {}, hashes=hashes)
+    again = emulators.read_hashes(str(state))
+    st = os.stat(qemu_dir / "qemu-s390x-static")
+    assert again.get(st) == emulators.Digest(written.sha256, written.version)
+    state.write_text('{"hashes": [1, 2]}', encoding="utf-8")
+    assert emulators.read_hashes(str(state)).get(st) is None
+    assert emulators.read_hashes(str(tmp_path / "missing.json")).get(st) is None

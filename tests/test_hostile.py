@@ -268,7 +268,7 @@ def test_interpreter_path_over_127_bytes_is_a_clear_config_error(tmp_path: Path)
 def test_links_planted_before_the_first_install_are_never_registered(
     sandbox_sh: SandboxSh, tmp_path: Path, qemu_dir: Path
 ) -> None:
-    """Planted symlink and hard link: replaced by regular single-link files, targets intact."""
+    """Planted symlink and hard link: replaced by our own installs, targets intact."""
     TRIED["planted_links_cold"] += 2
     victims = tmp_path / "victims"
     victims.mkdir()
@@ -287,11 +287,20 @@ def test_links_planted_before_the_first_install_are_never_registered(
     assert os.stat(victims / "root-owned").st_nlink == 1
 
 
+def ours(path: Path, qemu_dir: Path, arch: str) -> bool:
+    """A regular file with one link, or a hard link to the source itself (a link install)."""
+    st_ = os.lstat(path)
+    source = os.stat(qemu_dir / f"qemu-{arch}-static")
+    linked = (st_.st_dev, st_.st_ino) == (source.st_dev, source.st_ino)
+    return stat.S_ISREG(st_.st_mode) and (st_.st_nlink == 1 or linked)
+
+
 def assert_regular_installs(install: Path, qemu_dir: Path, arches: list[str]) -> None:
-    """Each interpreter: regular, one link, root-owned, not group/world-writable, right sha."""
+    """Each interpreter: ours (copy or link to the source), root-owned, not group/world-writable,
+    right sha."""
     for arch in arches:
         st_ = os.lstat(install / f"qemu-{arch}")
-        assert stat.S_ISREG(st_.st_mode) and st_.st_nlink == 1 and st_.st_uid == 0
+        assert ours(install / f"qemu-{arch}", qemu_dir, arch) and st_.st_uid == 0
         assert not st_.st_mode & 0o022
         assert sha256_file(install / f"qemu-{arch}") == sha256_file(
             qemu_dir / f"qemu-{arch}-static"
@@ -321,8 +330,7 @@ def test_links_planted_under_a_running_daemon_are_replaced(
 
     def replaced() -> bool:
         regular = all(
-            not (install / f"qemu-{a}").is_symlink()
-            and os.lstat(install / f"qemu-{a}").st_nlink == 1
+            not (install / f"qemu-{a}").is_symlink() and ours(install / f"qemu-{a}", qemu_dir, a)
             for a in ("aarch64", "s390x")
         )
         return regular and len(daemon.events("emulator_installed")) >= before + 2

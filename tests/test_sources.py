@@ -428,7 +428,8 @@ def test_install_from_found_stream(trixie: Trixie, tmp_path: Path) -> None:
     emulators.ensure_install_dir(str(dest))
     for item in directory(trixie.usr_bin).streams(["aarch64"]):
         assert isinstance(item, Found)
-        path, digest = emulators.install_stream(item.stream, "aarch64", str(dest), X86_64)
+        written = emulators.install_stream(item.stream, "aarch64", str(dest), X86_64)
+        path, digest = written.path, written.sha256
     assert digest == sha256(trixie.usr_bin / "qemu-aarch64")
     assert (emulators.qemu_version(path) or "").startswith("qemu-aarch64 version 10.0")
 

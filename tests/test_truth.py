@@ -480,12 +480,12 @@ def test_unexpected_exception_keeps_serving_stale_then_exits_72(tmp_path: Path) 
     daemon = Daemon(cfg, sandbox=None, config_path=None)
     fail = True
 
-    def tick(verify_also: Iterable[str] = ()) -> TickReport:
+    def tick(verify_also: Iterable[str] = (), **_seams: Any) -> TickReport:
         if fail:
             raise Boom("bad day")
         return TickReport()
 
-    daemon.engine.tick = tick  # type: ignore[method-assign]  # the seam for a fault
+    daemon.engine.tick = tick  # type: ignore[method-assign,assignment]  # the seam for a fault
     daemon._publish()
     daemon._tick()
     assert daemon.published.status.daemon.stale is True
