@@ -294,6 +294,9 @@ class Engine:
         self.operator_changed.clear()
         report.durations_ms["observe"] = _ms(started)
         if progress is not None and actions:
+            for action in actions:  # about to change (reinstall, re-register): unproven now
+                if not isinstance(action, plan.Conflict | plan.Refuse):
+                    self.proofs.pop(str(getattr(action, "arch", None)), None)
             self._log_instance_change(obs)
             self.observation = obs  # what is broken shows as such before the slow repairs
             progress()
