@@ -20,7 +20,7 @@ import tarfile
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -250,7 +250,7 @@ class Engine:
         # restart: an unchanged file is not hashed again, so a warm start stays fast.
         if ident is not None and ident in (self.file_ids.get(arch), record.file_id):
             return True
-        if emulators.sha256_of(record.path, linked_inode=_linked_inode(record)) != record.sha256:
+        if not emulators.matches(record.path, record.checksum, linked_inode=_linked_inode(record)):
             return False
         self.file_ids[arch] = ident or ""
         return True
@@ -455,6 +455,7 @@ class Engine:
         assert self.source is not None
         host = self.host_elf_machine()
         pending = set(arches)
+        owners = _packages_soon(self.source.origins(arches))
         try:
             self.source.check_available()
             emulators.ensure_install_dir(self.cfg.install_dir)
@@ -462,7 +463,8 @@ class Engine:
         except SOURCE_ERRORS as exc:
             self._fail_install(sorted(pending), report, _source_error(exc))
             return
-        self._add_versions([a for a in arches if a not in pending and a not in report.errors])
+        done = [a for a in arches if a not in pending and a not in report.errors]
+        self._add_versions(done, owners)
         self._fail_install(
             sorted(pending), report, f"source {self.source.path} has no qemu-ARCH-static"
         )
@@ -544,7 +546,7 @@ class Engine:
         self.installed[arch] = Installed(
             arch,
             done.path,
-            done.sha256,
+            done.checksum,
             done.version,
             self.source.describe(),
             source_id,
@@ -560,16 +562,17 @@ class Engine:
             "emulator_installed",
             arch=arch,
             interpreter=done.path,
-            sha256=done.sha256,
+            checksum=done.checksum,
             method=done.method,
         )
         self._install_failures.cleared(arch)
 
-    def _add_versions(self, arches: list[str]) -> None:
+    def _add_versions(self, arches: list[str], early: Future[PackageOwners] | None) -> None:
         """`qemu-X --version` once every write is closed: a fork while another thread holds a
         new emulator open for writing could make that emulator's exec fail with ETXTBSY.
         (Usually the version was read from the bytes while hashing: nothing runs.)
-        Then the package each file came from, when the package manager knows it."""
+        Then the package each file came from, when the package manager knows it: `early` is
+        the lookup started with the installs; files it did not ask about are asked now."""
         if not arches:
             return
         unread = [a for a in arches if self.installed[a].version is None]
@@ -580,7 +583,11 @@ class Engine:
                 for arch, version in zip(unread, versions, strict=True):
                     self.installed[arch] = replace(self.installed[arch], version=version)
         unknown = [a for a in arches if self.installed[a].package is None]
-        owners = packages_of(self.installed[a].origin for a in unknown)
+        asked, owners = early.result() if early is not None else (frozenset(), {})
+        owners = {
+            **owners,
+            **packages_of(o for o in (self.installed[a].origin for a in unknown) if o not in asked),
+        }
         for arch in unknown:
             package = owners.get(self.installed[arch].origin)
             if package is not None:
@@ -725,7 +732,7 @@ class Engine:
             enabled=bool(shown and shown.enabled),
             flags=shown.flags if shown else "",
             interpreter=shown.interpreter if shown else None,
-            sha256=record.sha256 if ours and record else None,
+            checksum=record.checksum if ours and record else None,
             qemu_version=record.version if ours and record else None,
             probe=proof.result if proof else None,
             error=detail,
@@ -782,6 +789,24 @@ def _hold(
         else:
             kept.append(action)
     return kept
+
+
+PackageOwners = tuple[frozenset[str], dict[str, tuple[str, str]]]
+
+
+def _packages_soon(origins: Mapping[str, str]) -> Future[PackageOwners] | None:
+    """Start `packages_of` (dpkg-query, a subprocess of ~70 ms) beside the installs: its result
+    is ({file asked about}, {file: (package, version)}). Forking while an install holds a temp file
+    open for writing is harmless here: the child execs (closing it, O_CLOEXEC) long before
+    anything execs an emulator, which happens only after every install finished."""
+    if not origins:
+        return None
+    pool = ThreadPoolExecutor(1)
+    try:
+        paths = frozenset(origins.values())
+        return pool.submit(lambda: (paths, packages_of(paths)))
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _linked_inode(record: Installed) -> int | None:

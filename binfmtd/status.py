@@ -169,7 +169,7 @@ class ArchStatus:
     enabled: bool
     flags: str
     interpreter: str | None
-    sha256: str | None
+    checksum: str | None
     qemu_version: str | None
     probe: ProbeResult | None
     error: str | None

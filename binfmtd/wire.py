@@ -172,7 +172,7 @@ class ArchRecord(Record):
     enabled: bool
     flags: str
     interpreter: str | None
-    sha256: str | None = None
+    checksum: str | None = None  # `blake3:<hex>` (`sha256:<hex>` from an old install)
     qemu_version: str | None = None
     probe: ProbeRecord | None = None
     error: str | None = None

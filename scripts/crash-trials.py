@@ -10,7 +10,7 @@ kill and nothing reaches the host. Each trial:
    [0, T] (T covers a cold provision) or right after a chosen log event (to land in the short
    register window); sometimes a second start is killed the same way;
 3. checks the invariants after every kill: each registered entry whose interpreter is in the
-   install dir points at a complete regular file whose sha256 is the state file's record (or,
+   install dir points at a complete regular file whose checksum is the state file's record (or,
    with no record yet, the source's); the state file is valid JSON or absent;
 4. restarts with `--oneshot`: exit 0, every arch verified, no `.binfmtd-tmp-*` left, state,
    files and entries agree.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -38,6 +37,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import blake3
 
 REPO = Path(__file__).resolve().parent.parent
 BINFMTD = str(REPO / ".venv" / "bin" / "binfmtd")
@@ -117,7 +118,7 @@ class Lab:
         self.state_file = self.state_dir / "state.json"
         self.tmp = work / "tmp"
         self.config = work / "binfmtd.yaml"
-        self.source_sha = {a: sha256(source / f"qemu-{a}-static") for a in arches}
+        self.source_sha = {a: checksum(source / f"qemu-{a}-static") for a in arches}
         body = {
             "install_dir": str(self.install_dir),
             "state_file": str(self.state_file),
@@ -199,13 +200,13 @@ class Lab:
             shutil.rmtree(self.tmp / name, ignore_errors=True)
 
 
-def sha256(path: Path) -> str:
-    """sha256 of a file."""
-    digest = hashlib.sha256()
+def checksum(path: Path) -> str:
+    """The checksum binfmtd records for a file (`blake3:<hex>`)."""
+    digest = blake3.blake3()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
-    return digest.hexdigest()
+    return f"blake3:{digest.hexdigest()}"
 
 
 # ---------------------------------------------------------------- invariants
@@ -238,8 +239,8 @@ def check_invariants(lab: Lab) -> list[str]:
         problems += check_file(lab, arch, Path(interpreter), records.get(arch))
     for arch, record in records.items():
         path = Path(record.get("path", ""))
-        if path.exists() and arch in lab.source_sha and record.get("sha256") != sha256(path):
-            problems.append(f"{arch}: state records {record.get('sha256')} but {path} differs")
+        if path.exists() and arch in lab.source_sha and record.get("checksum") != checksum(path):
+            problems.append(f"{arch}: state records {record.get('checksum')} but {path} differs")
     return problems
 
 
@@ -263,8 +264,8 @@ def check_file(lab: Lab, arch: str, path: Path, record: dict[str, Any] | None) -
             f"{arch}: registered interpreter {path} is neither a single-link regular file nor "
             "a hard link to the source"
         ]
-    digest = sha256(path)
-    want = record["sha256"] if record else lab.source_sha.get(arch)
+    digest = checksum(path)
+    want = record["checksum"] if record else lab.source_sha.get(arch)
     if digest != want:
         what = "the state file's record" if record else "the source"
         return [f"{arch}: registered {path} ({st.st_size} bytes) does not match {what}"]
@@ -284,7 +285,7 @@ def check_converged(lab: Lab, doc: dict[str, Any]) -> list[str]:
         if fields.get("interpreter") != str(path) or "F" not in fields.get("flags", ""):
             problems.append(f"{arch}: entry after restart is {fields}")
         record = records.get(arch)
-        if record is None or record.get("sha256") != lab.source_sha[arch]:
+        if record is None or record.get("checksum") != lab.source_sha[arch]:
             problems.append(f"{arch}: state record after restart is {record}")
         problems += check_file(lab, arch, path, record)
     return problems

@@ -15,7 +15,6 @@ Two ways to run it, neither ever touching the host's binfmt_misc:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+import blake3
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -448,13 +448,13 @@ def running(cfg: Path, sock: str | None = None, **kwargs: Any) -> Iterator[Daemo
         shutil.rmtree(daemon.work, ignore_errors=True)
 
 
-def sha256_file(path: str | Path) -> str:
-    """The hex sha256 of a file."""
-    digest = hashlib.sha256()
+def checksum_file(path: str | Path) -> str:
+    """The checksum binfmtd records for a file: `blake3:<hex>`."""
+    digest = blake3.blake3()
     with open(path, "rb") as handle:
         while block := handle.read(1 << 20):
             digest.update(block)
-    return digest.hexdigest()
+    return f"blake3:{digest.hexdigest()}"
 
 
 # --- one-shot runs ------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def arch(name: str, state: str = "verified", **changes: Any) -> dict[str, Any]:
         "enabled": True,
         "flags": "POCF",
         "interpreter": f"/var/lib/binfmtd/qemu/qemu-{name}",
-        "sha256": "ab" * 32,
+        "checksum": "blake3:" + "ab" * 32,
         "qemu_version": "8.2.2",
         "probe": {"ok": state == "verified", "at": NOW - 42, "duration_ms": 12.5, "error": None},
         "error": None,

@@ -122,8 +122,8 @@ class Watcher(du.Poller):
 
 
 def genuine_sha(cache: Cache, arch: str) -> str:
-    """The sha256 of the source's emulator for `arch`."""
-    return du.sha256_file(cache.qemu_dir / f"qemu-{arch}-static")
+    """The checksum of the source's emulator for `arch`."""
+    return du.checksum_file(cache.qemu_dir / f"qemu-{arch}-static")
 
 
 def is_right(row: dict[str, Any], install: Path, sha: str | None = None) -> bool:
@@ -135,7 +135,7 @@ def is_right(row: dict[str, Any], install: Path, sha: str | None = None) -> bool
         and row["flags"] == OUR_FLAGS
         and row["interpreter"] == str(install / f"qemu-{row['arch']}")
         and bool(row["probe"] and row["probe"]["ok"])
-        and (sha is None or row["sha256"] == sha)
+        and (sha is None or row["checksum"] == sha)
     )
 
 
@@ -247,7 +247,7 @@ def test_drift_is_repaired_and_reverified(
             daemon.ns_ok(drift.script(install, spare, cache))
             done = time.time()
             if kind == "interpreter_swapped":
-                assert du.sha256_file(install / "qemu-aarch64") == shas["s390x"]
+                assert du.checksum_file(install / "qemu-aarch64") == shas["s390x"]
 
             def repaired() -> dict[str, Any] | None:
                 status = ctl_status(daemon)
@@ -267,7 +267,7 @@ def test_drift_is_repaired_and_reverified(
             assert entry is not None
             assert (entry.enabled, entry.flags) == (True, OUR_FLAGS)
             assert entry.interpreter == str(install / f"qemu-{arch}")
-            assert du.sha256_file(install / f"qemu-{arch}") == shas[arch]
+            assert du.checksum_file(install / f"qemu-{arch}") == shas[arch]
         assert_never_falsely_verified(
             watcher.snapshots, install, shas, drift.arches, (before, done)
         )

@@ -20,7 +20,7 @@ from typing import Any
 import daemonutil as du
 import pytest
 from conftest import daemon_config, write_config
-from daemonutil import ENTRIES, SandboxSh, run_daemon, run_oneshot, sha256_file, wait_until
+from daemonutil import ENTRIES, SandboxSh, checksum_file, run_daemon, run_oneshot, wait_until
 
 from binfmtd import arch as archmod
 from binfmtd.binfmt import Registration
@@ -55,7 +55,7 @@ def test_disk_full_during_install_is_reported_and_leaves_nothing_partial(
     installed = [f.removeprefix("qemu-") for f in run["files"] if f.startswith("qemu-")]
     assert set(installed) == set(arches) - set(failed)
     for arch in installed:
-        assert rows[arch]["sha256"] == sha256_file(qemu_dir / f"qemu-{arch}-static")
+        assert rows[arch]["checksum"] == checksum_file(qemu_dir / f"qemu-{arch}-static")
 
 
 def test_read_only_install_dir_is_a_clear_error_and_nothing_is_registered(
@@ -81,7 +81,7 @@ def test_replaced_interpreter_is_reinstalled_from_the_source(
     """Another binary renamed over qemu-aarch64: re-installed, right sha, verified again."""
     daemon = run_daemon(daemons, daemon_config(tmp_path))
     daemon.wait_verified(["aarch64", "s390x"])
-    good = sha256_file(qemu_dir / "qemu-aarch64-static")
+    good = checksum_file(qemu_dir / "qemu-aarch64-static")
     target = Path(daemon.install_dir) / "qemu-aarch64"
     impostor = Path(daemon.install_dir) / "impostor"
     shutil.copyfile(qemu_dir / "qemu-arm-static", impostor)
@@ -94,11 +94,11 @@ def test_replaced_interpreter_is_reinstalled_from_the_source(
         return bool(
             len(daemon.events("emulator_installed")) > before
             and row["state"] == "verified"
-            and row["sha256"] == good
+            and row["checksum"] == good
         )
 
     wait_until("aarch64 re-installed and verified", repaired, 20)
-    assert sha256_file(target) == good
+    assert checksum_file(target) == good
     reinstalled = daemon.events("emulator_installed")[before:]
     assert [e["arch"] for e in reinstalled] == ["aarch64"]
     assert any(

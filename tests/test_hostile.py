@@ -22,7 +22,7 @@ import daemonutil as du
 import pytest
 import yaml
 from conftest import daemon_config, write_config
-from daemonutil import SandboxSh, run_daemon, run_oneshot, sha256_file, wait_until
+from daemonutil import SandboxSh, checksum_file, run_daemon, run_oneshot, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -274,7 +274,7 @@ def test_links_planted_before_the_first_install_are_never_registered(
     victims.mkdir()
     shutil.copyfile("/bin/sh", victims / "sh")
     shutil.copyfile(qemu_dir / "qemu-s390x-static", victims / "root-owned")
-    before = {p.name: sha256_file(p) for p in victims.iterdir()}
+    before = {p.name: checksum_file(p) for p in victims.iterdir()}
     install = tmp_path / "qemu"
     install.mkdir(mode=0o755)
     (install / "qemu-aarch64").symlink_to(victims / "sh")
@@ -283,7 +283,7 @@ def test_links_planted_before_the_first_install_are_never_registered(
     run = run_oneshot(sandbox_sh, tmp_path, cfg)
     assert run["rc"] == 0, run["stderr"]
     assert_regular_installs(install, qemu_dir, ["aarch64", "s390x"])
-    assert {p.name: sha256_file(p) for p in victims.iterdir()} == before
+    assert {p.name: checksum_file(p) for p in victims.iterdir()} == before
     assert os.stat(victims / "root-owned").st_nlink == 1
 
 
@@ -302,7 +302,7 @@ def assert_regular_installs(install: Path, qemu_dir: Path, arches: list[str]) ->
         st_ = os.lstat(install / f"qemu-{arch}")
         assert ours(install / f"qemu-{arch}", qemu_dir, arch) and st_.st_uid == 0
         assert not st_.st_mode & 0o022
-        assert sha256_file(install / f"qemu-{arch}") == sha256_file(
+        assert checksum_file(install / f"qemu-{arch}") == checksum_file(
             qemu_dir / f"qemu-{arch}-static"
         )
 

@@ -6,7 +6,6 @@ provides an already-mounted one that binfmtd (without --sandbox) must compose wi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 from conftest import Cache, write_config
 from daemonutil import BINFMTD, SandboxSh
@@ -186,7 +186,7 @@ def test_real_busybox_runs_directly_and_from_an_empty_chroot(
 
 
 def test_json_output_shape_and_state_file(tmp_path: Path) -> None:
-    """--json prints the documented shape; sha256s there and in the state file match the files."""
+    """--json prints the documented shape; checksums there and in the state file match the files."""
     cfg = write_config(tmp_path, arches=["riscv64", "s390x"])
     result = sandboxed(cfg, "--json")
     assert result.returncode == 0, result.stderr
@@ -214,7 +214,7 @@ def test_json_output_shape_and_state_file(tmp_path: Path) -> None:
     assert list(rows) == ["riscv64", "s390x"]
     for arch, row in rows.items():
         path = tmp_path / "qemu" / f"qemu-{arch}"
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = "blake3:" + blake3.blake3(path.read_bytes()).hexdigest()
         assert set(row) == {
             "arch",
             "platforms",
@@ -223,7 +223,7 @@ def test_json_output_shape_and_state_file(tmp_path: Path) -> None:
             "enabled",
             "flags",
             "interpreter",
-            "sha256",
+            "checksum",
             "qemu_version",
             "handler",
             "probe",
@@ -241,7 +241,7 @@ def test_json_output_shape_and_state_file(tmp_path: Path) -> None:
         assert row["platforms"] == [f"linux/{arch}"]
         assert (row["state"], row["registered"], row["enabled"]) == ("verified", True, True)
         assert (row["flags"], row["interpreter"], row["error"]) == ("POF", str(path), None)
-        assert row["sha256"] == digest == state["emulators"][arch]["sha256"]
+        assert row["checksum"] == digest == state["emulators"][arch]["checksum"]
         assert row["qemu_version"].startswith(f"qemu-{arch} version ")
         assert row["probe"]["ok"] is True and row["probe"]["error"] is None
         assert set(row["probe"]) == {"ok", "at", "duration_ms", "error"}

@@ -113,6 +113,16 @@ def test_same_directory_symlinks_are_followed(qemu_dir: Path, tmp_path: Path) ->
     got = collect(directory(src), ["s390x", "arm"])
     assert got["s390x"][:2] == (sha256(qemu_dir / "qemu-s390x-static"), str(src / "qemu-s390x"))
     assert got["arm"][:2] == (sha256(qemu_dir / "qemu-arm-static"), str(src / "qemu-arm"))
+    origins = directory(src).origins(["s390x", "arm", "riscv64"])
+    assert origins == {"s390x": str(src / "qemu-s390x"), "arm": str(src / "qemu-arm")}
+
+
+def test_origins_match_what_streams_read(qemu_dir: Path) -> None:
+    """origins (stat only, for the early package lookup) names the files streams opens."""
+    source = directory(qemu_dir)
+    arches = ["aarch64", "s390x", "riscv64"]
+    got = collect(source, arches)
+    assert source.origins(arches) == {a: got[a][1] for a in arches}
 
 
 @pytest.mark.parametrize(
@@ -429,8 +439,13 @@ def test_install_from_found_stream(trixie: Trixie, tmp_path: Path) -> None:
     for item in directory(trixie.usr_bin).streams(["aarch64"]):
         assert isinstance(item, Found)
         written = emulators.install_stream(item.stream, "aarch64", str(dest), X86_64)
-        path, digest = written.path, written.sha256
-    assert digest == sha256(trixie.usr_bin / "qemu-aarch64")
+        path, digest = written.path, written.checksum
+    inode = os.stat(path).st_ino
+    assert digest == emulators.checksum_of(path, linked_inode=inode)
+    assert digest.startswith("blake3:")
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == sha256(
+        trixie.usr_bin / "qemu-aarch64"
+    )
     assert (emulators.qemu_version(path) or "").startswith("qemu-aarch64 version 10.0")
 
 

@@ -169,7 +169,7 @@ def test_foreign_handler_under_another_name_is_never_competed_with_under_leave(
     row = run["rows"]["aarch64"]
     assert row["state"] == "foreign"
     assert row["handler"]["entry"] == name and row["handler"]["owner"] == "foreign"
-    assert (row["sha256"], row["qemu_version"]) == (None, None)
+    assert (row["checksum"], row["qemu_version"]) == (None, None)
     assert "linux/arm64" not in run["doc"]["platforms"]
     assert f"binfmtd: aarch64: foreign: entry {name} (" in run["stderr"]
     assert "conflict_policy: replace" in run["stderr"]
@@ -188,7 +188,11 @@ def test_foreign_handler_added_after_ours_is_shown_as_the_handler(
         lambda: (r := daemon.arch("aarch64"))["state"] == "shadowed-by-foreign" and r,
         10,
     )
-    assert (row["interpreter"], row["sha256"], row["qemu_version"]) == (nix.interpreter, None, None)
+    assert (row["interpreter"], row["checksum"], row["qemu_version"]) == (
+        nix.interpreter,
+        None,
+        None,
+    )
     assert "entry aarch64-linux (" in row["error"]
     assert "linux/arm64" not in daemon.ctl("platforms").stdout
     check = daemon.ctl("check")
