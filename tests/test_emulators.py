@@ -311,9 +311,9 @@ def counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     reads: list[int] = []
     real = emulators._digest_fd
 
-    def counting(fd: int, arch: str | None, algorithm: str = emulators.ALGORITHM) -> Any:
+    def counting(fd: int, arch: str | None, *args: Any, **kwargs: Any) -> Any:
         reads.append(fd)
-        return real(fd, arch, algorithm)
+        return real(fd, arch, *args, **kwargs)
 
     monkeypatch.setattr(emulators, "_digest_fd", counting)
     return reads
@@ -385,3 +385,20 @@ def test_state_file_from_before_blake3_still_verifies(qemu_dir: Path, tmp_path: 
     os.chmod(path, 0o755)
     assert not emulators.matches(path, installed.checksum)
     assert not emulators.matches(path, "md5:" + "0" * 32)  # an unknown algorithm never matches
+
+
+def test_version_is_looked_for_after_the_code_only(qemu_dir: Path) -> None:
+    """The QEMU version literal lies past the executable segment, where the scan starts: the
+    version is still read from the bytes (nothing runs), and not found when searched before."""
+    path = qemu_dir / "qemu-aarch64-static"
+    data = path.read_bytes()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        code_end = emulators._check_elf(fd, len(data), X86_64, "aarch64")
+        digest = emulators._digest_fd(fd, "aarch64", search_from=code_end)
+        nothing = emulators._digest_fd(fd, "aarch64", search_from=len(data))
+    finally:
+        os.close(fd)
+    assert 0 < code_end < data.find(b"qemu-aarch64 version ") < len(data)
+    assert digest.version is not None and digest.version.startswith("qemu-aarch64 version ")
+    assert (nothing.checksum, nothing.version) == (digest.checksum, None)
