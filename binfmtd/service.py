@@ -18,8 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
 from binfmtd import __version__, config, emulators, log, ns, plan, preflight, views, watch, wire
 from binfmtd.binfmt import credentials_warning
 from binfmtd.engine import RETRY_FAILED_S, Engine, TickReport
@@ -272,6 +270,8 @@ class Daemon:
         """Until the loop has left its tick: kill every probe or `--version` run, including
         ones the tick starts after the signal, so a tick in progress ends now rather than
         after its timeouts. The BuildKit worker is left to its graceful stop."""
+        import psutil  # only on the way out: not loaded (time, memory) by a daemon that runs
+
         while self.in_loop:
             worker = self.worker.status.pid if self.worker is not None else None
             with contextlib.suppress(psutil.Error, OSError):
