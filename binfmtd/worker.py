@@ -22,7 +22,7 @@ import threading
 import time
 import tomllib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 import psutil
@@ -172,6 +172,40 @@ def check_tls_files(config: BuildkitConfig) -> None:
             f"refusing buildkit tls_key {config.tls_key}: readable by group or others "
             f"(mode {mode & 0o777:o}); run: chmod 600 {config.tls_key}"
         )
+
+
+RUNTIME_FLAG = "--oci-worker-binary"
+
+
+def oci_runtime(base: dict[str, Any], extra_args: Sequence[str]) -> str:
+    """The absolute path of the OCI runtime buildkitd's worker will run, checked by the trust
+    rule: root's buildkitd runs it for every RUN step, with the user's build inside.
+
+    Named by `--oci-worker-binary` in `extra_args` (the flag wins in buildkitd), else by the
+    base config's `[worker.oci] binary`, else `runc`; a bare name is looked up in SAFE_PATH.
+    Raises ValueError with the remedy when it is missing or fails the trust rule.
+    """
+    worker = base.get("worker")
+    oci = worker.get("oci") if isinstance(worker, dict) else None
+    name = str((oci.get("binary") if isinstance(oci, dict) else None) or "runc")
+    for i, arg in enumerate(extra_args):
+        if arg.startswith(RUNTIME_FLAG + "="):
+            name = arg.split("=", 1)[1]
+        elif arg == RUNTIME_FLAG and i + 1 < len(extra_args):
+            name = extra_args[i + 1]
+    path = resolve_binary(name)
+    if path is None:
+        raise ValueError(
+            f"OCI runtime {name!r} not found (PATH searched: {SAFE_PATH}); "
+            "the BuildKit worker needs it: apt-get install runc"
+        )
+    try:
+        os.close(trust.open_file(path, symlinks=True))
+    except trust.TrustError as exc:
+        raise ValueError(f"refusing OCI runtime {path}: {exc}") from None
+    except OSError as exc:
+        raise ValueError(f"cannot open OCI runtime {path}: {exc.strerror}") from None
+    return os.path.realpath(path)
 
 
 def load_base_config(path: str | None) -> dict[str, Any]:
@@ -528,6 +562,7 @@ class WorkerSupervisor:
             containerd=config.containerd_worker,
             root=config.state_dir,
             run_dir=config.run_dir,
+            runtime=oci_runtime(base, config.extra_args),
         )
         write_atomic(config.config_path, text)
         _remove(config.socket)
