@@ -424,7 +424,9 @@ class Daemon:
         engine = self.engine
         arches = views.arch_records(engine)
         platforms = views.platforms_record(engine)
-        worker = self.worker.snapshot() if self.worker is not None else None
+        worker = None
+        if self.worker is not None:
+            worker = self.worker.snapshot(self.engine.verified_platforms())
         daemon = wire.DaemonRecord(
             version=__version__,
             pid=os.getpid(),

@@ -22,7 +22,7 @@ import threading
 import time
 import tomllib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import IO, Any
 
 import psutil
@@ -310,18 +310,31 @@ class WorkerSupervisor:
         """Restart a running worker, with the usual grace for running builds."""
         self._feed(RestartRequested(), self._clock())
 
-    def snapshot(self) -> wire.WorkerRecord:
+    def snapshot(self, verified: Collection[str] | None = None) -> wire.WorkerRecord:
         """The worker as the status API and `binfmtctl worker` show it (`wire.WorkerRecord`).
 
         One `platforms` row per platform asked for or advertised, with its proof; `offered` are
-        the platforms buildx may use: advertised and proven. The `buildx_*` lines appear only
-        while the worker runs; `output_tail` holds buildkitd's last lines when it is failing.
+        the platforms buildx may use: advertised, proven and not withdrawn by the daemon since
+        the worker started. `verified` is the daemon's verified set right now, when the
+        supervisor has not been ticked with it yet (a platform leaves the offer at once).
+        The `buildx_*` lines appear only while the worker runs; `output_tail` holds
+        buildkitd's last lines when it is failing.
         """
         status, now = self._status, self._clock()
         advertised = status.advertised_platforms
         diff = platform_diff(status.servable, advertised) if advertised else None
         running = status.state is WorkerState.RUNNING
-        offered = tuple(p for p in advertised if p in status.proven) if running else ()
+        # A platform the daemon withdrew (an arch disabled or no longer verified) leaves the
+        # offer at once, before the debounced restart takes it off buildkitd's list.
+        current = status.desired_platforms
+        if verified is not None:
+            current = tuple(normalize_platform(p) for p in verified)
+        withdrawn = set(status.running_platforms) - set(current)
+        offered = (
+            tuple(p for p in advertised if p in status.proven and p not in withdrawn)
+            if running
+            else ()
+        )
         failing = status.state in _ALARMING or (status.last_error is not None and not running)
         return wire.WorkerRecord(
             enabled=True,
