@@ -22,6 +22,7 @@ from structlog.testing import CapturingLogger
 
 from binfmtd import worker
 from binfmtd.buildkit import BuildkitConfig, list_workers
+from binfmtd.run import SAFE_PATH
 from binfmtd.supervision import WorkerState
 from binfmtd.worker import (
     WorkerSupervisor,
@@ -496,7 +497,7 @@ def test_the_checked_runc_is_the_one_buildkitd_runs(
     """buildkitd's OCI worker gets the absolute path of the runc binfmtd checked."""
     harness.run_until(A, harness.in_state(WorkerState.RUNNING))
     written = tomllib.loads(Path(config.config_path).read_text())
-    runc = shutil.which("runc", path=worker.SAFE_PATH)
+    runc = shutil.which("runc", path=SAFE_PATH)
     assert runc is not None, "scripts/setup installs runc"
     assert written["worker"]["oci"]["binary"] == os.path.realpath(runc)
 
