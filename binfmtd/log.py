@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
@@ -26,6 +27,7 @@ class _Setup:
 
     level = logging.NOTSET
     pending: Callable[[], None] | None = None
+    lock = threading.Lock()  # held while structlog is set up: no thread logs before it is
 
 
 def configure(
@@ -52,10 +54,12 @@ def reset() -> None:
 
 
 def _flush() -> None:
-    """Run the pending structlog set-up, if any."""
-    pending, _Setup.pending = _Setup.pending, None
-    if pending is not None:
-        pending()
+    """Run the pending structlog set-up, if any; another thread waits until it is done (the
+    first events of --oneshot come from several install threads at once)."""
+    with _Setup.lock:
+        if _Setup.pending is not None:
+            _Setup.pending()
+            _Setup.pending = None
 
 
 def _configure_structlog(level: int, fmt: LogFormat, out: TextIO) -> None:

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-import blake3
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -450,6 +449,8 @@ def running(cfg: Path, sock: str | None = None, **kwargs: Any) -> Iterator[Daemo
 
 def checksum_file(path: str | Path) -> str:
     """The checksum binfmtd records for a file: `blake3:<hex>`."""
+    import blake3  # not at the top: this module is also run by a system python3 (stdlib only)
+
     digest = blake3.blake3()
     with open(path, "rb") as handle:
         while block := handle.read(1 << 20):

@@ -65,3 +65,40 @@ def test_lazy_logger_sets_up_structlog_on_the_first_enabled_event() -> None:
         }
     finally:
         log.reset()
+
+
+FIRST_EVENTS_AT_ONCE = """
+import io, json, sys, threading
+from binfmtd import config, log
+out = io.StringIO()
+log.configure("info", config.LogFormat.JSON, out, lazy=True)
+loggers = [log.get("binfmtd.engine") for _ in range(8)]
+kinds = sorted({type(x).__name__ for x in loggers})
+start = threading.Barrier(8)
+def emit(i):
+    start.wait()
+    loggers[i].info("emulator_installed", arch=str(i))
+threads = [threading.Thread(target=emit, args=(i,)) for i in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps({"kinds": kinds, "lines": out.getvalue().splitlines()}))
+"""
+
+
+def test_first_events_from_several_threads_all_use_the_configuration() -> None:
+    """Install threads logging their first events at once (structlog not imported yet): every
+    line is the configured JSON, none in structlog's default format on stdout."""
+    result = subprocess.run(
+        [sys.executable, "-c", FIRST_EVENTS_AT_ONCE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["kinds"] == ["Deferred"]
+    lines = [json.loads(line) for line in doc["lines"]]
+    assert sorted(line["arch"] for line in lines) == [str(i) for i in range(8)]
+    assert {line["event"] for line in lines} == {"emulator_installed"}
