@@ -141,6 +141,9 @@ class ApiServer:
         self._per_uid: dict[int, int] = {}
         self._done: deque[tuple[_Conn, int, bytes, str, bool]] = deque()
         self._wake_r, self._wake_w = socket.socketpair()
+        # Both ends non-blocking: draining the wake-up byte must never wait for one (the loop
+        # drains once more on its way out, when the byte may already have been read).
+        self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="binfmtd-mutate")
         self._thread = threading.Thread(target=self._run, name="binfmtd-api", daemon=True)
