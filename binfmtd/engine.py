@@ -19,7 +19,7 @@ import sys
 import tarfile
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -37,7 +37,7 @@ from binfmtd.truth import Observation, Owner
 
 INSTALL_PARALLELISM = 4
 RETRY_FAILED_S = 30.0
-PROGRESS_EVERY_S = 0.025  # while probes run, status is published at most this often
+PROGRESS_EVERY_S = 0.04  # while probes run, status is published at most this often
 # What a corrupt or truncated source can raise from deep inside tarfile, gzip, xz or zlib.
 SOURCE_ERRORS = (InstallError, OSError, EOFError, tarfile.TarError, zlib.error, lzma.LZMAError)
 
@@ -91,6 +91,7 @@ class Engine:
         self.native_proof: dict[str, str] = {}
         self.observation: Observation = truth.EMPTY
         self._selection: tuple[Config, tuple[str, ...], tuple[str, ...]] | None = None
+        self._rows: list[ArchStatus] | None = None  # statuses() of the publish under way
         self._registrations: dict[tuple[str, str, str], Registration] = {}
         self._headers: dict[str, bytes] = {}
         # Where boot-time tools keep their entries (read to say where a foreign one comes from).
@@ -811,8 +812,21 @@ class Engine:
 
     def statuses(self) -> list[ArchStatus]:
         """A row for every selected arch, and for every native arch an entry catches."""
+        if self._rows is not None:
+            return self._rows
         rows = [self.status_of(a) for a in self.selected]
         return rows + [r for a in self.native if (r := self._native_row(a)) is not None]
+
+    @contextlib.contextmanager
+    def held_still(self) -> Iterator[None]:
+        """A block in which nothing changes the engine (one publish): `statuses()` is worked
+        out once in it, however many views ask for it."""
+        self._rows = None
+        self._rows = self.statuses()
+        try:
+            yield
+        finally:
+            self._rows = None
 
     def facts(self, arch: str, native: bool = False) -> Facts:
         """What `status.derive` needs for `arch`, from this pass's observation."""

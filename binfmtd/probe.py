@@ -7,6 +7,7 @@ exact message and exited 0.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -44,11 +45,31 @@ def prepare_root(arch: str, workdir: str | None = None) -> str | None:
     source = probe_path(arch)
     if source is None:
         return None
+    body = _probe_bytes(source)
     root = tempfile.mkdtemp(prefix="binfmtd-probe-", dir=workdir)
-    target = os.path.join(root, "probe")
-    shutil.copyfile(source, target)
-    os.chmod(target, 0o755)
+    try:
+        _write_new(os.path.join(root, "probe"), body, 0o755)
+    except OSError:
+        shutil.rmtree(root, ignore_errors=True)  # ENOSPC mid-write: leave nothing behind
+        raise
     return root
+
+
+def _write_new(path: str, body: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o700)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(body)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+@functools.lru_cache(maxsize=64)
+def _probe_bytes(source: Path) -> bytes:
+    """A probe binary's bytes, read once per process (each root gets a copy written from them)."""
+    return source.read_bytes()
 
 
 def run_probe(arch: str, timeout_s: float, clock: Callable[[], float] = time.time) -> ProbeResult:

@@ -421,6 +421,10 @@ class Daemon:
     # ------------------------------------------------------------ publishing
 
     def _publish(self) -> None:
+        with self.engine.held_still():  # the views share one derivation of every row
+            self._publish_now()
+
+    def _publish_now(self) -> None:
         engine = self.engine
         arches = views.arch_records(engine)
         platforms = views.platforms_record(engine)
