@@ -119,6 +119,7 @@ def render_config(
     containerd: bool,
     root: str,
     run_dir: str = "/run/binfmtd/buildkit",
+    runtime: str | None = None,
 ) -> str:
     """buildkitd.toml text: the user's `base` (parsed with tomllib) with our keys forced on top.
 
@@ -126,14 +127,20 @@ def render_config(
     /run/buildkit, which a hardened unit cannot write), `[worker.oci] enabled = true` and
     `platforms`, and `[worker.containerd] enabled` and `platforms`. The platform lists are
     exactly `platforms` (the verified set less refusals) so BuildKit never falls back to
-    auto-detecting emulators for the configured list. Every other key of `base` survives.
+    auto-detecting emulators for the configured list. `runtime`, when given, is the OCI
+    runtime's absolute path (`[worker.oci] binary`, BuildKit's `config.OCIConfig.Binary`), the
+    one binfmtd checked, so buildkitd never looks runc up on its own. Every other key of
+    `base` survives.
     """
     listed = list(platforms)
+    oci: dict[str, Any] = {"enabled": True, "platforms": listed}
+    if runtime is not None:
+        oci["binary"] = runtime
     ours = {
         "root": root,
         "otel": {"socketPath": os.path.join(run_dir, "otel-grpc.sock")},
         "worker": {
-            "oci": {"enabled": True, "platforms": listed},
+            "oci": oci,
             "containerd": {"enabled": containerd, "platforms": listed},
         },
     }

@@ -91,6 +91,10 @@ class Repeats:
         self._open[key] = (error, 1, self._clock())
         return True
 
+    def __len__(self) -> int:
+        """How many keys are failing now."""
+        return len(self._open)
+
     def cleared(self, key: str, **fields: Any) -> bool:
         """`key` is fine again; logs the end (and returns True) if it was failing."""
         previous = self._open.pop(key, None)

@@ -426,7 +426,9 @@ class Daemon:
         engine = self.engine
         arches = views.arch_records(engine)
         platforms = views.platforms_record(engine)
-        worker = self.worker.snapshot() if self.worker is not None else None
+        worker = None
+        if self.worker is not None:
+            worker = self.worker.snapshot(self.engine.verified_platforms())
         daemon = wire.DaemonRecord(
             version=__version__,
             pid=os.getpid(),
@@ -520,7 +522,7 @@ class Daemon:
             arches = list(arg.get("arches") or sorted(selected))
             unknown = [a for a in arches if a not in selected]
             if unknown:
-                raise ApiError(404, f"not configured: {', '.join(unknown)}")
+                raise ApiError(*self._not_selected(unknown))
             off = sorted(set(arches) & self.engine.operator_disabled)
             report = self._tick(verify_also=tuple(a for a in arches if a not in off))
             return wire.VerifyResult(tuple(report.verified), tuple(report.failed), tuple(off))
@@ -534,9 +536,35 @@ class Daemon:
             return self._reload()
         raise ApiError(404, f"unknown action {action!r}")
 
+    def _not_selected(self, arches: list[str]) -> tuple[int, str]:
+        """(HTTP status, message) for arches binfmtd does not provision: the host's own
+        architecture (409: the kernel runs it with no emulator, there is nothing to switch),
+        excluded by `exclude`, or not named in `arches` (404)."""
+        native = [a for a in arches if a in self.engine.native]
+        if native and len(native) == len(arches):
+            verb = "is" if len(native) == 1 else "are"
+            return 409, (
+                f"{', '.join(native)} {verb} this host's native architecture: the kernel runs "
+                "its binaries directly, with no emulator, so binfmtd neither registers nor "
+                "switches it"
+            )
+        cfg = self.engine.cfg
+        where = self.config_path or "the built-in default configuration"
+        parts = []
+        for arch in arches:
+            if arch in self.engine.native:
+                parts.append(f"{arch} (this host's native architecture)")
+            elif arch in cfg.exclude:
+                parts.append(f"{arch} (excluded by `exclude` in {where})")
+            elif "all" in cfg.arches:
+                parts.append(f"{arch} (the emulator source has no qemu-{arch})")
+            else:
+                parts.append(f"{arch} (not in `arches` in {where})")
+        return 404, f"not configured: {', '.join(parts)}"
+
     def _set_enabled(self, arch: str, enable: bool, selected: set[str]) -> wire.ArchChange:
         if arch not in selected:
-            raise ApiError(404, f"architecture {arch!r} is not configured")
+            raise ApiError(*self._not_selected([arch]))
         if enable:
             self.engine.operator_disabled.discard(arch)
         else:

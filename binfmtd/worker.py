@@ -22,7 +22,7 @@ import threading
 import time
 import tomllib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from typing import IO, Any
 
 import psutil
@@ -174,6 +174,40 @@ def check_tls_files(config: BuildkitConfig) -> None:
         )
 
 
+RUNTIME_FLAG = "--oci-worker-binary"
+
+
+def oci_runtime(base: dict[str, Any], extra_args: Sequence[str]) -> str:
+    """The absolute path of the OCI runtime buildkitd's worker will run, checked by the trust
+    rule: root's buildkitd runs it for every RUN step, with the user's build inside.
+
+    Named by `--oci-worker-binary` in `extra_args` (the flag wins in buildkitd), else by the
+    base config's `[worker.oci] binary`, else `runc`; a bare name is looked up in SAFE_PATH.
+    Raises ValueError with the remedy when it is missing or fails the trust rule.
+    """
+    worker = base.get("worker")
+    oci = worker.get("oci") if isinstance(worker, dict) else None
+    name = str((oci.get("binary") if isinstance(oci, dict) else None) or "runc")
+    for i, arg in enumerate(extra_args):
+        if arg.startswith(RUNTIME_FLAG + "="):
+            name = arg.split("=", 1)[1]
+        elif arg == RUNTIME_FLAG and i + 1 < len(extra_args):
+            name = extra_args[i + 1]
+    path = resolve_binary(name)
+    if path is None:
+        raise ValueError(
+            f"OCI runtime {name!r} not found (PATH searched: {SAFE_PATH}); "
+            "the BuildKit worker needs it: apt-get install runc"
+        )
+    try:
+        os.close(trust.open_file(path, symlinks=True))
+    except trust.TrustError as exc:
+        raise ValueError(f"refusing OCI runtime {path}: {exc}") from None
+    except OSError as exc:
+        raise ValueError(f"cannot open OCI runtime {path}: {exc.strerror}") from None
+    return os.path.realpath(path)
+
+
 def load_base_config(path: str | None) -> dict[str, Any]:
     """The user's buildkitd.toml to merge ours into; a readable error names the file.
 
@@ -276,18 +310,31 @@ class WorkerSupervisor:
         """Restart a running worker, with the usual grace for running builds."""
         self._feed(RestartRequested(), self._clock())
 
-    def snapshot(self) -> wire.WorkerRecord:
+    def snapshot(self, verified: Collection[str] | None = None) -> wire.WorkerRecord:
         """The worker as the status API and `binfmtctl worker` show it (`wire.WorkerRecord`).
 
         One `platforms` row per platform asked for or advertised, with its proof; `offered` are
-        the platforms buildx may use: advertised and proven. The `buildx_*` lines appear only
-        while the worker runs; `output_tail` holds buildkitd's last lines when it is failing.
+        the platforms buildx may use: advertised, proven and not withdrawn by the daemon since
+        the worker started. `verified` is the daemon's verified set right now, when the
+        supervisor has not been ticked with it yet (a platform leaves the offer at once).
+        The `buildx_*` lines appear only while the worker runs; `output_tail` holds
+        buildkitd's last lines when it is failing.
         """
         status, now = self._status, self._clock()
         advertised = status.advertised_platforms
         diff = platform_diff(status.servable, advertised) if advertised else None
         running = status.state is WorkerState.RUNNING
-        offered = tuple(p for p in advertised if p in status.proven) if running else ()
+        # A platform the daemon withdrew (an arch disabled or no longer verified) leaves the
+        # offer at once, before the debounced restart takes it off buildkitd's list.
+        current = status.desired_platforms
+        if verified is not None:
+            current = tuple(normalize_platform(p) for p in verified)
+        withdrawn = set(status.running_platforms) - set(current)
+        offered = (
+            tuple(p for p in advertised if p in status.proven and p not in withdrawn)
+            if running
+            else ()
+        )
         failing = status.state in _ALARMING or (status.last_error is not None and not running)
         return wire.WorkerRecord(
             enabled=True,
@@ -528,6 +575,7 @@ class WorkerSupervisor:
             containerd=config.containerd_worker,
             root=config.state_dir,
             run_dir=config.run_dir,
+            runtime=oci_runtime(base, config.extra_args),
         )
         write_atomic(config.config_path, text)
         _remove(config.socket)

@@ -300,7 +300,7 @@ class LocalUser:
         )
 
 
-def _shadow(argv: list[str], *, gone_ok: bool = False) -> None:
+def accounts(argv: list[str], *, gone_ok: bool = False) -> None:
     """Run a shadow-utils command, retrying while another process holds /etc/passwd's lock."""
     for _ in range(40):
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
@@ -316,12 +316,12 @@ def _shadow(argv: list[str], *, gone_ok: bool = False) -> None:
 def local_user() -> Iterator[LocalUser]:
     """An unprivileged local user with its own group, made for the test and removed after it."""
     name = f"bfmt-u{secrets.token_hex(3)}"
-    _shadow(
+    accounts(
         ["useradd", "--system", "--no-create-home", "--user-group", "-s", "/usr/sbin/nologin", name]
     )
     try:
         entry = pwd.getpwnam(name)
         yield LocalUser(name, entry.pw_uid, entry.pw_gid)
     finally:
-        _shadow(["userdel", name], gone_ok=True)
-        _shadow(["groupdel", name], gone_ok=True)
+        accounts(["userdel", name], gone_ok=True)
+        accounts(["groupdel", name], gone_ok=True)

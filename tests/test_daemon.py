@@ -28,7 +28,7 @@ from typing import Any
 
 import daemonutil as du
 import pytest
-from conftest import Cache, write_config
+from conftest import Cache, accounts, write_config
 from daemonutil import ENTRIES, Daemon
 
 from binfmtd import arch as archmod
@@ -392,18 +392,6 @@ def users() -> Iterator[Users]:
     finally:
         for name in reversed(made):
             accounts(["groupdel", group] if name == "group" else ["userdel", name], gone_ok=True)
-
-
-def accounts(argv: list[str], *, gone_ok: bool = False) -> None:
-    """Run a shadow-utils command, retrying while another process holds /etc/passwd's lock."""
-    for _ in range(40):
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-        if done.returncode == 0 or (gone_ok and done.returncode == 6):  # 6: no such account
-            return
-        if "lock" not in done.stderr:
-            break
-        time.sleep(0.25)
-    raise AssertionError(f"{' '.join(argv)} failed: {done.stderr}")
 
 
 def grp_gid(group: str) -> int:

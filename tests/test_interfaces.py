@@ -121,6 +121,20 @@ def test_curl_reads_the_index_over_the_socket(daemon: Daemon) -> None:
     assert index.endpoints == wire.ENDPOINTS
 
 
+def test_switching_the_native_arch_says_it_is_native(daemon: Daemon) -> None:
+    """`binfmtctl disable amd64` on an x86_64 host: the kernel runs amd64 natively, so the
+    answer says so (409), not "not configured"; an arch left out of `arches` names the key."""
+    done = daemon.ctl("disable", "amd64")
+    assert done.returncode != 0
+    assert "x86_64 is this host's native architecture" in done.stderr, done.stderr
+    assert "HTTP 409" in done.stderr
+    done = daemon.ctl("enable", "linux/riscv64")
+    assert done.returncode != 0
+    assert "riscv64 (not in `arches` in " in done.stderr, done.stderr
+    done = daemon.ctl("verify", "amd64", "riscv64")
+    assert "x86_64 (this host's native architecture), riscv64 (not in `arches`" in done.stderr
+
+
 BUSYBOX_UNAME = ("busybox/arm64/bin/busybox", "uname", "-m")
 
 

@@ -22,6 +22,7 @@ from structlog.testing import CapturingLogger
 
 from binfmtd import worker
 from binfmtd.buildkit import BuildkitConfig, list_workers
+from binfmtd.run import SAFE_PATH
 from binfmtd.supervision import WorkerState
 from binfmtd.worker import (
     WorkerSupervisor,
@@ -488,3 +489,48 @@ def test_buildkitd_anyone_can_write_is_never_run(
     # The first component that fails the rule is named: here the shared directory.
     assert f"chown root: {shared} && chmod go-w {shared}" in error
     assert not marker.exists()
+
+
+def test_the_checked_runc_is_the_one_buildkitd_runs(
+    harness: Harness, config: BuildkitConfig
+) -> None:
+    """buildkitd's OCI worker gets the absolute path of the runc binfmtd checked."""
+    harness.run_until(A, harness.in_state(WorkerState.RUNNING))
+    written = tomllib.loads(Path(config.config_path).read_text())
+    runc = shutil.which("runc", path=SAFE_PATH)
+    assert runc is not None, "scripts/setup installs runc"
+    assert written["worker"]["oci"]["binary"] == os.path.realpath(runc)
+
+
+@pytest.mark.parametrize("named_by", ["base_config", "extra_args"])
+def test_an_oci_runtime_anyone_can_write_is_never_run(
+    harness: Harness, config: BuildkitConfig, short_dir: Path, named_by: str
+) -> None:
+    """A world-writable OCI runtime (named by the base config's `[worker.oci] binary` or by
+    `--oci-worker-binary`) stops the worker with the fix named; buildkitd is never started."""
+    shared = short_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    runtime = shared / "runc"
+    runtime.write_text("#!/bin/sh\nexit 0\n")
+    runtime.chmod(0o777)
+    if named_by == "base_config":
+        base = short_dir / "base.toml"
+        base.write_text(f'[worker.oci]\nbinary = "{runtime}"\n')
+        with_args(harness, config, base_config=str(base))
+    else:
+        with_args(harness, config, f"--oci-worker-binary={runtime}")
+    harness.run_until(A, harness.in_state(WorkerState.FATAL), timeout=5.0)
+    error = harness.sup.snapshot().last_error or ""
+    assert f"refusing OCI runtime {runtime}" in error
+    assert f"chown root: {shared} && chmod go-w {shared}" in error
+    assert harness.sup.snapshot().pid is None
+
+
+def test_a_missing_oci_runtime_names_the_package(harness: Harness, config: BuildkitConfig) -> None:
+    """No runc where buildkitd would look: FATAL saying how to get it."""
+    with_args(harness, config, "--oci-worker-binary", "no-such-runc-anywhere")
+    harness.run_until(A, harness.in_state(WorkerState.FATAL), timeout=5.0)
+    error = harness.sup.snapshot().last_error or ""
+    assert "OCI runtime 'no-such-runc-anywhere' not found" in error
+    assert "apt-get install runc" in error

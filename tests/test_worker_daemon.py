@@ -121,6 +121,8 @@ def test_verified_set_change_restarts_worker_and_new_set_is_served(daemon: dict[
     _wait("worker serving arm64", lambda: "linux/arm64" in _served(daemon["kit"]))
     first_pid = _status(daemon["api"])["worker"]["pid"]
     assert du.ctl(daemon["api"], "disable", "aarch64").returncode == 0
+    # Off the offer as soon as `disable` answers, before the debounced restart.
+    assert "linux/arm64" not in _status(daemon["api"])["worker"]["offered_platforms"]
     _wait("arm64 withdrawn", lambda: "linux/arm64" not in _served(daemon["kit"]))
     restarted = _wait(
         "worker restarted",
