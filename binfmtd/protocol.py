@@ -121,6 +121,7 @@ class Connection:
         self._request: Request | None = None  # this cycle's request, until answered
         self._taken = False  # whether next_request returned it
         self._replayed = False  # whether it came from `replay` (h11 has not seen it)
+        self._clean = True  # h11 idle on both sides, nothing buffered: `_idle()`, kept
 
     def feed(self, data: bytes) -> None:
         """Bytes read from the peer; b"" means the peer closed its side."""
@@ -141,11 +142,12 @@ class Connection:
             self._raw = None
         if self._h11.their_state is not h11.ERROR and not self._closed:
             self._closed = not data
+            self._clean = False
             self._h11.receive_data(data)
 
     def _fresh(self) -> bool:
         """At the start of a cycle, nothing pending: the state `Replay` applies to."""
-        return self._request is None and self._idle()
+        return self._clean and self._request is None
 
     def _idle(self) -> bool:
         """h11 at the start of a cycle on both sides, with nothing buffered."""
@@ -166,6 +168,7 @@ class Connection:
         be in had it parsed them (it did, with the same outcome, when `Replay` learnt them)."""
         raw, self._replayed = self._raw, False
         assert raw is not None
+        self._clean = False
         self._h11.receive_data(raw)
         for _ in range(3):  # Request, Data when there is a body, EndOfMessage
             if type(self._h11.next_event()) is h11.EndOfMessage:
@@ -175,7 +178,7 @@ class Connection:
     @property
     def buffered(self) -> int:
         """How many unparsed bytes wait (a partial request when non-zero)."""
-        if self._error is not None or self._replayed:
+        if self._error is not None or self._clean:
             return 0
         in_body = self._h11.their_state is h11.SEND_BODY  # a head without all of its body
         return len(self._h11.trailing_data[0]) + len(self._body) + in_body
@@ -190,8 +193,8 @@ class Connection:
         if self._request is not None and not self._taken:  # a replayed one
             self._taken = True
             return self._request
-        if self._replayed:
-            return NEED_MORE  # (h11 is idle: it would say the same)
+        if self._clean:
+            return NEED_MORE  # (h11 is idle, with nothing to parse)
         if self._h11.their_state is h11.IDLE and self._h11.trailing_data == _IDLE_CYCLE:
             return NEED_MORE  # the usual case after an answer: nothing new to parse yet
         while self._error is None:
@@ -260,6 +263,7 @@ class Connection:
                 self._at_start = True
                 return bytearray(known) + body
             self._materialize()
+        self._clean = False  # until h11 is back at the start of a cycle
         head = _response_event(status, len(body), content_type, headers, close)
         try:
             written = self._h11.send(head) or b""
@@ -273,6 +277,7 @@ class Connection:
         self._at_start = True
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             self._h11.start_next_cycle()
+            self._clean = self._idle()
             self._learn(key, written, len(out) == len(written) + len(body))
         self._request = self._raw = None  # the next cycle's bytes are whatever comes next
         return out
@@ -286,7 +291,7 @@ class Connection:
         request = self._request
         if self._replay is None or key is None or request is None or not framed:
             return
-        if request.keep_alive and self._idle():
+        if request.keep_alive and self._clean:
             self._replay.learn(key[0], request, key, head)
 
 
