@@ -73,6 +73,12 @@ class Registration:
         return self._line
 
     @functools.cached_property
+    def masked_magic(self) -> bytes:
+        """`magic & mask`, as the kernel stores and shows it."""
+        size = len(self.magic)
+        return (int.from_bytes(self.magic) & int.from_bytes(self.mask)).to_bytes(size)
+
+    @functools.cached_property
     def register_bytes(self) -> bytes:
         """`register_string()` as the bytes written, encoded once."""
         return self._line.encode("latin-1")
@@ -184,7 +190,7 @@ class Entry:
             and self.interpreter == reg.interpreter
             and self.flags == reg.flags
             and self.mask == reg.mask
-            and self.magic == bytes(m & k for m, k in zip(reg.magic, reg.mask, strict=True))
+            and self.magic == reg.masked_magic
         )
 
     def claims(self, magic: bytes, mask: bytes) -> bool:
@@ -208,9 +214,25 @@ class Entry:
             return bool(dot) and ext == self.extension.removeprefix(".")
         if not self.magic:
             return False
-        window = header[self.offset : self.offset + len(self.magic)].ljust(len(self.magic), b"\0")
-        mask = self.mask or bytes([0xFF] * len(self.magic))
-        return all((h ^ m) & k == 0 for h, m, k in zip(window, self.magic, mask, strict=True))
+        start, size, magic, mask = self._matcher
+        window = header[start : start + size]
+        if len(window) < size:
+            window = window.ljust(size, b"\0")
+        # One big-integer XOR and AND instead of a Python loop over every byte: this runs for
+        # every (arch, entry) pair each time status is derived.
+        return (int.from_bytes(window) ^ magic) & mask == 0
+
+    @functools.cached_property
+    def _matcher(self) -> tuple[int, int, int, int]:
+        """(offset, length, magic, mask), magic and mask as big-endian integers (made once)."""
+        size = len(self.magic)
+        mask = self.mask or bytes([0xFF] * size)
+        return (
+            self.offset,
+            size,
+            int.from_bytes(self.magic),
+            int.from_bytes(mask[:size].ljust(size, b"\xff")),
+        )
 
     def registration(self) -> Registration:
         """This entry as a register string would make it (magic entries at offset 0 only)."""

@@ -37,6 +37,7 @@ from binfmtd.truth import Observation, Owner
 
 INSTALL_PARALLELISM = 4
 RETRY_FAILED_S = 30.0
+PROGRESS_EVERY_S = 0.025  # while probes run, status is published at most this often
 # What a corrupt or truncated source can raise from deep inside tarfile, gzip, xz or zlib.
 SOURCE_ERRORS = (InstallError, OSError, EOFError, tarfile.TarError, zlib.error, lzma.LZMAError)
 
@@ -89,6 +90,7 @@ class Engine:
         self.native: tuple[str, ...] = ()
         self.native_proof: dict[str, str] = {}
         self.observation: Observation = truth.EMPTY
+        self._selection: tuple[Config, tuple[str, ...], tuple[str, ...]] | None = None
         self._registrations: dict[tuple[str, str, str], Registration] = {}
         self._headers: dict[str, bytes] = {}
         # Where boot-time tools keep their entries (read to say where a foreign one comes from).
@@ -182,7 +184,16 @@ class Engine:
     @property
     def selected(self) -> tuple[str, ...]:
         """The arches binfmtd provisions. `all` means every catalog arch the source has (Debian
-        13's QEMU 10 no longer ships cris and nios2), when the source can tell."""
+        13's QEMU 10 no longer ships cris and nios2), when the source can tell.
+
+        Worked out once per pass (and after a new configuration or native set): status asks for
+        it many times per publish, and asking the source means a stat of its directory."""
+        known = self._selection
+        if known is None or known[0] is not self.cfg or known[1] != self.native:
+            known = self._selection = (self.cfg, self.native, self._select())
+        return known[2]
+
+    def _select(self) -> tuple[str, ...]:
         names = self.cfg.selected(self.native)
         if "all" in self.cfg.arches and self.source is not None:
             offered = self.source.offers()
@@ -271,15 +282,48 @@ class Engine:
         """Observe, plan, execute, then probe every arch whose handler is unproven or due
         (and `verify_also`). Status is derived from this pass's last observation.
 
+        Each registered arch's probe starts as soon as its entry is written (pipelined with
+        the rest of the batch and the state file write), on `probe.workers_for` threads.
+
         `hold`: {arch: why} arches not to repair in this pass (why becomes their error).
-        `progress`: called when status changed in the middle of the pass: once the drift is
-        observed (before any slow repair: an install, a state file write) and once the entries
-        are restored (before the probes), so a publisher never shows a broken arch as verified.
+        `progress`: called when status changed in the middle of the pass, so a publisher never
+        shows a broken arch as verified: first as soon as an observation differs from the last
+        one (an entry gone or changed: before planning), again when the plan drops a proof
+        that still showed (a deleted emulator, before its reinstall), then as probes finish
+        (at most every PROGRESS_EVERY_S; the caller publishes the end of the pass).
         """
         report = TickReport()
         started = time.monotonic()
         self._origins = None
+        self._selection = None  # what the source offers is read again once per pass
         obs = self.observe()
+        if progress is not None and obs != self.observation:
+            self._show(obs, progress)  # the stale window ends here, before anything slow
+        actions = self._plan(obs, hold or {}, report)
+        report.durations_ms["observe"] = _ms(started)
+        if progress is not None and self._unprove(actions, obs):
+            self._show(obs, progress)  # what is broken shows as such before the slow repairs
+        with self._prober() as prober:
+            prober.prepare(self._likely_probes(actions, obs, verify_also))
+            idents = self.execute(actions, report, prober)
+            if report.actions:
+                obs = self.observe()
+                for arch in {getattr(a, "arch", None) for a in report.actions} - set(report.errors):
+                    self.proofs.pop(str(arch), None)  # what binfmtd just changed is proven anew
+            self._log_instance_change(obs)
+            self.observation = obs
+            if progress is not None and report.actions and not prober.started:
+                progress()  # restored, nothing to probe: shown before the state file write
+            self._save_state_if_needed(report)  # runs while the first probes do
+            started = time.monotonic()
+            self._verify(prober, self._due(obs, verify_also), idents, report, progress)
+            report.durations_ms["verify"] = _ms(started)
+        self._settle_errors(report)
+        return report
+
+    def _plan(
+        self, obs: Observation, hold: Mapping[str, str], report: TickReport
+    ) -> list[plan.Action]:
         desired = {
             a: plan.Desired(
                 a,
@@ -289,32 +333,41 @@ class Engine:
             )
             for a in self.selected
         }
-        actions = plan.plan(desired, self.world(obs), self.replace)
-        actions = _hold(actions, hold or {}, report)
+        actions = _hold(plan.plan(desired, self.world(obs), self.replace), hold, report)
         self.operator_changed.clear()
-        report.durations_ms["observe"] = _ms(started)
-        if progress is not None and actions:
-            for action in actions:  # about to change (reinstall, re-register): unproven now
-                if not isinstance(action, plan.Conflict | plan.Refuse):
-                    self.proofs.pop(str(getattr(action, "arch", None)), None)
-            self._log_instance_change(obs)
-            self.observation = obs  # what is broken shows as such before the slow repairs
-            progress()
-        self.execute(actions, report)
-        if report.actions:
-            obs = self.observe()
-            for arch in {getattr(a, "arch", None) for a in report.actions} - set(report.errors):
-                self.proofs.pop(str(arch), None)  # what binfmtd just changed is proven anew
+        return actions
+
+    def _show(self, obs: Observation, progress: Callable[[], None]) -> None:
+        """Make `obs` the observation status is derived from, and publish it."""
         self._log_instance_change(obs)
         self.observation = obs
-        if progress is not None and report.actions:
-            progress()  # restored, unproven: published before the state file and the probes
-        self._save_state_if_needed(report)
-        started = time.monotonic()
-        self.verify(self._due(obs, verify_also), report)
-        report.durations_ms["verify"] = _ms(started)
-        self._settle_errors(report)
-        return report
+        progress()
+
+    def _unprove(self, actions: list[plan.Action], obs: Observation) -> bool:
+        """Drop the proofs of arches about to change (reinstall, re-register): unproven from
+        now on. True when one of them still showed as verified in `obs`."""
+        shown = False
+        for action in actions:
+            arch = getattr(action, "arch", None)
+            if arch is None or isinstance(action, _JUDGEMENTS):
+                continue  # a Remove of another entry, a conflict left alone: no arch changes
+            proof = self.proofs.pop(arch, None)
+            if proof is not None and proof.handler == obs.handler(self.header(arch)):
+                shown = True
+        return shown
+
+    def _prober(self) -> probe.Prober:
+        return probe.Prober(
+            self.cfg.probe.timeout_s, self.cfg.probe.parallelism, self.clock, self.probe_workdir
+        )
+
+    def _likely_probes(
+        self, actions: list[plan.Action], obs: Observation, verify_also: Iterable[str]
+    ) -> list[str]:
+        """The arches this pass will probe, as far as known before it acts: what it registers
+        and what is due now. Their roots are made before any probe starts."""
+        registers = [a.arch for a in actions if isinstance(a, plan.Register)]
+        return list(dict.fromkeys([*registers, *self._due(obs, verify_also)]))
 
     def _log_instance_change(self, obs: Observation) -> None:
         was = self.observation
@@ -341,12 +394,18 @@ class Engine:
         self.observation = truth.EMPTY
         self.proofs.clear()
 
-    def execute(self, actions: list[plan.Action], report: TickReport) -> None:
+    def execute(
+        self, actions: list[plan.Action], report: TickReport, prober: probe.Prober | None = None
+    ) -> dict[str, int | None]:
         """Run the plan; a failing arch records its error and skips its remaining steps.
 
         Registers, the whole of a flush repair, take a short path (one write(2) each and a
         little bookkeeping): `scripts/bench.py`'s register row holds it to 1.5x the bare writes.
+        With `prober`, an arch's probe starts right after its registration when nothing else in
+        the plan follows for that arch; returns those arches with the inode of the entry written
+        (None when it could not be read).
         """
+        idents: dict[str, int | None] = {}
         report.actions, installs, regs = _sort(actions)
         if installs:
             started = time.monotonic()
@@ -359,6 +418,7 @@ class Engine:
         info = self.log.is_enabled_for(logging.INFO)  # skip building events when filtered
         errors, owned, register = report.errors, self.owned, self.kernel.register
         failing = len(self._action_failures) > 0  # failures of this loop need no clearing
+        last = {getattr(a, "arch", None): a for a in actions}  # an arch's final step
         with self.kernel.batch():
             for action in actions:
                 if type(action) is plan.Register:
@@ -373,6 +433,9 @@ class Engine:
                         self._own(action.reg)
                     if failing:
                         self._action_failures.cleared(action.arch)
+                    if prober is not None and last[action.arch] is action:
+                        idents[action.arch] = self.kernel.ident(action.reg.name)
+                        prober.start(action.arch)  # the newest entry: nothing can shadow it
                     if info:
                         self._log_done(action)
                     continue
@@ -381,6 +444,7 @@ class Engine:
                     continue
                 self._apply(action, key, report, info)
         report.durations_ms["register"] = _ms(started)
+        return idents
 
     def _record_intents(self, registers: list[plan.Register], report: TickReport) -> None:
         """Write-ahead ownership: an entry is on record before it exists, so a kill between the
@@ -678,26 +742,51 @@ class Engine:
 
     def verify(self, arches: Iterable[str], report: TickReport | None = None) -> None:
         """Probe `arches` in parallel; each result counts for the handler it ran through."""
-        names = list(arches)
-        if not names:
-            return
-        handlers = {a: self.observation.handler(self.header(a)) for a in names}
-        results = probe.run_probes(
-            names,
-            self.cfg.probe.timeout_s,
-            self.cfg.probe.parallelism,
-            self.clock,
-            self.probe_workdir,
-        )
-        for arch, result in results.items():
-            self.proofs[arch] = Proof(result, handlers.get(arch))
-            if report is not None:
-                (report.verified if result.ok else report.failed).append(arch)
-            if result.ok:
-                self.log.info("probe_passed", arch=arch, duration_ms=round(result.duration_ms, 1))
-                self._probe_failures.cleared(arch)
-            else:
-                self._probe_failures.seen(arch, result.error or "probe failed")
+        with self._prober() as prober:
+            self._verify(prober, list(arches), {}, report or TickReport(), None)
+
+    def _verify(
+        self,
+        prober: probe.Prober,
+        arches: list[str],
+        idents: Mapping[str, int | None],
+        report: TickReport,
+        progress: Callable[[], None] | None,
+    ) -> None:
+        """Start the probes of `arches` not started yet, then take every result as it comes.
+
+        A result counts for the handler of this pass's observation. A probe started right after
+        its registration (`idents`: arch -> inode of the entry just written) counts only when
+        that handler is still exactly that entry; otherwise it is dropped (the change woke the
+        watcher: the next pass probes again).
+        """
+        handlers = {a: self.observation.handler(self.header(a)) for a in prober.started}
+        for arch in arches:
+            if arch not in prober.started:
+                handlers[arch] = self.observation.handler(self.header(arch))
+                prober.start(arch)
+        left = len(prober.started)
+        shown = time.monotonic()
+        for result in prober.results():
+            left -= 1
+            arch = result.arch
+            handler = handlers.get(arch)
+            if arch in idents and (handler is None or handler.ident != idents[arch]):
+                continue  # the entry changed between its registration and this observation
+            self._take(result, handler, report)
+            if progress is not None and left and time.monotonic() - shown >= PROGRESS_EVERY_S:
+                progress()  # results so far, published while the other probes run
+                shown = time.monotonic()
+
+    def _take(self, result: truth.ProbeResult, handler: Entry | None, report: TickReport) -> None:
+        arch = result.arch
+        self.proofs[arch] = Proof(result, handler)
+        (report.verified if result.ok else report.failed).append(arch)
+        if result.ok:
+            self.log.info("probe_passed", arch=arch, duration_ms=round(result.duration_ms, 1))
+            self._probe_failures.cleared(arch)
+        else:
+            self._probe_failures.seen(arch, result.error or "probe failed")
 
     def remove_own_entries(self) -> list[str]:
         """Remove every entry binfmtd registered (by record; never others', never `status`)."""

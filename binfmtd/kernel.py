@@ -134,6 +134,13 @@ class BinfmtMisc:
             raise ValueError(f"refusing to remove {name!r}")
         self._write(name, "-1", f"remove {name}")
 
+    def ident(self, name: str) -> int | None:
+        """The inode of entry `name` (new for every registration), or None when it is gone."""
+        try:
+            return os.stat(self.root / name).st_ino
+        except OSError:
+            return None
+
     def _names(self) -> list[str]:
         try:
             # Directory order is the kernel's: newest entry first, the order it tries them in.

@@ -46,6 +46,11 @@ class Observation:
     entries: tuple[Entry, ...]
     broken: tuple[tuple[str, str], ...] = ()
     by_name: Mapping[str, Entry] = field(init=False, repr=False, compare=False)
+    # (header, filename) -> handler: an observation is frozen, so each answer is computed once
+    # (status asks it for every arch several times per publish).
+    _handlers: dict[tuple[bytes, str], Entry | None] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "by_name", {e.name: e for e in self.entries})
@@ -59,7 +64,12 @@ class Observation:
         (the kernel then loads it natively, or fails with "Exec format error")."""
         if not self.enabled:
             return None
-        return first_handler(self.entries, header, filename)
+        key = (header, filename)
+        try:
+            return self._handlers[key]
+        except KeyError:
+            found = self._handlers[key] = first_handler(self.entries, header, filename)
+            return found
 
     def catchers(self, header: bytes) -> tuple[Entry, ...]:
         """Every enabled entry whose magic/mask catch `header`, newest first (even when the

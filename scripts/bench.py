@@ -1077,6 +1077,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a short run (about 1-2 minutes)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"some of {','.join(SECTIONS)}")
     parser.add_argument("--out", default=str(REPO / "bench-results" / "bench.json"))
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work directory (daemon logs) and say where"
+    )
     parser.add_argument("--inner", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
@@ -1093,7 +1096,10 @@ def main() -> int:
     try:
         rows = run_all(plan, only, work, raw)
     finally:
-        subprocess.run(["rm", "-rf", str(work)], check=False)
+        if args.keep:
+            log(f"work directory kept: {work}")
+        else:
+            subprocess.run(["rm", "-rf", str(work)], check=False)
     print(render(rows))
     if "baseline_cold" in raw:
         print(f"\ncold-provision baseline: {raw['baseline_cold']}")
