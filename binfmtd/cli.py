@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 DEFAULT_SOCKET = "/run/binfmtd/binfmtd.sock"
 SANDBOX_SOCKETS = "/run/binfmtd-sandbox/*/binfmtd.sock"  # one per --sandbox=NAME
 START_HINT = "start it with `systemctl start binfmtd`"
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, its final NUL included
 
 
 class ExitCode(IntEnum):
@@ -115,7 +116,18 @@ def _connect(sock: socket.socket, path: str, timeout: float) -> None:
             ExitCode.UNREACHABLE, f"binfmtd did not accept within {timeout:g} s"
         ) from None
     except OSError as exc:
-        raise CliError(ExitCode.UNREACHABLE, f"cannot connect to {path}: {exc.strerror}") from None
+        raise CliError(ExitCode.UNREACHABLE, _connect_error(path, exc)) from None
+
+
+def _connect_error(path: str, exc: OSError) -> str:
+    """What an OSError from connect() means; some carry no errno (a path too long)."""
+    size = len(os.fsencode(path))
+    if size > UNIX_PATH_MAX:
+        return (
+            f"socket path too long for a Unix socket ({size} bytes, at most {UNIX_PATH_MAX}): "
+            f"{path}; give a shorter path with --socket (or BINFMTD_SOCKET)"
+        )
+    return f"cannot connect to {path}: {exc.strerror or exc}"
 
 
 def _read_response(sock: socket.socket) -> tuple[int, bytes]:

@@ -7,10 +7,16 @@ or a `ProtocolError` carrying the status to answer with before closing. Limits: 
 Content-Length (411 for chunked), HTTP/1.0 or 1.1 only (505), the target is an absolute path
 without control characters (400). h11 sends "Connection: close" itself whenever the connection
 cannot persist (HTTP/1.0, `Connection: close`, an error).
+
+`Replay` lets a connection answer a repeated request (the same bytes, in one read, at the start
+of a keep-alive cycle) with what h11 decided for those bytes the first time, instead of running
+h11's state machine again: h11 is deterministic, and only cycles h11 completed cleanly (back to
+idle on both sides) are remembered. Anything else goes through h11.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from dataclasses import dataclass
@@ -26,6 +32,9 @@ MAX_BODY: Final = 64 * 1024
 JSON: Final = b"application/json"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _VERSIONS = (b"1.1", b"1.0")
+_BYTES_LITERAL = r"""b'(?:[^'\\]|\\.)*'|b"(?:[^"\\]|\\.)*\""""
+_BYTES_REPR = re.compile(rf"bytearray\(({_BYTES_LITERAL})\)|({_BYTES_LITERAL})")
+_EXCERPT: Final = 60
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,40 @@ class ProtocolError:
 
 
 Parsed = Request | NeedMore | ProtocolError
+_HeadKey = tuple[bytes, int, int, bytes, tuple[tuple[str, str], ...]]
+_IDLE_CYCLE: Final = (b"", False)
+
+
+class Replay:
+    """What h11 decided for exact request bytes in a fresh cycle, shared by a server's
+    connections (one thread): the `Request` they parse to, and the response head h11 wrote for
+    each (status, body length, content type, extra headers) it answered them with while keeping
+    the connection open. Bounded: at most `size` requests and `4 * size` heads (then it starts
+    over). Only requests of at most `max_bytes` are kept."""
+
+    def __init__(self, size: int = 64, max_bytes: int = 1024) -> None:
+        self.size, self.max_bytes = size, max_bytes
+        self._requests: dict[bytes, Request] = {}
+        self._heads: dict[_HeadKey, bytes] = {}
+
+    def request(self, raw: bytes) -> Request | None:
+        """The request `raw` parsed to when h11 last completed a clean cycle with it."""
+        return self._requests.get(raw)
+
+    def head(self, key: _HeadKey) -> bytes | None:
+        """The response head h11 wrote for (raw request, status, length, type, headers)."""
+        return self._heads.get(key)
+
+    def learn(self, raw: bytes, request: Request, key: _HeadKey, head: bytes) -> None:
+        """Remember one clean h11 cycle: `raw` parsed to `request`, answered with `head`."""
+        if len(raw) > self.max_bytes:
+            return
+        if len(self._requests) >= self.size:
+            self._requests.clear()
+        if len(self._heads) >= 4 * self.size:
+            self._heads.clear()
+        self._requests[raw] = request
+        self._heads[key] = head
 
 
 class Connection:
@@ -66,29 +109,76 @@ class Connection:
     until `respond` answered it (pipelined requests wait in h11's buffer). Errors are sticky.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, replay: Replay | None = None) -> None:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self._head: _Head | None = None
         self._body = bytearray()
         self._error: ProtocolError | None = None
         self._at_start = True
         self._closed = False
+        self._replay = replay
+        self._raw: bytes | None = None  # this cycle's bytes, when they came in one read
+        self._request: Request | None = None  # this cycle's request, until answered
+        self._taken = False  # whether next_request returned it
+        self._replayed = False  # whether it came from `replay` (h11 has not seen it)
+        self._clean = True  # h11 idle on both sides, nothing buffered: `_idle()`, kept
 
     def feed(self, data: bytes) -> None:
         """Bytes read from the peer; b"" means the peer closed its side."""
+        if self._replayed:
+            self._materialize()  # more bytes behind a replayed request: h11 takes over
         if self._at_start and data:
             data = _skip_blank_lines(data)  # RFC 9112 2.2: CRLFs before a request line
             if not data:
                 return  # (an empty feed would tell h11 the peer closed)
             self._at_start = False
+            if self._fresh():
+                self._raw = data
+                if self._replay is not None and self._take(data):
+                    return
+            else:
+                self._raw = None
+        elif data:
+            self._raw = None
         if self._h11.their_state is not h11.ERROR and not self._closed:
             self._closed = not data
+            self._clean = False
             self._h11.receive_data(data)
+
+    def _fresh(self) -> bool:
+        """At the start of a cycle, nothing pending: the state `Replay` applies to."""
+        return self._clean and self._request is None
+
+    def _idle(self) -> bool:
+        """h11 at the start of a cycle on both sides, with nothing buffered."""
+        h = self._h11
+        idle = h.their_state is h11.IDLE and h.our_state is h11.IDLE
+        return idle and h.trailing_data == _IDLE_CYCLE and self._error is None
+
+    def _take(self, raw: bytes) -> bool:
+        assert self._replay is not None
+        request = self._replay.request(raw)
+        if request is None:
+            return False
+        self._request, self._taken, self._replayed = request, False, True
+        return True
+
+    def _materialize(self) -> None:
+        """Run h11 over the replayed request's bytes after all, reaching the state it would
+        be in had it parsed them (it did, with the same outcome, when `Replay` learnt them)."""
+        raw, self._replayed = self._raw, False
+        assert raw is not None
+        self._clean = False
+        self._h11.receive_data(raw)
+        for _ in range(3):  # Request, Data when there is a body, EndOfMessage
+            if type(self._h11.next_event()) is h11.EndOfMessage:
+                return
+        self._fail(500, "internal error: a replayed request did not parse again")
 
     @property
     def buffered(self) -> int:
         """How many unparsed bytes wait (a partial request when non-zero)."""
-        if self._error is not None:
+        if self._error is not None or self._clean:
             return 0
         in_body = self._h11.their_state is h11.SEND_BODY  # a head without all of its body
         return len(self._h11.trailing_data[0]) + len(self._body) + in_body
@@ -100,13 +190,18 @@ class Connection:
 
     def next_request(self) -> Parsed:
         """The next complete request, `NEED_MORE`, or the (sticky) error to answer with."""
-        if self._h11.their_state is h11.IDLE and self._h11.trailing_data == (b"", False):
+        if self._request is not None and not self._taken:  # a replayed one
+            self._taken = True
+            return self._request
+        if self._clean:
+            return NEED_MORE  # (h11 is idle, with nothing to parse)
+        if self._h11.their_state is h11.IDLE and self._h11.trailing_data == _IDLE_CYCLE:
             return NEED_MORE  # the usual case after an answer: nothing new to parse yet
         while self._error is None:
             try:
                 event = self._h11.next_event()
             except h11.RemoteProtocolError as exc:
-                return self._fail(_status_of(exc, self._h11), str(exc))
+                return self._fail(_status_of(exc, self._h11), _plain(str(exc)))
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return NEED_MORE
             result = self._on_event(event)
@@ -140,7 +235,9 @@ class Connection:
             return self._fail(400, "control character in path")
         query = dict(parse_qsl(raw_query, keep_blank_values=True)) if raw_query else {}
         alive = head.keep_alive and self._h11.their_state is h11.DONE
-        return Request(head.method, path, query, head.headers, body, alive)
+        self._request = Request(head.method, path, query, head.headers, body, alive)
+        self._taken = True
+        return self._request
 
     def _fail(self, status: int, message: str) -> ProtocolError:
         self._error = ProtocolError(status, message)
@@ -158,9 +255,19 @@ class Connection:
         """The complete response for the current request (or the error), as bytes to send.
         `keep_alive=False` closes after it; h11 also closes when the request asked to."""
         close = not keep_alive or self._error is not None
+        key = None if self._raw is None else (self._raw, status, len(body), content_type, headers)
+        if self._replayed:
+            known = None if close or key is None else self._replay_head(key)
+            if known is not None:
+                self._replayed, self._request, self._raw = False, None, None
+                self._at_start = True
+                return bytearray(known) + body
+            self._materialize()
+        self._clean = False  # until h11 is back at the start of a cycle
         head = _response_event(status, len(body), content_type, headers, close)
         try:
-            out = bytearray(self._h11.send(head) or b"")
+            written = self._h11.send(head) or b""
+            out = bytearray(written)
             for chunk in self._h11.send_with_data_passthrough(h11.Data(data=body)) or ():
                 out += chunk
             out += self._h11.send(_END) or b""
@@ -170,7 +277,22 @@ class Connection:
         self._at_start = True
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             self._h11.start_next_cycle()
+            self._clean = self._idle()
+            self._learn(key, written, len(out) == len(written) + len(body))
+        self._request = self._raw = None  # the next cycle's bytes are whatever comes next
         return out
+
+    def _replay_head(self, key: _HeadKey) -> bytes | None:
+        assert self._replay is not None
+        return self._replay.head(key)
+
+    def _learn(self, key: _HeadKey | None, head: bytes, framed: bool) -> None:
+        """Remember a cycle h11 completed cleanly from one read's bytes back to idle."""
+        request = self._request
+        if self._replay is None or key is None or request is None or not framed:
+            return
+        if request.keep_alive and self._clean:
+            self._replay.learn(key[0], request, key, head)
 
 
 _END: Final = h11.EndOfMessage()
@@ -244,6 +366,22 @@ def _status_of(exc: h11.RemoteProtocolError, conn: h11.Connection) -> int:
     if status == 431 and b"\n" not in conn.trailing_data[0]:
         return 414  # the request line alone does not fit
     return status
+
+
+def _plain(message: str) -> str:
+    """h11's message with the Python reprs of what it rejected (`bytearray(b'...')`) shown as
+    quoted text instead, cut to 60 characters: what a client reads in the 400 body."""
+    return _BYTES_REPR.sub(_quoted, message)
+
+
+def _quoted(match: re.Match[str]) -> str:
+    try:
+        data = ast.literal_eval(match.group(1) or match.group(2))
+    except (ValueError, SyntaxError):
+        return match.group(0)
+    text = bytes(data).decode("latin-1")
+    cut = text[:_EXCERPT] + ("..." if len(text) > _EXCERPT else "")
+    return json.dumps(cut)
 
 
 def _reason(status: int) -> bytes:

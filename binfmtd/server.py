@@ -37,7 +37,14 @@ from binfmtd.listener import (
     open_listener,
     peer_of,
 )
-from binfmtd.protocol import Connection, ProtocolError, Request, encode_json, error_body
+from binfmtd.protocol import (
+    Connection,
+    ProtocolError,
+    Replay,
+    Request,
+    encode_json,
+    error_body,
+)
 from binfmtd.routes import OTHER, Mutation, Read, Reject, View, ViewCache, route, to_json
 
 log = structlog.get_logger("binfmtd.server")
@@ -136,6 +143,7 @@ class ApiServer:
         self._limits = limits or Limits()
         self._clock = clock
         self._views = ViewCache(api)
+        self._replay = Replay()
         self._sel = selectors.DefaultSelector()
         self._conns: set[_Conn] = set()
         self._per_uid: dict[int, int] = {}
@@ -243,7 +251,7 @@ class ApiServer:
             sock.close()
             log.warning("api_connection_rejected", reason=refusal, uid=peer.uid)
             return
-        conn = _Conn(sock, peer, mark=self._now)
+        conn = _Conn(sock, peer, mark=self._now, http=Connection(self._replay))
         self._conns.add(conn)
         self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
         self._set_interest(conn)

@@ -114,6 +114,7 @@ class Daemon:
         self.exit_code = Exit.OK
         self._logged_credentials: list[str] = []
         self.server: Any = None
+        self._metrics_warning: str | None = None  # the metrics port could not be served
 
     # ------------------------------------------------------------ lifecycle
 
@@ -393,7 +394,8 @@ class Daemon:
         return sorted(e.name for e in self.engine.observation.entries if "C" in e.flags)
 
     def _warnings(self) -> list[str]:
-        return [credentials_warning(name) for name in self._credential_entries()]
+        found = [credentials_warning(name) for name in self._credential_entries()]
+        return found + ([self._metrics_warning] if self._metrics_warning else [])
 
     def _log_credentials(self) -> None:
         """A warning whenever the set of entries carrying C changes to a non-empty one."""
@@ -644,6 +646,11 @@ class Daemon:
                 self.log.info("metrics_listening", address=f"127.0.0.1:{port}")
             except OSError as exc:  # the socket API still serves /metrics
                 self.log.error("metrics_listen_failed", port=port, error=exc.strerror)
+                self._metrics_warning = (
+                    f"metrics are not served on 127.0.0.1:{port} (api.metrics_port): "
+                    f"{exc.strerror}; GET /metrics on the API socket still works"
+                )
+                self._publish()
 
     def _start_worker(self) -> None:
         if not self.cfg.buildkit.enabled:

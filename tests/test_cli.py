@@ -356,6 +356,17 @@ def test_daemon_down_is_exit_3(sockdir: str, capsys: pytest.CaptureFixture[str])
     )
 
 
+def test_socket_path_too_long_is_named(sockdir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A --socket path longer than a Unix socket can hold: exit 3, saying so (not "None")."""
+    path = os.path.join(sockdir, "x" * 120 + ".sock")
+    assert run(path, "status") == 3
+    size = len(path.encode())
+    assert capsys.readouterr().err == (
+        f"binfmtctl: socket path too long for a Unix socket ({size} bytes, at most 107): "
+        f"{path}; give a shorter path with --socket (or BINFMTD_SOCKET)\n"
+    )
+
+
 def test_stale_socket_is_exit_3(sockdir: str, capsys: pytest.CaptureFixture[str]) -> None:
     """A socket file nobody listens on: exit 3, connection refused."""
     path = os.path.join(sockdir, "stale.sock")

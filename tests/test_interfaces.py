@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -92,6 +93,24 @@ def test_metrics_move_when_drift_is_injected(daemon: Daemon) -> None:
     du.http(daemon.sock, "GET", "/nope")
     again = scrape(daemon)
     assert value(again, "binfmtd_api_requests_total", endpoint="other", code="404") == 1
+
+
+def test_busy_metrics_port_is_a_status_warning(tmp_path: Path, sock: str) -> None:
+    """api.metrics_port already taken: the status warns about it (not only the log), and
+    /metrics still answers on the API socket."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        api = {"socket": sock, "group": None, "metrics_port": port}
+        cfg = daemon_config(tmp_path, arches=["s390x"], api=api)
+        with du.running(cfg, sock) as daemon:
+            status = du.http(daemon.sock, "GET", "/v1/status").json()
+            assert status["warnings"] == [
+                f"metrics are not served on 127.0.0.1:{port} (api.metrics_port): "
+                "Address already in use; GET /metrics on the API socket still works"
+            ]
+            assert du.http(daemon.sock, "GET", "/metrics").status == 200
 
 
 def test_curl_reads_the_index_over_the_socket(daemon: Daemon) -> None:

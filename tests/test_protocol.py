@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -15,6 +16,7 @@ from binfmtd.protocol import (
     Connection,
     NeedMore,
     ProtocolError,
+    Replay,
     Request,
     encode_json,
 )
@@ -296,3 +298,157 @@ def test_valid_request_with_garbage_and_cut(raw: bytes, junk: bytes, cut: int) -
     reader.feed((raw + junk)[:cut])
     for _ in range(3):
         assert isinstance(reader.next_request(), PARSER_RESULTS)
+
+
+# --- Replay: a repeated request answered from what h11 decided the first time -------------
+
+REPLAY_CHUNKS = [
+    GET,
+    GET,
+    b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET /v1/status HTTP/1.0\r\n\r\n",
+    b"GET /v1/health?x=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+    POST,
+    GET + GET,
+    GET[:10],
+    GET[10:],
+    b"\r\n" + GET,
+    b"GET /v1/status HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab",
+    b"cd",
+    b"GET /bad\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"NOT HTTP\r\n\r\n",
+    b"",
+]
+
+
+def transcript(
+    conn: Connection, chunks: list[bytes], answers: list[tuple[int, int, bool]]
+) -> list[object]:
+    """Feed `chunks`, answering each request with the next (status, body size, keep-alive);
+    everything the connection says, in order."""
+    said: list[object] = []
+    turn = 0
+    for chunk in chunks:
+        conn.feed(chunk)
+        while True:
+            parsed = conn.next_request()
+            said.append(parsed)
+            if isinstance(parsed, NeedMore):
+                break
+            if isinstance(parsed, ProtocolError):
+                said.append(bytes(conn.respond(parsed.status, b"{}", keep_alive=False)))
+                return said
+            status, size, alive = answers[turn % len(answers)]
+            turn += 1
+            said.append(bytes(conn.respond(status, b"x" * size, keep_alive=alive)))
+            said.append((conn.open, conn.buffered))
+        if not conn.open:
+            return said
+    return said
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    warm=st.lists(st.sampled_from(REPLAY_CHUNKS), max_size=6),
+    chunks=st.lists(st.sampled_from(REPLAY_CHUNKS), min_size=1, max_size=8),
+    answers=st.lists(
+        st.tuples(st.sampled_from([200, 404]), st.integers(0, 3), st.booleans()),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_replay_says_exactly_what_h11_says(
+    warm: list[bytes], chunks: list[bytes], answers: list[tuple[int, int, bool]]
+) -> None:
+    """With a shared Replay (warmed by other connections), every request, answer and
+    connection state is byte for byte what a connection running h11 on everything gives."""
+    replay = Replay()
+    transcript(Connection(replay), warm, answers)
+    transcript(Connection(replay), chunks, answers)
+    assert transcript(Connection(replay), chunks, answers) == transcript(
+        Connection(), chunks, answers
+    )
+
+
+def test_replay_learns_only_clean_keep_alive_cycles() -> None:
+    """A request is remembered after h11 answered it and both sides went back to idle; not
+    when the connection closes, nor when more bytes (a pipelined request) came with it."""
+    replay = Replay()
+    close = b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    for data in (close, GET + GET):
+        conn = Connection(replay)
+        conn.feed(data)
+        assert isinstance(conn.next_request(), Request)
+        conn.respond(200, b"{}")
+    assert replay.request(close) is None
+    assert replay.request(GET + GET) is None
+    assert replay.request(GET) is None
+    conn = Connection(replay)
+    conn.feed(GET)
+    request = conn.next_request()
+    conn.respond(200, b"{}")
+    assert replay.request(GET) == request
+
+
+def test_replay_is_bounded() -> None:
+    """A client sending ever-new requests cannot grow the replay memory without bound."""
+    replay = Replay(size=4)
+    for n in range(50):
+        conn = Connection(replay)
+        conn.feed(b"GET /v1/status?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % n)
+        assert isinstance(conn.next_request(), Request)
+        conn.respond(200, b"{}")
+    assert (
+        sum(
+            replay.request(b"GET /v1/status?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % n) is not None
+            for n in range(50)
+        )
+        <= 4
+    )
+
+
+def test_replayed_request_survives_more_bytes_before_it_is_taken() -> None:
+    """Bytes arriving behind a replayed request hand the connection back to h11 without
+    losing that request: it comes out first, then the pipelined one."""
+    replay = Replay()
+    warm = Connection(replay)
+    warm.feed(GET)
+    assert isinstance(warm.next_request(), Request)
+    warm.respond(200, b"{}")
+    assert replay.request(GET) is not None
+    conn = Connection(replay)
+    conn.feed(GET)
+    conn.feed(POST)
+    first = conn.next_request()
+    assert isinstance(first, Request) and first.path == "/v1/status"
+    assert conn.next_request() is NEED_MORE
+    conn.respond(200, b"{}")
+    second = conn.next_request()
+    assert isinstance(second, Request) and second.body == BODY
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        (b"NOT HTTP\r\n\r\n", 'illegal request line: "NOT HTTP"'),
+        (b"GET / HTTP/1.1\r\nbad header\r\n\r\n", 'illegal header line: "bad header"'),
+        (b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n", 'illegal header line: "Ho st: x"'),
+    ],
+)
+def test_malformed_request_is_described_as_text(raw: bytes, shown: str) -> None:
+    """A 400 for a malformed line quotes the line as text, not as a Python bytearray repr."""
+    error = one(raw)
+    assert error == ProtocolError(400, shown)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_no_python_repr_in_any_error(garbage: bytes) -> None:
+    """Whatever a client sends, an error message holds no Python bytes repr, and quotes at
+    most 60 characters of what it rejected."""
+    error = one(b"GET / HTTP/1.1\r\n" + garbage + b"\r\n\r\n")
+    if isinstance(error, ProtocolError):
+        assert "bytearray(" not in error.message
+        outside_quotes = re.sub(r'"(?:[^"\\]|\\.)*"', "", error.message)
+        assert "b'" not in outside_quotes and 'b"' not in outside_quotes
+        assert len(error.message) < 200
