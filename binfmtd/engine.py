@@ -164,7 +164,7 @@ class Engine:
             self.native_proof[arch] = f"not proven: entry {catcher.name} catches it first"
             return True  # reported as native-shadowed: it catches the host's 32-bit programs
         for action in removals:
-            self._apply(action, _key(action), TickReport(), info=True)
+            self._apply(action, plan.key(action), TickReport(), info=True)
         found, why = probe.run_probe_direct(arch, self.cfg.probe.timeout_s)
         self.native_proof[arch] = why
         if found is probe.Native.SECCOMP:
@@ -440,7 +440,7 @@ class Engine:
                     if info:
                         self._log_done(action)
                     continue
-                key = _key(action)
+                key = plan.key(action)
                 if key in errors or isinstance(action, plan.Install):  # installs ran above
                     continue
                 self._apply(action, key, report, info)
@@ -969,11 +969,6 @@ def _sort(
             continue
         done.append(a)
     return done, installs, regs
-
-
-def _key(action: plan.Action) -> str:
-    """What names `action` in a pass's errors: its arch, else the entry it acts on."""
-    return str(getattr(action, "arch", None) or getattr(action, "name", "?"))
 
 
 def _linked_inode(record: Installed) -> int | None:

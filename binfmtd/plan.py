@@ -254,6 +254,11 @@ def _difference(entry: Entry, reg: Registration) -> str:
     return "magic or mask changed"
 
 
+def key(action: Action) -> str:
+    """What names `action` in a pass's errors: its arch, else the entry it acts on."""
+    return str(getattr(action, "arch", None) or getattr(action, "name", "?"))
+
+
 def describe(action: Action) -> str:
     """A short human label such as "register qemu-aarch64"."""
     if isinstance(action, Register):

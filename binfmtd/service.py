@@ -302,11 +302,7 @@ class Daemon:
         self.last_reconcile = self.clock()
         self._log_credentials()
         self._publish()
-        done = [
-            a
-            for a in report.actions
-            if str(getattr(a, "arch", None) or getattr(a, "name", "?")) not in report.errors
-        ]
+        done = [a for a in report.actions if plan.key(a) not in report.errors]
         self.metrics.observe_actions((type(a).__name__.lower(), a.reason) for a in done)
         # Info only when something changed: a repair that worked, or an arch whose state or
         # error moved. Recurring failures are logged by the engine when they start and end.

@@ -39,27 +39,22 @@ class Kind(StrEnum):
 
 
 _DIR_GONE = flags.DELETE_SELF | flags.MOVE_SELF | flags.UNMOUNT | flags.IGNORED
+# A directory's files appearing, going, renamed or rewritten, and the directory itself going.
+_DIR_CHANGES = (
+    flags.CREATE
+    | flags.DELETE
+    | flags.ATTRIB
+    | flags.CLOSE_WRITE
+    | flags.MOVED_FROM
+    | flags.MOVED_TO
+    | flags.DELETE_SELF
+    | flags.MOVE_SELF
+    | flags.ONLYDIR
+)
 _MASKS = {
     Kind.BINFMT: flags.MODIFY | flags.CREATE | flags.DELETE | flags.ATTRIB | flags.ONLYDIR,
-    Kind.INSTALL: flags.CREATE
-    | flags.DELETE
-    | flags.MODIFY
-    | flags.ATTRIB
-    | flags.CLOSE_WRITE
-    | flags.MOVED_FROM
-    | flags.MOVED_TO
-    | flags.DELETE_SELF
-    | flags.MOVE_SELF
-    | flags.ONLYDIR,
-    Kind.SOURCE: flags.CREATE
-    | flags.DELETE
-    | flags.ATTRIB
-    | flags.CLOSE_WRITE
-    | flags.MOVED_FROM
-    | flags.MOVED_TO
-    | flags.DELETE_SELF
-    | flags.MOVE_SELF
-    | flags.ONLYDIR,
+    Kind.INSTALL: _DIR_CHANGES | flags.MODIFY,
+    Kind.SOURCE: _DIR_CHANGES,
 }
 
 
