@@ -26,16 +26,17 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
-from typing import IO, Protocol
+from typing import IO, Protocol, TypeVar
 
 import blake3
 
 from binfmtd import elf, trust
-from binfmtd.run import run
+from binfmtd.run import FORKS, run
 
 CHUNK = 1 << 20
+T = TypeVar("T")
 TEMP_PREFIX = ".binfmtd-tmp-"
 STATE_MAX_BYTES = 4 << 20
 
@@ -327,6 +328,7 @@ def install_stream(
     *,
     allow_link: bool = True,
     hashes: HashCache | None = None,
+    sync_dir: bool = True,
 ) -> Written:
     """Check, checksum and install one emulator as `dest_dir/qemu-<arch>`.
 
@@ -334,12 +336,21 @@ def install_stream(
     reading it through Python: by hard link when `allow_link` and the file is root:root 0755 on
     the same filesystem, else by FICLONE, else by copy_file_range; its digest comes from
     `hashes` when the file's identity is known. Any other stream (a .deb member) is copied.
-    Nothing reaches the final name unless every check passed. Raises InstallError.
+    Nothing reaches the final name unless every check passed. A file being written is open
+    only inside `run.FORKS.writing()` (no child can take its descriptor along).
+
+    `sync_dir`: fsync `dest_dir` after the rename. False leaves that to the caller, who
+    installs several emulators and makes all their names durable with one fsync_dir before
+    recording them. Raises InstallError.
     """
     source = _plain_file(stream)
     if source is not None:
-        return _install_file(source, arch, dest_dir, host_machine, allow_link, hashes)
-    return _install_bytes(stream, arch, dest_dir, host_machine)
+        done = _install_file(source, arch, dest_dir, host_machine, allow_link, hashes)
+    else:
+        done = _install_bytes(stream, arch, dest_dir, host_machine)
+    if sync_dir:
+        fsync_dir(dest_dir)
+    return done
 
 
 def _plain_file(stream: IO[bytes]) -> int | None:
@@ -365,28 +376,34 @@ def _install_file(
     code_end = _check_elf(src, before.st_size, host_machine, arch)
     cache = hashes if hashes is not None else HashCache()
     digest = cache.get(before) or cache.put(before, _digest_fd(src, arch, search_from=code_end))
-    tmp, fd, method = None, -1, Method.LINK
+    tmp, method = None, Method.LINK
     try:
         if allow_link and _linkable(before, dest_dir):
             tmp = _link_temp(src, dest_dir)
         if tmp is None:
-            fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=dest_dir)
-            method = _clone_or_copy(src, fd, before.st_size)
-            _seal(fd)
-            os.close(fd)
-            fd = -1
+            tmp, method = _write_temp(dest_dir, lambda fd: _clone_or_copy(src, fd, before.st_size))
         after = os.fstat(src)
         if _content_key(after) != _content_key(before):
             raise InstallError(f"qemu-{arch} changed in the source while being installed")
         dest = _place(tmp, dest_dir, arch)
     except BaseException:
-        _discard(fd, tmp)
+        _discard(-1, tmp)
         raise
     if method is Method.LINK:  # our link and rename changed the inode's ctime, not its bytes
         placed = os.fstat(src)
         if _content_key(placed) == _content_key(before):
             cache.put(placed, digest)
     return Written(dest, digest.checksum, method, digest.version)
+
+
+def file_id(path: str) -> str | None:
+    """What `path` is now (inode, size, mtime, ctime, mode, owner; not following a symlink):
+    recorded at install, an unchanged one needs no hashing. None when it cannot be read."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_mode}:{st.st_uid}"
 
 
 def _content_key(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -462,18 +479,33 @@ _NO_CLONE = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.EN
 def _install_bytes(
     stream: IO[bytes], arch: str, dest_dir: str, host_machine: int | None
 ) -> Written:
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=dest_dir)
-    try:
+    def fill(fd: int) -> Digest:
         digest, size = _copy(stream, fd, arch)
         _check_elf(fd, size, host_machine, arch)
-        _seal(fd)
-        os.close(fd)
-        fd = -1
+        return digest
+
+    tmp, digest = _write_temp(dest_dir, fill)
+    try:
         dest = _place(tmp, dest_dir, arch)
     except BaseException:
-        _discard(fd, tmp)
+        _discard(-1, tmp)
         raise
     return Written(dest, digest.checksum, Method.STREAM, digest.version)
+
+
+def _write_temp(dest_dir: str, fill: Callable[[int], T]) -> tuple[str, T]:
+    """A new temp file in `dest_dir` written by `fill(fd)`, then sealed (root:root 0755, on
+    disk) and closed, all inside `FORKS.writing()`; removed again if anything fails."""
+    with FORKS.writing():
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=dest_dir)
+        try:
+            result = fill(fd)
+            _seal(fd)
+        except BaseException:
+            _discard(fd, tmp)
+            raise
+        os.close(fd)
+    return tmp, result
 
 
 def _seal(fd: int) -> None:
@@ -484,12 +516,12 @@ def _seal(fd: int) -> None:
 
 
 def _place(tmp: str, dest_dir: str, arch: str) -> str:
-    """Rename `tmp` over the final name and make it durable."""
+    """Rename `tmp` over the final name (made durable by fsync_dir(dest_dir), see
+    install_stream)."""
     dest = os.path.join(dest_dir, f"qemu-{arch}")
     os.rename(tmp, dest)
     if os.path.lexists(tmp):  # rename(2) does nothing when both names are one inode
         os.unlink(tmp)
-    fsync_dir(dest_dir)
     return dest
 
 
@@ -572,6 +604,7 @@ def write_state(
     owned: Mapping[str, str] | None = None,
     *,
     hashes: HashCache | None = None,
+    durable: bool = True,
 ) -> None:
     """Replace the state file atomically (temp, fsync, rename, fsync dir).
 
@@ -579,13 +612,18 @@ def write_state(
     version can tell what an install relied on). `owned` is the ownership record: every
     binfmt_misc entry binfmtd registered, name -> register string. Only those entries are
     binfmtd's (see `read_owned`). `hashes`: the digest cache, kept beside.
+
+    `durable=False` skips both fsyncs: the new file is still whole for any process that reads
+    it after binfmtd is killed (a kill loses no written page), only a power loss or kernel
+    crash may bring back an older state file. That is enough for a record written ahead of a
+    binfmt_misc entry, which such a crash removes as well; the caller writes durably later.
     """
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o755, exist_ok=True)
     doc: dict[str, object] = {"version": 1}
     if flags is not None:
         doc["flags"] = flags
-    doc["emulators"] = {k: asdict(v) for k, v in sorted(installed.items())}
+    doc["emulators"] = {k: _fields(v) for k, v in sorted(installed.items())}
     if owned is not None:
         doc["entries"] = dict(sorted(owned.items()))
     if hashes is not None:
@@ -595,7 +633,8 @@ def write_state(
     try:
         os.write(fd, body)
         os.fchmod(fd, 0o644)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     try:
@@ -603,7 +642,13 @@ def write_state(
     except OSError:
         os.unlink(tmp)
         raise
-    fsync_dir(directory)
+    if durable:
+        fsync_dir(directory)
+
+
+def _fields(record: Installed) -> dict[str, object]:
+    """A record as a flat dict (its fields are all plain values: no deep copy as asdict does)."""
+    return {f.name: getattr(record, f.name) for f in fields(record)}
 
 
 def read_state_flags(path: str) -> str | None:

@@ -11,35 +11,31 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import lzma
 import os
 import platform
 import shutil
 import sys
-import tarfile
 import time
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from binfmtd import arch as archmod
-from binfmtd import backoff, emulators, origin, plan, probe, truth
+from binfmtd import backoff, emulators, installs, origin, plan, probe, truth
 from binfmtd.binfmt import Entry, FormatError, Registration, normalize_flags, parse_register_string
-from binfmtd.config import Config, ConflictPolicy, InstallMethod, SourceKind
+from binfmtd.config import Config, ConflictPolicy, InstallMethod
 from binfmtd.emulators import Installed, InstallError
+from binfmtd.installs import SOURCE_ERRORS
+from binfmtd.installs import source_error as _source_error
 from binfmtd.kernel import BinfmtMisc, KernelError
 from binfmtd.log import Repeats
-from binfmtd.sources import Found, Missing, Source, packages_of
+from binfmtd.sources import Source, packages_of
 from binfmtd.status import ArchState, ArchStatus, Facts, Proof, derive
 from binfmtd.truth import Observation, Owner
 
-INSTALL_PARALLELISM = 4
 RETRY_FAILED_S = 30.0
 PROGRESS_EVERY_S = 0.04  # while probes run, status is published at most this often
-# What a corrupt or truncated source can raise from deep inside tarfile, gzip, xz or zlib.
-SOURCE_ERRORS = (InstallError, OSError, EOFError, tarfile.TarError, zlib.error, lzma.LZMAError)
 
 
 @dataclass
@@ -257,7 +253,7 @@ class Engine:
             return False  # never installed, or install_dir moved since
         if self.source is not None and self._source_moved(arch, record):
             return False
-        ident = _file_id(record.path)
+        ident = emulators.file_id(record.path)
         # The identity recorded at install (inode, size, mtime, ctime, mode, owner) survives a
         # restart: an unchanged file is not hashed again, so a warm start stays fast.
         if ident is not None and ident in (self.file_ids.get(arch), record.file_id):
@@ -405,17 +401,49 @@ class Engine:
         With `prober`, an arch's probe starts right after its registration when nothing else in
         the plan follows for that arch; returns those arches with the inode of the entry written
         (None when it could not be read).
+
+        Installs are pipelined: the steps of arches that need none run first; then each arch's
+        steps run as soon as its emulator is installed, checked, checksummed and recorded in
+        the state file, while other arches are still being installed (`_install`).
+        Durations: `install` until the last emulator was in place, `register` the time spent
+        recording and carrying out the steps (both overlap when installs ran).
         """
         idents: dict[str, int | None] = {}
         report.actions, installs, regs = _sort(actions)
-        if installs:
-            started = time.monotonic()
-            self._install(installs, report)
-            report.durations_ms["install"] = _ms(started)
-        else:
+        report.durations_ms["register"] = 0.0
+        if not installs:
             report.durations_ms["install"] = 0.0
+            self._carry_out(actions, regs, report, prober, idents)
+            return idents
         started = time.monotonic()
-        self._record_intents(regs, report)
+        after: dict[str, list[plan.Action]] = {a: [] for a in installs}
+        now: list[plan.Action] = []
+        for action in actions:
+            after.get(str(getattr(action, "arch", None)), now).append(action)
+        self._carry_out(now, _registers(now), report, prober, idents)
+
+        def ready(arches: list[str]) -> None:  # installed and recorded: their steps now
+            steps = [step for arch in arches for step in after.pop(arch)]
+            self._carry_out(steps, _registers(steps), report, prober, idents, recorded=True)
+
+        self._install(installs, report, ready)
+        report.durations_ms["install"] = _ms(started)
+        return idents
+
+    def _carry_out(
+        self,
+        actions: list[plan.Action],
+        regs: list[plan.Register],
+        report: TickReport,
+        prober: probe.Prober | None,
+        idents: dict[str, int | None],
+        recorded: bool = False,
+    ) -> None:
+        """Record the Registers (`_record_intents`), then run `actions` in order, starting an
+        arch's probe after its last step. `recorded`: new installs are among them, so the
+        state file is written first even when the ownership record does not change."""
+        started = time.monotonic()
+        self._record_intents(regs, report, recorded)
         info = self.log.is_enabled_for(logging.INFO)  # skip building events when filtered
         errors, owned, register = report.errors, self.owned, self.kernel.register
         failing = len(self._action_failures) > 0  # failures of this loop need no clearing
@@ -441,25 +469,32 @@ class Engine:
                         self._log_done(action)
                     continue
                 key = plan.key(action)
-                if key in errors or isinstance(action, plan.Install):  # installs ran above
+                if key in errors or isinstance(action, plan.Install):  # installs ran before
                     continue
                 self._apply(action, key, report, info)
-        report.durations_ms["register"] = _ms(started)
-        return idents
+        report.durations_ms["register"] += _ms(started)
 
-    def _record_intents(self, registers: list[plan.Register], report: TickReport) -> None:
+    def _record_intents(
+        self, registers: list[plan.Register], report: TickReport, recorded: bool = False
+    ) -> None:
         """Write-ahead ownership: an entry is on record before it exists, so a kill between the
         two never leaves an entry of ours that a restart would call foreign. An arch whose
-        record cannot be saved (ENOSPC...) registers nothing this pass."""
+        record cannot be saved (ENOSPC...) registers nothing this pass. `recorded`: the
+        state holds new installs, written here even when every entry is already on record
+        (an emulator is registered only once its checksum is in the state file)."""
         owned, errors = self.owned, report.errors
         regs = [a for a in registers if a.arch not in errors]
-        if all([owned.get(a.reg.name) is a.reg or owned.get(a.reg.name) == a.reg for a in regs]):
+        if not recorded and all(
+            [owned.get(a.reg.name) is a.reg or owned.get(a.reg.name) == a.reg for a in regs]
+        ):
             return  # already on record (a flushed entry restored): nothing to write first
         before = dict(self.owned)
         self.owned.update({a.reg.name: a.reg for a in regs})
         self._state_dirty = True
-        self._save_state_if_needed(report, [a.arch for a in regs])
-        if self._state_dirty:  # not saved: nothing registered, the record stays as it was
+        # Mid-pipeline, fsync waits for the journal while probes wait for registrations: the
+        # pass ends with a durable write (and a power loss removes the entries anyway).
+        if not self._save_state_if_needed(report, [a.arch for a in regs], durable=not recorded):
+            # not saved: nothing registered, the record stays as it was
             self.owned = before
 
     def _apply(self, action: plan.Action, key: str, report: TickReport, info: bool) -> None:
@@ -535,9 +570,12 @@ class Engine:
         self._said = {k: v for k, v in self._said.items() if k in self._said_now}
         self._said_now = set()
 
-    def _install(self, arches: list[str], report: TickReport) -> None:
-        if not arches:
-            return
+    def _install(
+        self, arches: list[str], report: TickReport, ready: Callable[[list[str]], None]
+    ) -> None:
+        """Install `arches` (those whose backoff allows it now); `ready` is called on this thread
+        with each batch of arches installed, fsynced into place and kept in `installed`. A
+        failed arch gets its error in `report` and no call."""
         if self.source is None:
             self._fail_install(
                 arches, report, f"emulator source unavailable: {self._source_problem()}"
@@ -551,27 +589,63 @@ class Engine:
             report.errors[arch] = self.errors.get(arch) or self.backoff[arch].error
             self._install_failures.seen(arch, report.errors[arch])  # counted, not logged
         if todo:
-            self._install_now(todo, report)
+            self._install_now(todo, report, ready)
             self._record_outcomes(todo, ids, now, report)
 
-    def _install_now(self, arches: list[str], report: TickReport) -> None:
+    def _install_now(
+        self, arches: list[str], report: TickReport, ready: Callable[[list[str]], None]
+    ) -> None:
         assert self.source is not None
-        host = self.host_elf_machine()
-        pending = set(arches)
         owners = _packages_soon(self.source.origins(arches))
         try:
             self.source.check_available()
             emulators.ensure_install_dir(self.cfg.install_dir)
-            self._install_streams(arches, host, report, pending)
         except SOURCE_ERRORS as exc:
-            self._fail_install(sorted(pending), report, _source_error(exc))
+            self._fail_install(arches, report, _source_error(exc))
             return
-        done = [a for a in arches if a not in pending and a not in report.errors]
-        self._add_versions(done, owners)
-        self._fail_install(
-            sorted(pending), report, f"source {self.source.path} has no qemu-ARCH-static"
+        job = installs.Job(
+            self.source,
+            self.cfg.install_dir,
+            self.host_elf_machine(),
+            self.cfg.install_method is InstallMethod.AUTO,
+            self.hashes,
+            self.clock,
         )
+        installs.install(job, arches, lambda batch: self._settle(batch, report, ready))
+        self._add_versions([a for a in arches if a not in report.errors], owners)
+        with contextlib.suppress(OSError):  # the new names, durable before the state says so
+            emulators.fsync_dir(self.cfg.install_dir)
         self._save_state()
+
+    def _settle(
+        self,
+        outcomes: list[installs.Outcome],
+        report: TickReport,
+        ready: Callable[[list[str]], None],
+    ) -> None:
+        """Keep a batch of install outcomes; hand the installed arches on once their new names
+        are durable (one fsync of the install directory for the batch)."""
+        done = []
+        for outcome in outcomes:
+            arch, record = outcome.arch, outcome.record
+            if record is None:
+                self._absent.update([arch] if outcome.absent else [])
+                self._fail_install([arch], report, outcome.error or "not installed")
+                continue
+            self.installed[arch] = record
+            self.file_ids[arch] = record.file_id
+            self.log.info(
+                "emulator_installed",
+                arch=arch,
+                interpreter=record.path,
+                checksum=record.checksum,
+                method=record.method,
+            )
+            self._install_failures.cleared(arch)
+            done.append(arch)
+        if done:
+            self._state_dirty = True
+            ready(done)
 
     def _record_outcomes(
         self, arches: list[str], ids: dict[str, str], now: float, report: TickReport
@@ -600,87 +674,16 @@ class Engine:
             retry = None if absent else round(state.delay_s, 1)
             self._install_failures.seen(arch, error, retry_in_s=retry)
 
-    def _install_streams(
-        self, arches: list[str], host: int | None, report: TickReport, pending: set[str]
-    ) -> None:
-        """A .deb is one pass over its tar; files of a directory are installed in parallel, so
-        one emulator's hashing overlaps another's fsync (an all-arch install takes half as long)."""
-        source = self.source
-        assert source is not None
-        if source.kind is SourceKind.DEB:
-            for item in source.streams(arches):
-                pending.discard(item.arch)
-                self._install_item(item, host, report)
-            return
-
-        def one(arch: str) -> None:
-            try:
-                for item in source.streams([arch]):
-                    pending.discard(item.arch)
-                    self._install_item(item, host, report)
-            except SOURCE_ERRORS as exc:
-                pending.discard(arch)
-                self._fail_install([arch], report, _source_error(exc))
-
-        with ThreadPoolExecutor(min(INSTALL_PARALLELISM, len(arches))) as pool:
-            list(pool.map(one, arches))
-
-    def _install_item(self, item: Found | Missing, host: int | None, report: TickReport) -> None:
-        if isinstance(item, Missing):
-            self._absent.add(item.arch)
-            self._fail_install([item.arch], report, item.reason)
-            return
-        assert self.source is not None
-        arch = item.arch
-        try:
-            source_id = self.source.identity(arch)
-            done = emulators.install_stream(
-                item.stream,
-                arch,
-                self.cfg.install_dir,
-                host,
-                allow_link=self.cfg.install_method is InstallMethod.AUTO,
-                hashes=self.hashes,
-            )
-        except SOURCE_ERRORS as exc:
-            self._fail_install([arch], report, _source_error(exc))
-            return
-        file_id = _file_id(done.path) or ""
-        self.installed[arch] = Installed(
-            arch,
-            done.path,
-            done.checksum,
-            done.version,
-            self.source.describe(),
-            source_id,
-            self.clock(),
-            file_id,
-            origin=item.origin,
-            package=item.package,
-            package_version=item.version,
-            method=done.method,
-        )
-        self.file_ids[arch] = file_id
-        self.log.info(
-            "emulator_installed",
-            arch=arch,
-            interpreter=done.path,
-            checksum=done.checksum,
-            method=done.method,
-        )
-        self._install_failures.cleared(arch)
-
     def _add_versions(self, arches: list[str], early: Future[PackageOwners] | None) -> None:
-        """`qemu-X --version` once every write is closed: a fork while another thread holds a
-        new emulator open for writing could make that emulator's exec fail with ETXTBSY.
-        (Usually the version was read from the bytes while hashing: nothing runs.)
+        """`qemu-X --version` for an emulator whose version was not found in its bytes while
+        hashing (usually nothing runs), once every install of the pass is done.
         Then the package each file came from, when the package manager knows it: `early` is
         the lookup started with the installs; files it did not ask about are asked now."""
         if not arches:
             return
         unread = [a for a in arches if self.installed[a].version is None]
         if unread:
-            with ThreadPoolExecutor(min(INSTALL_PARALLELISM, len(unread))) as pool:
+            with ThreadPoolExecutor(min(installs.workers(), len(unread))) as pool:
                 paths = [self.installed[a].path for a in unread]
                 versions = pool.map(emulators.qemu_version, paths)
                 for arch, version in zip(unread, versions, strict=True):
@@ -728,15 +731,24 @@ class Engine:
             owned.update(truth.adopt(obs, self._adoptable()))
         return [e for e in obs.entries if truth.is_ours(e, owned)]
 
-    def _save_state_if_needed(self, report: TickReport, arches: Iterable[str] = ()) -> None:
+    def _save_state_if_needed(
+        self, report: TickReport, arches: Iterable[str] = (), durable: bool = True
+    ) -> bool:
         """Write installs and the ownership record; a failure (ENOSPC...) becomes the error
-        of `arches` (default: every arch this pass acted on)."""
+        of `arches` (default: every arch this pass acted on). `durable`: see write_state; a
+        write that is not leaves the state marked for the next durable one. False when the
+        write failed."""
         if not self._state_dirty:
-            return
+            return True
         owned = {name: reg.register_string() for name, reg in self.owned.items()}
         try:
             emulators.write_state(
-                self.cfg.state_file, self.installed, self.flags, owned, hashes=self.hashes
+                self.cfg.state_file,
+                self.installed,
+                self.flags,
+                owned,
+                hashes=self.hashes,
+                durable=durable,
             )
         except OSError as exc:
             why = f"state file {self.cfg.state_file} not saved: {exc}; binfmtd retries every pass"
@@ -745,8 +757,9 @@ class Engine:
                 if arch in archmod.BY_NAME:
                     report.errors.setdefault(arch, why)
             self._say("-", "state_save_failed", error=why)
-            return
-        self._state_dirty = False
+            return False
+        self._state_dirty = not durable
+        return True
 
     def verify(self, arches: Iterable[str], report: TickReport | None = None) -> None:
         """Probe `arches` in parallel; each result counts for the handler it ran through."""
@@ -907,13 +920,6 @@ def _source_ok(cfg: Config) -> bool:
     return True
 
 
-def _source_error(exc: BaseException) -> str:
-    """A source failure in words; a corrupt or truncated archive says so."""
-    if isinstance(exc, InstallError | OSError):
-        return str(exc)
-    return f"the emulator source is corrupt or truncated ({type(exc).__name__}: {exc})"
-
-
 def _hold(
     actions: list[plan.Action], hold: Mapping[str, str], report: TickReport
 ) -> list[plan.Action]:
@@ -937,9 +943,8 @@ PackageOwners = tuple[frozenset[str], dict[str, tuple[str, str]]]
 
 def _packages_soon(origins: Mapping[str, str]) -> Future[PackageOwners] | None:
     """Start `packages_of` (dpkg-query, a subprocess of ~70 ms) beside the installs: its result
-    is ({file asked about}, {file: (package, version)}). Forking while an install holds a temp file
-    open for writing is harmless here: the child execs (closing it, O_CLOEXEC) long before
-    anything execs an emulator, which happens only after every install finished."""
+    is ({file asked about}, {file: (package, version)}). Its fork waits while an install holds
+    a file open for writing (`run.FORKS`)."""
     if not origins:
         return None
     pool = ThreadPoolExecutor(1)
@@ -979,12 +984,8 @@ def _linked_inode(record: Installed) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def _file_id(path: str) -> str | None:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_mode}:{st.st_uid}"
+def _registers(actions: list[plan.Action]) -> list[plan.Register]:
+    return [a for a in actions if isinstance(a, plan.Register)]
 
 
 def _ms(started: float) -> float:

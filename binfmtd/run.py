@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -39,6 +41,61 @@ class Completed:
     timed_out: bool = False
 
 
+class ForkGate:
+    """Starting a process and holding a to-be-executed file open for writing, never at once.
+
+    A child holds a copy of every descriptor of its parent from fork until exec (close-on-exec
+    closes them then). While a child holds a write descriptor of an emulator being installed,
+    the kernel refuses to register that emulator with F, or to exec it (ETXTBSY), however the
+    parent closed its own copy. So installs hold `writing()` while such a descriptor is open
+    and `run` holds `spawning()` until its child has exec'd (Popen returns then). Many of one
+    side may be inside at once; a side waits while the other is inside, and once one side
+    waits, the other lets it go next (neither starves). Process-wide, as descriptors are.
+    """
+
+    _SPAWN, _WRITE = 0, 1
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._inside = [0, 0]
+        self._waiting = [0, 0]
+        self._turn = self._SPAWN
+
+    def spawning(self) -> contextlib.AbstractContextManager[None]:
+        """Held from fork to exec of a child."""
+        return self._side(self._SPAWN)
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """Held while a file that will be executed or registered is open for writing."""
+        return self._side(self._WRITE)
+
+    @contextlib.contextmanager
+    def _side(self, side: int) -> Iterator[None]:
+        other = 1 - side
+        with self._cond:
+            self._waiting[side] += 1
+            try:
+                self._cond.wait_for(
+                    lambda: (
+                        not self._inside[other] and (not self._waiting[other] or self._turn == side)
+                    )
+                )
+            finally:
+                self._waiting[side] -= 1
+            self._inside[side] += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._inside[side] -= 1
+                if not self._inside[side]:
+                    self._turn = other
+                self._cond.notify_all()
+
+
+FORKS = ForkGate()
+
+
 def run(
     argv: Sequence[str],
     *,
@@ -47,24 +104,37 @@ def run(
     check: bool = True,
     cwd: str | None = None,
 ) -> Completed:
-    """Run `argv` with a minimal environment; a timeout is a result, not an exception."""
-    try:
-        proc = subprocess.run(
+    """Run `argv` with a minimal environment; a timeout is a result, not an exception.
+    The child is started under `FORKS.spawning()`."""
+    with FORKS.spawning():
+        proc = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env=minimal_env(env),
             cwd=cwd,
-            check=False,
             close_fds=True,
         )
-    except subprocess.TimeoutExpired as exc:
-        return Completed(-9, exc.stdout or b"", exc.stderr or b"", timed_out=True)
-    result = Completed(proc.returncode, proc.stdout, proc.stderr)
-    if check and proc.returncode != 0:
-        raise CommandError(argv, proc.returncode, proc.stderr.decode(errors="replace"))
+    result = _finish(proc, timeout)
+    if check and not result.timed_out and result.returncode != 0:
+        raise CommandError(argv, result.returncode, result.stderr.decode(errors="replace"))
     return result
+
+
+def _finish(proc: subprocess.Popen[bytes], timeout: float) -> Completed:
+    """Wait for `proc` (as subprocess.run does: killed at the timeout or on any exception)."""
+    with proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            proc.kill()
+            proc.wait()
+            return Completed(-9, exc.stdout or b"", exc.stderr or b"", timed_out=True)
+        except BaseException:
+            proc.kill()
+            raise
+    return Completed(proc.returncode, out, err)
 
 
 def is_root() -> bool:
