@@ -635,6 +635,7 @@ class Daemon:
     # ------------------------------------------------------------ parts
 
     def _start_server(self) -> None:
+        self._start_metrics_port()  # first: the status a first client reads carries its warning
         self.server = ApiServer(
             self.cfg.api.socket,
             self.cfg.api.group,
@@ -642,6 +643,8 @@ class Daemon:
             observe=self.metrics.observe_request,
         )
         self.server.start()
+
+    def _start_metrics_port(self) -> None:
         port = self.cfg.api.metrics_port
         if port is not None:
             try:
