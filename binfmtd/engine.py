@@ -99,6 +99,7 @@ class Engine:
         self._probe_failures = Repeats(log, "probe_failed", "probe_recovered")
         self._untrusted = Repeats(log, "install_dir_untrusted", "install_dir_trusted", key="path")
         self.cfg = cfg
+        self._probe_stage: probe.Stage | None = None  # made on the first probe, kept
         self.apply_config(cfg)
 
     # ------------------------------------------------------------ configuration
@@ -116,7 +117,14 @@ class Engine:
             with contextlib.suppress(OSError):  # left by a killed install or state write
                 emulators.clean_temp_files(directory)
         # Probe roots of a process killed mid-verify; only binfmtd (holding the lock) uses them.
+        self.close()
         shutil.rmtree(self.probe_workdir, ignore_errors=True)
+
+    def close(self) -> None:
+        """Stop the probe runner and remove the probe stage (made again when next needed)."""
+        if self._probe_stage is not None:
+            self._probe_stage.close()
+            self._probe_stage = None
 
     @property
     def probe_workdir(self) -> str:
@@ -354,9 +362,16 @@ class Engine:
         return shown
 
     def _prober(self) -> probe.Prober:
-        return probe.Prober(
-            self.cfg.probe.timeout_s, self.cfg.probe.parallelism, self.clock, self.probe_workdir
-        )
+        """A pass's prober, on the probe stage (and runner) this engine keeps between passes."""
+        parallelism, workdir = self.cfg.probe.parallelism, self.probe_workdir
+        stage = self._probe_stage
+        if stage is None or (stage.workdir, stage.workers) != (
+            workdir,
+            probe.workers_for(parallelism),
+        ):
+            self.close()
+            stage = self._probe_stage = probe.Stage(parallelism, workdir)
+        return probe.Prober(self.cfg.probe.timeout_s, parallelism, self.clock, stage=stage)
 
     def _likely_probes(
         self, actions: list[plan.Action], obs: Observation, verify_also: Iterable[str]
@@ -447,19 +462,22 @@ class Engine:
         info = self.log.is_enabled_for(logging.INFO)  # skip building events when filtered
         errors, owned, register = report.errors, self.owned, self.kernel.register
         failing = len(self._action_failures) > 0  # failures of this loop need no clearing
-        last = {getattr(a, "arch", None): a for a in actions}  # an arch's final step
+        # An arch's final step: its probe starts after it (only wanted with a prober).
+        last = {getattr(a, "arch", None): a for a in actions} if prober is not None else {}
+        register_type = plan.Register
         with self.kernel.batch():
             for action in actions:
-                if type(action) is plan.Register:
+                if type(action) is register_type:
                     if action.arch in errors:
                         continue
+                    reg = action.reg
                     try:
-                        register(action.reg)
+                        register(reg)
                     except (KernelError, OSError) as exc:
                         self._failed(action, action.arch, exc, report)
                         continue
-                    if owned.get(action.reg.name) is not action.reg:
-                        self._own(action.reg)
+                    if owned.get(reg.name) is not reg:
+                        self._own(reg)
                     if failing:
                         self._action_failures.cleared(action.arch)
                     if prober is not None and last[action.arch] is action:
@@ -483,11 +501,15 @@ class Engine:
         state holds new installs, written here even when every entry is already on record
         (an emulator is registered only once its checksum is in the state file)."""
         owned, errors = self.owned, report.errors
+        if not recorded:
+            for action in registers:  # the common case (a flushed entry restored) costs ~2 µs
+                if owned.get(action.reg.name) is not action.reg:
+                    break
+            else:
+                return  # already on record, interned: nothing to write first
         regs = [a for a in registers if a.arch not in errors]
-        if not recorded and all(
-            [owned.get(a.reg.name) is a.reg or owned.get(a.reg.name) == a.reg for a in regs]
-        ):
-            return  # already on record (a flushed entry restored): nothing to write first
+        if not recorded and all([owned.get(a.reg.name) == a.reg for a in regs]):
+            return  # already on record (equal records): nothing to write first
         before = dict(self.owned)
         self.owned.update({a.reg.name: a.reg for a in regs})
         self._state_dirty = True

@@ -35,20 +35,20 @@ eng = Engine(config.load(os.environ["CFG"]), structlog.get_logger())
 eng.detect_native()
 hook, held, out = os.environ["HOOK"], eng.selected[-1], {}
 probing = threading.Event()
-real_run, real_install = probe.run_in_root, emulators.install_stream
+real_submit, real_install = probe.Stage.submit, emulators.install_stream
 
-def run_in_root(arch, *args, **kwargs):
-    if hook == "kill":  # a probe runs while the last install is held: die as a SIGKILL does
+def submit(self, *args, **kwargs):  # a probe is handed to the runner: it runs from now on
+    if hook == "kill":  # a probe starts while the last install is held: die as a SIGKILL does
         os.kill(os.getpid(), signal.SIGKILL)
     probing.set()
-    return real_run(arch, *args, **kwargs)
+    return real_submit(self, *args, **kwargs)
 
 def install_stream(stream, arch, *args, **kwargs):
     if arch == held:  # it finishes only once a probe of another arch has started
         out["probe_before_last_install"] = probing.wait(60)
     return real_install(stream, arch, *args, **kwargs)
 
-probe.run_in_root, emulators.install_stream = run_in_root, install_stream
+probe.Stage.submit, emulators.install_stream = submit, install_stream
 report = eng.tick()
 out["verified"] = sorted(report.verified)
 out["states"] = {s.arch: s.state.value for s in eng.statuses()}
