@@ -438,7 +438,8 @@ class Engine:
         self._carry_out(now, _registers(now), report, prober, idents)
 
         def ready(arches: list[str]) -> None:  # installed and recorded: their steps now
-            steps = [step for arch in arches for step in after.pop(arch)]
+            done = set(arches)  # carried out in plan order, whatever order they finished in
+            steps = [step for arch in installs if arch in done for step in after.pop(arch)]
             self._carry_out(steps, _registers(steps), report, prober, idents, recorded=True)
 
         self._install(installs, report, ready)
