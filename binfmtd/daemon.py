@@ -231,7 +231,10 @@ def _provision(
     preflight.run_all(engine.kernel)
     started = time.monotonic()
     engine.detect_native()
-    report = engine.tick()
+    try:
+        report = engine.tick()
+    finally:
+        engine.close()  # the probe roots and threads: nothing runs after this pass
     durations = {**report.durations_ms, "total": round((time.monotonic() - started) * 1000, 1)}
     record = views.oneshot_record(engine, report.actions, durations, sandbox=sandbox is not None)
     if not engine.selected:

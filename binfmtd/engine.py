@@ -103,6 +103,7 @@ class Engine:
         self._probe_failures = Repeats(log, "probe_failed", "probe_recovered")
         self._untrusted = Repeats(log, "install_dir_untrusted", "install_dir_trusted", key="path")
         self.cfg = cfg
+        self._probe_stage: probe.Stage | None = None  # made on the first probe, kept
         self.apply_config(cfg)
 
     # ------------------------------------------------------------ configuration
@@ -120,7 +121,14 @@ class Engine:
             with contextlib.suppress(OSError):  # left by a killed install or state write
                 emulators.clean_temp_files(directory)
         # Probe roots of a process killed mid-verify; only binfmtd (holding the lock) uses them.
+        self.close()
         shutil.rmtree(self.probe_workdir, ignore_errors=True)
+
+    def close(self) -> None:
+        """Stop the probe runner and remove the probe stage (made again when next needed)."""
+        if self._probe_stage is not None:
+            self._probe_stage.close()
+            self._probe_stage = None
 
     @property
     def probe_workdir(self) -> str:
@@ -363,9 +371,16 @@ class Engine:
         return shown
 
     def _prober(self) -> probe.Prober:
-        return probe.Prober(
-            self.cfg.probe.timeout_s, self.cfg.probe.parallelism, self.clock, self.probe_workdir
-        )
+        """A pass's prober, on the probe stage (and runner) this engine keeps between passes."""
+        parallelism, workdir = self.cfg.probe.parallelism, self.probe_workdir
+        stage = self._probe_stage
+        if stage is None or (stage.workdir, stage.workers) != (
+            workdir,
+            probe.workers_for(parallelism),
+        ):
+            self.close()
+            stage = self._probe_stage = probe.Stage(parallelism, workdir)
+        return probe.Prober(self.cfg.probe.timeout_s, parallelism, self.clock, stage=stage)
 
     def _likely_probes(
         self, actions: list[plan.Action], obs: Observation, verify_also: Iterable[str]

@@ -1,28 +1,38 @@
 """Proving an emulator works: run a tiny probe of that architecture from an empty root.
 
-The probe directory holds nothing but the probe, so only an entry with the F flag (interpreter
-opened at registration) can make it run. A platform is verified only when the probe printed its
-exact message and exited 0.
+The probes run from a root holding nothing but probes (the `Stage`, started by the chrooted
+`binfmtd.probe_runner`), so only an entry with the F flag (interpreter opened at registration)
+can make them run. A platform is verified only when its probe printed its exact message and
+exited 0.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
 import shutil
 import signal
+import stat
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, as_completed
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 from binfmtd import trust
-from binfmtd.run import run
+from binfmtd.run import minimal_env, run
 from binfmtd.truth import ProbeResult
 
 PROBE_DIR = Path(__file__).parent / "probes"
+T = TypeVar("T")
 
 
 def probe_path(arch: str) -> Path | None:
@@ -34,25 +44,6 @@ def probe_path(arch: str) -> Path | None:
 def expected_output(arch: str) -> bytes:
     """What a probe for `arch` prints when it really ran."""
     return f"binfmtd-probe {arch}\n".encode()
-
-
-def prepare_root(arch: str, workdir: str | None = None) -> str | None:
-    """An empty temp directory holding only /probe (0755); None without a probe binary.
-
-    Roots are prepared before any probe runs: a file still open for writing while another
-    thread forks would make exec fail with ETXTBSY.
-    """
-    source = probe_path(arch)
-    if source is None:
-        return None
-    body = _probe_bytes(source)
-    root = tempfile.mkdtemp(prefix="binfmtd-probe-", dir=workdir)
-    try:
-        _write_new(os.path.join(root, "probe"), body, 0o755)
-    except OSError:
-        shutil.rmtree(root, ignore_errors=True)  # ENOSPC mid-write: leave nothing behind
-        raise
-    return root
 
 
 def _write_new(path: str, body: bytes, mode: int) -> None:
@@ -72,49 +63,17 @@ def _probe_bytes(source: Path) -> bytes:
     return source.read_bytes()
 
 
-def run_probe(arch: str, timeout_s: float, clock: Callable[[], float] = time.time) -> ProbeResult:
-    """Run the probe for `arch` chrooted into an empty directory."""
-    root = prepare_root(arch)
-    try:
-        return run_in_root(arch, root, timeout_s, clock)
-    finally:
-        if root:
-            shutil.rmtree(root, ignore_errors=True)
-
-
-def run_in_root(
-    arch: str, root: str | None, timeout_s: float, clock: Callable[[], float] = time.time
-) -> ProbeResult:
-    """Run /probe in `root` (prepared by `prepare_root`) and judge the outcome.
-
-    A probe that cannot even start (chroot itself fails to exec, for instance when an entry
-    catches the host's own programs and its interpreter is gone) is a failed result, not an
-    exception.
-    """
-    if root is None:
-        return ProbeResult(arch, False, clock(), 0.0, "no probe binary for this architecture")
-    started = time.monotonic()
-    try:
-        for _attempt in range(3):
-            result = run(["chroot", root, "/probe"], timeout=timeout_s, check=False)
-            if b"Text file busy" not in result.stderr:
-                break
-    except OSError as exc:
-        elapsed = (time.monotonic() - started) * 1000
-        return ProbeResult(arch, False, clock(), elapsed, spawn_error(exc))
-    elapsed = (time.monotonic() - started) * 1000
-    error = verdict(
-        arch, result.returncode, result.stdout, result.stderr, result.timed_out, timeout_s
-    )
-    return ProbeResult(arch, error is None, clock(), elapsed, error)
-
-
 def spawn_error(exc: OSError) -> str:
-    """Why a probe could not be started, and the usual cause."""
-    return (
-        f"cannot start the probe: {exc.strerror or exc} (errno {exc.errno}); an entry that "
-        "catches this host's own programs may be in the way"
-    )
+    """Why a probe could not be started (exec failed), and the usual cause."""
+    if exc.errno == errno.ENOEXEC:
+        return "exec format error: no working binfmt_misc entry with F for this architecture"
+    why = f"cannot start the probe: {exc.strerror or exc} (errno {exc.errno}); "
+    if exc.errno == errno.ENOENT:
+        return why + (
+            "the entry's interpreter cannot be found from an empty root (no F flag?), or an "
+            "entry that catches this host's own programs is in the way"
+        )
+    return why + "an entry that catches this host's own programs may be in the way"
 
 
 class Native(StrEnum):
@@ -182,6 +141,24 @@ def verdict(
     return f"probe exited {code}: {detail or 'no output'}"
 
 
+def judge(arch: str, outcome: Outcome, timeout_s: float, at: float) -> ProbeResult:
+    """The ProbeResult of what the runner reported; `at` is when it was judged (Unix s)."""
+    if outcome.broken is not None:
+        error: str | None = f"cannot run the probe: {outcome.broken}"
+    elif outcome.spawn_errno:
+        error = spawn_error(OSError(outcome.spawn_errno, outcome.stderr.decode(errors="replace")))
+    else:
+        error = verdict(
+            arch,
+            outcome.returncode,
+            outcome.stdout,
+            outcome.stderr,
+            outcome.timed_out,
+            timeout_s,
+        )
+    return ProbeResult(arch, error is None, at, outcome.duration_ms, error)
+
+
 def workers_for(parallelism: int) -> int:
     """How many probes run at once: `parallelism` at most, and no more than the usable CPUs + 1
     (a probe is a QEMU start, CPU-bound: more at once only adds switching; measured with 33
@@ -193,17 +170,255 @@ def workers_for(parallelism: int) -> int:
     return max(1, min(parallelism, cpus + 1))
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What the probe runner reported for one probe (see `binfmtd.probe_runner`)."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+    duration_ms: float
+    spawn_errno: int = 0  # posix_spawn failed (the probe never started): why
+    broken: str | None = None  # the runner itself failed: why
+
+
+class _Runner:
+    """One runner process of a stage, and the probes sent to it that have no answer yet."""
+
+    def __init__(self, stage_fd: int, workers: int) -> None:
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _BOOT, str(stage_fd), str(workers), package_parent],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(stage_fd,),
+            env=minimal_env(),
+            close_fds=True,
+        )
+        self.pending: dict[str, Future[Outcome]] = {}
+        self.lock = threading.Lock()
+        self.next_id = 0
+        reader = threading.Thread(target=self._read, name="probe-runner", daemon=True)
+        reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def submit(self, name: str, timeout_s: float) -> Future[Outcome]:
+        future: Future[Outcome] = Future()
+        with self.lock:
+            self.next_id += 1
+            ident = str(self.next_id)
+            self.pending[ident] = future
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(
+                    f"{ident} {max(1, round(timeout_s * 1000))} {name}\n".encode()
+                )
+                self.proc.stdin.flush()
+            except (OSError, ValueError):  # it died: `_read` answers everything pending
+                pass
+        return future
+
+    def _read(self) -> None:
+        out = self.proc.stdout
+        assert out is not None
+        while head := out.readline():
+            ident, rc, timed_out, micros, errno_, n_out, n_err = head.split()
+            body = out.read(int(n_out) + int(n_err))
+            with self.lock:
+                future = self.pending.pop(ident.decode(), None)
+            if future is not None:
+                future.set_result(
+                    Outcome(
+                        int(rc),
+                        body[: int(n_out)],
+                        body[int(n_out) :],
+                        timed_out == b"1",
+                        int(micros) / 1000,
+                        int(errno_),
+                    )
+                )
+        code = self.proc.wait()
+        assert self.proc.stderr is not None
+        told = self.proc.stderr.read().decode(errors="replace").strip().splitlines()[-1:]
+        why = f"the probe runner exited with {code}" + (f": {told[0]}" if told else "")
+        with self.lock:
+            left, self.pending = self.pending, {}
+        for future in left.values():
+            future.set_result(Outcome(-1, b"", b"", False, 0.0, broken=why))
+
+    def close(self) -> None:
+        """End of requests: the runner kills what still runs and exits (killed after 2 s)."""
+        with self.lock, contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# The runner's command line: only the standard library and binfmtd.probe_runner are imported.
+_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv.pop()); from binfmtd.probe_runner import main; main()"
+)
+
+
+@dataclass(frozen=True)
+class _Made:
+    """A file as binfmtd made it: what `Stage` checks before using it again."""
+
+    dev: int
+    ino: int
+    size: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> _Made:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
+
+
+class Stage:
+    """The probe stage a daemon keeps for its lifetime: one root-only directory holding nothing
+    but the probes (one file per arch, named after it), and the runner process chrooted into
+    it that starts them (`binfmtd.probe_runner`), `workers_for(parallelism)` at once.
+
+    Why: making a root per probe (mkdtemp, write, rmtree), a thread pool per pass and a
+    `chroot` process per probe cost more than a third of a flush repair (33 probes, 2 cores).
+
+    A probe file is used again only while it is exactly as made: a regular file of ours, 0755,
+    one link, with the (device, inode, size, ctime) recorded when written (any write, chmod,
+    rename over or hard link changes one of them); otherwise it is written afresh. The stage
+    directory must stay ours, 0700, the same inode, holding only files binfmtd made; otherwise
+    it is dropped with its runner and made again. With `workdir`, the stage is made there; that
+    directory must be root-only (0700) under a trusted parent, checked by `check` (once a pass):
+    made so when missing, refused, never adopted, otherwise (a user who made it first, or who
+    can rename it, would choose what runs as a probe). `close` stops the runner (its running
+    probes are killed) and removes the stage.
+    """
+
+    def __init__(self, parallelism: int, workdir: str | None = None) -> None:
+        self.workdir = workdir
+        self.workers = workers_for(parallelism)
+        self._dir: str | None = None
+        self._dir_made: _Made | None = None
+        self._made: dict[str, _Made] = {}
+        self._runner: _Runner | None = None
+
+    def check(self) -> str | None:
+        """Before a pass's probes: None when they may run; otherwise why not (trust error)."""
+        if self.workdir is not None:
+            try:
+                trust.private_dir(os.path.dirname(self.workdir), os.path.basename(self.workdir))
+            except (trust.TrustError, OSError) as exc:
+                self.close()
+                return f"probe roots refused: {exc}"
+        if self._dir is not None and not self._stage_intact():
+            self.close()
+        return None
+
+    def _stage_intact(self) -> bool:
+        assert self._dir is not None
+        try:
+            st = os.lstat(self._dir)
+            names = os.listdir(self._dir)
+        except OSError:
+            return False
+        return (
+            stat.S_ISDIR(st.st_mode)
+            and st.st_uid == os.geteuid()
+            and stat.S_IMODE(st.st_mode) == 0o700
+            and _Made.of(st) == self._dir_made
+            and set(names) <= set(self._made)
+        )
+
+    def file(self, arch: str) -> bool:
+        """Make sure `arch`'s probe is in the stage as made; False without a probe binary.
+        OSError when it cannot be written (ENOSPC, EROFS...)."""
+        source = probe_path(arch)
+        if source is None:
+            return False
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="stage-", dir=self.workdir)
+            self._dir_made = _Made.of(os.lstat(self._dir))
+        path = os.path.join(self._dir, arch)
+        made = self._made.get(arch)
+        if made is not None and _file_intact(path, made):
+            return True
+        self._made.pop(arch, None)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        try:
+            _write_new(path, _probe_bytes(source), 0o755)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # ENOSPC mid-write: leave nothing behind
+            raise
+        self._made[arch] = _Made.of(os.lstat(path))
+        if self._dir_made is not None:  # a new name changed the directory's ctime
+            self._dir_made = _Made.of(os.lstat(self._dir))
+        return True
+
+    def start_runner(self) -> _Runner:
+        """The runner, started now when none is alive (it boots while the caller goes on).
+        OSError when it cannot be started."""
+        runner = self._runner
+        if runner is None or not runner.alive:
+            assert self._dir is not None
+            fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                runner = self._runner = _Runner(fd, self.workers)
+            finally:
+                os.close(fd)
+        return runner
+
+    def submit(self, arch: str, timeout_s: float) -> Future[Outcome]:
+        """Run `arch`'s probe (made by `file`) in the runner, started when none is alive."""
+        try:
+            runner = self.start_runner()
+        except OSError as exc:  # e.g. an entry catching this host's programs is in the way
+            why = (exc.strerror or str(exc)).encode()
+            return _done(Outcome(-1, b"", why, False, 0.0, spawn_errno=exc.errno or 0))
+        return runner.submit(arch, timeout_s)
+
+    def close(self) -> None:
+        """Stop the runner and remove the stage (made again when next needed)."""
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir, self._dir_made = None, None
+        self._made.clear()
+
+
+def _file_intact(path: str, made: _Made) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (
+        stat.S_ISREG(st.st_mode)
+        and st.st_uid == os.geteuid()
+        and st.st_nlink == 1
+        and stat.S_IMODE(st.st_mode) == 0o755
+        and _Made.of(st) == made
+    )
+
+
 class Prober:
     """Probes of one pass, each started as soon as its arch is ready (pipelined with the
-    registrations), on a pool of `workers_for(parallelism)` threads. Use as a context manager:
-    the roots are removed on exit.
+    registrations), in the runner of a `Stage`. Use as a context manager.
 
-    `prepare` makes the roots of every arch the pass may probe, before any probe runs (a root's
-    file still open for writing while another thread forks would make exec fail with ETXTBSY).
-    Each root is made fresh (mkdtemp) and removed afterwards, never reused. With `workdir`, the
-    roots go into that directory, which must be root-only (0700) under a trusted parent: it is
-    made so when missing and refused, never adopted, otherwise (a user who made it first, or
-    who can rename it, would choose what runs as /probe).
+    `prepare` puts the probe of every arch the pass may probe in the stage before any probe
+    runs (a probe file still open for writing while a process forks would make exec fail with
+    ETXTBSY; such a failure is retried twice). With `stage`, the daemon's long-lived stage is
+    used; without, the prober makes its own and removes it on exit.
     """
 
     def __init__(
@@ -212,13 +427,14 @@ class Prober:
         parallelism: int,
         clock: Callable[[], float] = time.time,
         workdir: str | None = None,
+        stage: Stage | None = None,
     ) -> None:
         self.timeout_s = timeout_s
         self.clock = clock
-        self.workdir = workdir
-        self._workers = workers_for(parallelism)
-        self._pool: ThreadPoolExecutor | None = None
-        self._roots: dict[str, str | None] = {}
+        self._own = stage is None
+        self._stage = stage if stage is not None else Stage(parallelism, workdir)
+        self._ready: set[str] = set()
+        self._checked = False
         self._refused: str | None = None
         self._futures: dict[str, Future[ProbeResult]] = {}
 
@@ -226,58 +442,60 @@ class Prober:
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        for root in self._roots.values():
-            if root:
-                shutil.rmtree(root, ignore_errors=True)
-        self._roots.clear()
+        if self._own:
+            self._stage.close()  # probes still running are killed; their results unread
 
     def prepare(self, arches: Iterable[str]) -> None:
-        """Make the root of every arch in `arches` that has none yet (call before `start`)."""
-        names = [a for a in arches if a not in self._roots and a not in self._futures]
-        if not names or self._refused is not None:
+        """Put the probe of every arch in `arches` in the stage (call before `start`)."""
+        names = [a for a in arches if a not in self._ready and a not in self._futures]
+        if not names:
             return
-        if self.workdir is not None and not self._roots:
-            try:
-                trust.private_dir(os.path.dirname(self.workdir), os.path.basename(self.workdir))
-            except (trust.TrustError, OSError) as exc:
-                self._refused = f"probe roots refused: {exc}"
-                return
+        if not self._checked:
+            self._checked = True
+            self._refused = self._stage.check()
+        if self._refused is not None:
+            return
         for arch in names:
             try:
-                self._roots[arch] = prepare_root(arch, self.workdir)
-            except OSError as exc:  # ENOSPC, EROFS...: this arch's result, not the pass's end
-                self._futures[arch] = _done(
-                    ProbeResult(
-                        arch, False, self.clock(), 0.0, f"cannot prepare the probe root: {exc}"
+                if self._stage.file(arch):
+                    self._ready.add(arch)
+                else:
+                    self._futures[arch] = self._failed(
+                        arch, "no probe binary for this architecture"
                     )
-                )
+            except OSError as exc:  # ENOSPC, EROFS...: this arch's result, not the pass's end
+                self._futures[arch] = self._failed(arch, f"cannot prepare the probe root: {exc}")
+        if self._ready:
+            with contextlib.suppress(OSError):  # told by each probe's result, if it persists
+                self._stage.start_runner()  # boots while the pass registers
 
     def start(self, arch: str) -> None:
-        """Start `arch`'s probe now (its root made by `prepare`, else made here); once a pass."""
+        """Start `arch`'s probe now (put in the stage by `prepare`, else here); once a pass."""
         if arch in self._futures:
             return
-        if arch not in self._roots:
+        if arch not in self._ready:
             self.prepare([arch])
         if self._refused is not None:
-            self._futures[arch] = _done(ProbeResult(arch, False, self.clock(), 0.0, self._refused))
+            self._futures[arch] = self._failed(arch, self._refused)
             return
-        if arch in self._futures:  # its root could not be made
+        if arch in self._futures:  # its probe could not be put in the stage
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="probe")
-        self._futures[arch] = self._pool.submit(self._run, arch)
+        result: Future[ProbeResult] = Future()
+        self._futures[arch] = result
+        self._attempt(arch, result, 1)
 
-    def _run(self, arch: str) -> ProbeResult:
-        """One probe on a pool thread; its root is removed right after, while others run."""
-        root = self._roots[arch]
-        try:
-            return run_in_root(arch, root, self.timeout_s, self.clock)
-        finally:
-            if root:
-                shutil.rmtree(root, ignore_errors=True)
-            self._roots.pop(arch, None)
+    def _attempt(self, arch: str, result: Future[ProbeResult], attempt: int) -> None:
+        def judged(done: Future[Outcome]) -> None:
+            outcome = done.result()
+            if outcome.spawn_errno == errno.ETXTBSY and attempt < 3:
+                self._attempt(arch, result, attempt + 1)
+            else:
+                result.set_result(judge(arch, outcome, self.timeout_s, self.clock()))
+
+        self._stage.submit(arch, self.timeout_s).add_done_callback(judged)
+
+    def _failed(self, arch: str, error: str) -> Future[ProbeResult]:
+        return _done(ProbeResult(arch, False, self.clock(), 0.0, error))
 
     @property
     def started(self) -> frozenset[str]:
@@ -291,24 +509,7 @@ class Prober:
             yield future.result()
 
 
-def _done(result: ProbeResult) -> Future[ProbeResult]:
-    future: Future[ProbeResult] = Future()
+def _done(result: T) -> Future[T]:
+    future: Future[T] = Future()
     future.set_result(result)
     return future
-
-
-def run_probes(
-    arches: Iterable[str],
-    timeout_s: float,
-    parallelism: int,
-    clock: Callable[[], float] = time.time,
-    workdir: str | None = None,
-) -> dict[str, ProbeResult]:
-    """Run the probes in parallel; every arch gets a result (see `Prober` for the roots)."""
-    names = list(arches)
-    with Prober(timeout_s, parallelism, clock, workdir) as prober:
-        prober.prepare(names)
-        for arch in names:
-            prober.start(arch)
-        found = {r.arch: r for r in prober.results()}
-    return {a: found[a] for a in names}

@@ -224,6 +224,7 @@ class Daemon:
         if self.worker is not None:
             self.worker.stop()
         self.metrics.close()
+        self.engine.close()
         if self.cfg.remove_on_stop:
             with contextlib.suppress(KernelError, OSError):
                 removed = self.engine.remove_own_entries()
@@ -277,9 +278,14 @@ class Daemon:
             worker = self.worker.status.pid if self.worker is not None else None
             with contextlib.suppress(psutil.Error, OSError):
                 for child in psutil.Process().children():
-                    if child.pid != worker:
-                        with contextlib.suppress(psutil.Error):
-                            child.kill()
+                    if child.pid == worker:
+                        continue
+                    # The probe runner's probes first: killed after it, they would run on.
+                    with contextlib.suppress(psutil.Error):
+                        for descendant in child.children(recursive=True):
+                            with contextlib.suppress(psutil.Error):
+                                descendant.kill()
+                        child.kill()
             time.sleep(STOP_POLL_S)
 
     def _on_hup(self, _sig: int, _frame: object) -> None:
@@ -315,6 +321,7 @@ class Daemon:
                 failed=report.failed,
                 errors=report.errors,
                 duration_ms=round((time.monotonic() - started) * 1000, 1),
+                phases_ms=report.durations_ms,  # observe, install, register, verify
             )
             self.notifier.status(self._summary())
         self._last_states = states

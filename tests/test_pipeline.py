@@ -26,13 +26,13 @@ eng = Engine(config.load(os.environ["CFG"]), structlog.get_logger())
 eng.detect_native()
 out = {}
 started = threading.Event()
-real_run = probe.run_in_root
+real_submit = probe.Stage.submit
 
-def run_in_root(*args, **kwargs):
+def submit(self, *args, **kwargs):  # a probe is handed to the runner: it runs from now on
     started.set()
-    return real_run(*args, **kwargs)
+    return real_submit(self, *args, **kwargs)
 
-probe.run_in_root = run_in_root
+probe.Stage.submit = submit
 kernel = eng.kernel
 real_register, real_ident = kernel.register, kernel.ident
 last = eng.registration(eng.selected[-1]).name

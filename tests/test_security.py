@@ -28,6 +28,7 @@ from binfmtd import config as configmod
 from binfmtd import service
 from binfmtd.binfmt import FormatError, Registration, parse_entry
 from binfmtd.preflight import Exit
+from binfmtd.probe import PROBE_DIR
 from binfmtd.server import ApiError
 
 SECRET = b"root's secret\n"
@@ -254,16 +255,34 @@ def test_probe_roots_dir_made_by_someone_else_is_not_adopted(
     assert taken.returncode != 0  # and, sticky, the user cannot move root's away
 
 
-def test_probe_roots_are_fresh_and_root_only(tmp_path: Path, sock: str) -> None:
-    """Probe roots live in a 0700 root directory beside the state file and are never reused."""
+def test_the_probe_stage_is_root_only_and_a_changed_probe_is_never_run(
+    tmp_path: Path, sock: str
+) -> None:
+    """The probes run from a 0700 stage beside the state file that holds nothing but them. A
+    probe changed behind binfmtd's back is written afresh before it runs again, a stranger file
+    in the stage has the stage made anew, and stopping removes it."""
     cfg = daemon_config(tmp_path, arches=["s390x"], api={"socket": sock, "group": None})
+    workdir = tmp_path / "state" / "probe-roots"
     with du.running(cfg, sock) as daemon:
         daemon.wait_verified(["s390x"])
-        workdir = tmp_path / "state" / "probe-roots"
-        st = workdir.stat()
-        assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700)
+        (stage,) = workdir.iterdir()
+        for path in (workdir, stage):
+            st = path.stat()
+            assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700), path
+        assert os.listdir(stage) == ["s390x"]
+        original = (stage / "s390x").read_bytes()
+        # Another arch's probe written in place: run as it is, it would print the wrong message.
+        (stage / "s390x").write_bytes((PROBE_DIR / "aarch64").read_bytes())
         assert daemon.post("/v1/verify")[0] == 200
-        assert os.listdir(workdir) == []  # each run's roots were removed, none kept for reuse
+        assert daemon.arch("s390x")["state"] == "verified"
+        assert (stage / "s390x").read_bytes() == original
+        (stage / "qemu-s390x-static").write_bytes(b"#!/bin/sh\n")
+        assert daemon.post("/v1/verify")[0] == 200
+        assert daemon.arch("s390x")["state"] == "verified"
+        assert not stage.exists()
+        (again,) = workdir.iterdir()
+        assert os.listdir(again) == ["s390x"]
+    assert os.listdir(workdir) == []
 
 
 # ---------------------------------------------------------------- item 6: stop and reload
@@ -331,6 +350,7 @@ def test_sigterm_mid_tick_ends_the_daemon_promptly(
         # Before: the tick waited out its probe (60 s), then the request 120 s more.
         code = daemon.proc.wait(20)
         poster.join(30)
+        orphans = _probe_pids(tmp_path / "qemu" / "qemu-aarch64")
     finally:
         if daemon.proc.poll() is None:
             daemon.kill()
@@ -339,6 +359,7 @@ def test_sigterm_mid_tick_ends_the_daemon_promptly(
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(daemon.work, ignore_errors=True)
     assert code == 0
+    assert orphans == []  # the hanging probe was killed with the runner that started it
     assert len(answers) == 1, answers
     status, body = answers[0]
     # Queued, it is answered 503; still being read when the socket closed, the connection
