@@ -635,6 +635,9 @@ class Daemon:
     # ------------------------------------------------------------ parts
 
     def _start_server(self) -> None:
+        # The metrics port first: the first status the API socket answers already carries
+        # its warning (serve_tcp imports prometheus_client, which takes a while).
+        self._serve_metrics_port()
         self.server = ApiServer(
             self.cfg.api.socket,
             self.cfg.api.group,
@@ -642,6 +645,8 @@ class Daemon:
             observe=self.metrics.observe_request,
         )
         self.server.start()
+
+    def _serve_metrics_port(self) -> None:
         port = self.cfg.api.metrics_port
         if port is not None:
             try:
