@@ -439,19 +439,22 @@ class Engine:
         info = self.log.is_enabled_for(logging.INFO)  # skip building events when filtered
         errors, owned, register = report.errors, self.owned, self.kernel.register
         failing = len(self._action_failures) > 0  # failures of this loop need no clearing
-        last = {getattr(a, "arch", None): a for a in actions}  # an arch's final step
+        # An arch's final step: its probe starts after it (only wanted with a prober).
+        last = {getattr(a, "arch", None): a for a in actions} if prober is not None else {}
+        register_type = plan.Register
         with self.kernel.batch():
             for action in actions:
-                if type(action) is plan.Register:
+                if type(action) is register_type:
                     if action.arch in errors:
                         continue
+                    reg = action.reg
                     try:
-                        register(action.reg)
+                        register(reg)
                     except (KernelError, OSError) as exc:
                         self._failed(action, action.arch, exc, report)
                         continue
-                    if owned.get(action.reg.name) is not action.reg:
-                        self._own(action.reg)
+                    if owned.get(reg.name) is not reg:
+                        self._own(reg)
                     if failing:
                         self._action_failures.cleared(action.arch)
                     if prober is not None and last[action.arch] is action:
@@ -472,9 +475,14 @@ class Engine:
         two never leaves an entry of ours that a restart would call foreign. An arch whose
         record cannot be saved (ENOSPC...) registers nothing this pass."""
         owned, errors = self.owned, report.errors
+        for action in registers:  # the common case (a flushed entry restored) costs ~2 µs
+            if owned.get(action.reg.name) is not action.reg:
+                break
+        else:
+            return  # already on record, interned: nothing to write first
         regs = [a for a in registers if a.arch not in errors]
-        if all([owned.get(a.reg.name) is a.reg or owned.get(a.reg.name) == a.reg for a in regs]):
-            return  # already on record (a flushed entry restored): nothing to write first
+        if all([owned.get(a.reg.name) == a.reg for a in regs]):
+            return  # already on record (equal records): nothing to write first
         before = dict(self.owned)
         self.owned.update({a.reg.name: a.reg for a in regs})
         self._state_dirty = True

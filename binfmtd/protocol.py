@@ -254,6 +254,22 @@ class Connection:
     ) -> bytearray:
         """The complete response for the current request (or the error), as bytes to send.
         `keep_alive=False` closes after it; h11 also closes when the request asked to."""
+        parts = self.respond_parts(
+            status, body, keep_alive=keep_alive, content_type=content_type, headers=headers
+        )
+        return bytearray().join(parts)
+
+    def respond_parts(
+        self,
+        status: int,
+        body: bytes,
+        *,
+        keep_alive: bool = True,
+        content_type: bytes = JSON,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> list[bytes]:
+        """`respond`, as the pieces to send in order (head, body...), not joined: a server
+        can hand them to sendmsg(2) without copying the body."""
         close = not keep_alive or self._error is not None
         key = None if self._raw is None else (self._raw, status, len(body), content_type, headers)
         if self._replayed:
@@ -261,24 +277,24 @@ class Connection:
             if known is not None:
                 self._replayed, self._request, self._raw = False, None, None
                 self._at_start = True
-                return bytearray(known) + body
+                return [known, body]
             self._materialize()
         self._clean = False  # until h11 is back at the start of a cycle
         head = _response_event(status, len(body), content_type, headers, close)
         try:
             written = self._h11.send(head) or b""
-            out = bytearray(written)
-            for chunk in self._h11.send_with_data_passthrough(h11.Data(data=body)) or ():
-                out += chunk
-            out += self._h11.send(_END) or b""
+            out = [written]
+            out += self._h11.send_with_data_passthrough(h11.Data(data=body)) or ()
+            out.append(self._h11.send(_END) or b"")
         except h11.LocalProtocolError as exc:  # a bug in our state handling: close cleanly
             self._error = ProtocolError(500, str(exc))
-            return bytearray()
+            return []
         self._at_start = True
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             self._h11.start_next_cycle()
             self._clean = self._idle()
-            self._learn(key, written, len(out) == len(written) + len(body))
+            size = sum(len(chunk) for chunk in out)
+            self._learn(key, written, size == len(written) + len(body))
         self._request = self._raw = None  # the next cycle's bytes are whatever comes next
         return out
 
@@ -370,7 +386,7 @@ def _status_of(exc: h11.RemoteProtocolError, conn: h11.Connection) -> int:
 
 def _plain(message: str) -> str:
     """h11's message with the Python reprs of what it rejected (`bytearray(b'...')`) shown as
-    quoted text instead, cut to 60 characters: what a client reads in the 400 body."""
+    quoted text instead, cut to 60 characters as quoted: what a client reads in the 400 body."""
     return _BYTES_REPR.sub(_quoted, message)
 
 
@@ -380,8 +396,10 @@ def _quoted(match: re.Match[str]) -> str:
     except (ValueError, SyntaxError):
         return match.group(0)
     text = bytes(data).decode("latin-1")
-    cut = text[:_EXCERPT] + ("..." if len(text) > _EXCERPT else "")
-    return json.dumps(cut)
+    cut = text[:_EXCERPT]
+    while len(json.dumps(cut)) > _EXCERPT + 2:  # escapes (a NUL is \u0000) count as shown
+        cut = cut[: len(cut) * 3 // 4]
+    return json.dumps(cut + ("..." if len(cut) < len(text) else ""))
 
 
 def _reason(status: int) -> bytes:

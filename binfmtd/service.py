@@ -635,9 +635,7 @@ class Daemon:
     # ------------------------------------------------------------ parts
 
     def _start_server(self) -> None:
-        # The metrics port first: the first status the API socket answers already carries
-        # its warning (serve_tcp imports prometheus_client, which takes a while).
-        self._serve_metrics_port()
+        self._start_metrics_port()  # first: the status a first client reads carries its warning
         self.server = ApiServer(
             self.cfg.api.socket,
             self.cfg.api.group,
@@ -646,7 +644,7 @@ class Daemon:
         )
         self.server.start()
 
-    def _serve_metrics_port(self) -> None:
+    def _start_metrics_port(self) -> None:
         port = self.cfg.api.metrics_port
         if port is not None:
             try:

@@ -329,6 +329,24 @@ def test_pipelined_requests_answered_in_order(client: Client, api: FakeApi) -> N
     assert client.read()[2] == {"state": "running"}
 
 
+def test_large_answers_to_a_slow_reader_arrive_whole_and_in_order(
+    server: ApiServer, api: FakeApi
+) -> None:
+    """Forty pipelined reads of a 200 KB status, read only after the server's socket buffer
+    filled: every answer arrives whole, byte for byte, in order (partial sends resumed)."""
+    api.status = lambda: {"arches": ["x" * 200_000], "version": api.ver}  # type: ignore[method-assign]
+    slow = Client(server.path, timeout=10)
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        slow.send(raw_request("GET", "/v1/status") * 20 + raw_request("GET", "/v1/health") * 20)
+        time.sleep(0.3)  # the server fills the socket and waits for room
+        answers = [slow.read() for _ in range(40)]
+    finally:
+        slow.close()
+    assert [a[2] for a in answers[:20]] == [{"arches": ["x" * 200_000], "version": 1}] * 20
+    assert [a[2]["ok"] for a in answers[20:]] == [True] * 20
+
+
 def test_connection_close_is_honoured(client: Client) -> None:
     """Connection: close gets its answer marked close, then EOF."""
     client.send(raw_request("GET", "/v1/health", extra="Connection: close\r\n"))
