@@ -10,16 +10,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import secrets
 import shlex
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from socket import getfqdn
 from types import ModuleType
 from typing import Any
-
-import tomli_w
 
 DEFAULT_SOCKET = "/run/binfmtd/buildkitd.sock"
 LIST_WORKERS_METHOD = "/moby.buildkit.v1.Control/ListWorkers"
@@ -144,6 +140,8 @@ def render_config(
             "containerd": {"enabled": containerd, "platforms": listed},
         },
     }
+    import tomli_w  # only for the worker: config.py imports this module for BuildkitConfig
+
     return tomli_w.dumps(deep_merge(base, ours))
 
 
@@ -221,6 +219,8 @@ def buildx_append_command(name: str, address: str, platforms: Sequence[str]) -> 
     """
     host, _, port = address.rpartition(":")
     if host in WILDCARD_HOSTS:
+        from socket import getfqdn
+
         host = getfqdn()
     argv = ["docker", "buildx", "create", "--append", "--name", name, "--driver", "remote"]
     argv += ["--node", f"{name}-{host.split('.')[0]}"]
@@ -258,6 +258,7 @@ def _pb(name: str) -> ModuleType:
 
 def list_workers(socket_path: str, timeout: float) -> tuple[WorkerRecord, ...]:
     """Call `moby.buildkit.v1.Control/ListWorkers` on `unix://<socket_path>`."""
+
     import grpc
 
     control_pb2, control_pb2_grpc = _pb("control_pb2"), _pb("control_pb2_grpc")
@@ -338,6 +339,8 @@ def solve_definition(
     The Status stream of the same ref is followed alongside, so the output of the step named
     `step_name` comes back with the verdict.
     """
+    import secrets
+
     import grpc
 
     control_pb2, control_pb2_grpc = _pb("control_pb2"), _pb("control_pb2_grpc")

@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"binfmtd: bad configuration: {exc}", file=sys.stderr)
         return Exit.CONFIG
-    log.configure(cfg.log.level, cfg.log.format, lazy=args.oneshot)
+    log.configure(cfg.log.level, cfg.log.format, lazy=True)  # structlog: on the first event
     return run_quietly(lambda: _run(args, cfg), "binfmtd")
 
 

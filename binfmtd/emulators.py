@@ -16,11 +16,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import io
 import json
+import mmap
 import os
-import secrets
 import stat
 import struct
 import tempfile
@@ -48,10 +47,16 @@ class _Hash(Protocol):
     def hexdigest(self) -> str: ...
 
 
+def _sha256() -> _Hash:
+    import hashlib  # only for a state file from before BLAKE3: its libcrypto is ~3.5 MB of RSS
+
+    return hashlib.sha256()
+
+
 # The algorithms a checksum may name. BLAKE3 hashes ~5 GB/s on one AVX2/AVX-512 core here,
 # sha256 (SHA-NI) ~1 GB/s: for 33 emulators (~390 MB) 80 ms of CPU instead of 420 ms.
 # One thread per file: installs already hash several files at once.
-HASHES: dict[str, Callable[[], _Hash]] = {"blake3": blake3.blake3, "sha256": hashlib.sha256}
+HASHES: dict[str, Callable[[], _Hash]] = {"blake3": blake3.blake3, "sha256": _sha256}
 
 
 class InstallError(RuntimeError):
@@ -190,7 +195,7 @@ class _Scan:
         self._tail = b""
         self._taken = 0
 
-    def update(self, data: bytes | bytearray, count: int) -> None:
+    def update(self, data: bytes | bytearray | mmap.mmap, count: int) -> None:
         """Take the first `count` bytes of `data`."""
         with memoryview(data) as view:
             self.hash.update(view[:count])  # releases the GIL: threads hash files at once
@@ -211,7 +216,7 @@ class _Scan:
 VERSION_MAX = 200
 
 
-def _version_in(data: bytes | bytearray, marker: bytes, count: int) -> str | None:
+def _version_in(data: bytes | bytearray | mmap.mmap, marker: bytes, count: int) -> str | None:
     """The version line at `marker` in the first `count` bytes, when whole and printable."""
     at = data.find(marker, 0, count)
     end = data.find(b"\n", at, min(count, at + VERSION_MAX)) if at >= 0 else -1
@@ -227,11 +232,14 @@ def _digest_fd(
     """Read an open file from its start: its checksum (and QEMU version when `arch` is given,
     looked for from the chunk holding byte `search_from` on)."""
     scan = _Scan(arch, algorithm, search_from)
-    buffer = bytearray(CHUNK)
+    # A mapping of its own, unmapped on return: a freed 1 MB malloc buffer raises glibc's mmap
+    # threshold and stays in the install thread's arena (~6 MB of idle RSS after a cold start).
+    buffer = mmap.mmap(-1, CHUNK)
     offset = 0
-    while count := os.preadv(fd, [buffer], offset):
-        scan.update(buffer, count)
-        offset += count
+    with buffer:
+        while count := os.preadv(fd, [buffer], offset):
+            scan.update(buffer, count)
+            offset += count
     return scan.result()
 
 
@@ -426,7 +434,8 @@ def _link_temp(src: int, dest_dir: str) -> str | None:
         return None
     try:
         for _ in range(8):
-            tmp = os.path.join(dest_dir, TEMP_PREFIX + secrets.token_hex(8))
+            # secrets.token_hex's bytes, without importing secrets (hmac: libcrypto, ~3.5 MB)
+            tmp = os.path.join(dest_dir, TEMP_PREFIX + os.urandom(8).hex())
             try:  # linkat(AT_SYMLINK_FOLLOW) on the fd's magic link: the inode we checked
                 os.link(str(src), tmp, src_dir_fd=fds, follow_symlinks=True)
             except FileExistsError:

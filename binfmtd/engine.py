@@ -269,6 +269,11 @@ class Engine:
         if not emulators.matches(record.path, record.checksum, linked_inode=_linked_inode(record)):
             return False
         self.file_ids[arch] = ident or ""
+        if ident is not None and _same_inode(ident, record):
+            # Only metadata moved (a link to a hard-linked source made or removed, a chmod):
+            # the bytes are proven again, so record it, or every later start hashes it again.
+            self.installed[arch] = replace(record, file_id=ident)
+            self._state_dirty = True
         return True
 
     def _source_moved(self, arch: str, record: Installed) -> bool:
@@ -1009,6 +1014,14 @@ def _linked_inode(record: Installed) -> int | None:
 
 def _registers(actions: list[plan.Action]) -> list[plan.Register]:
     return [a for a in actions if isinstance(a, plan.Register)]
+
+
+def _same_inode(ident: str, record: Installed) -> bool:
+    """Whether `ident` names the inode the record was installed as (a hard-link install is
+    trusted for its own inode only: a new one is never adopted by a re-hash)."""
+    if record.method != emulators.Method.LINK:
+        return True
+    return ident.split(":", 1)[0] == record.file_id.split(":", 1)[0]
 
 
 def _ms(started: float) -> float:

@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-import structlog
+from binfmtd import log as logs
 
-log = structlog.get_logger("binfmtd.listener")
+log = logs.lazy("binfmtd.listener")  # structlog is imported by the first event
 
 SD_LISTEN_FDS_START: Final = 3
 MAX_UNIX_PATH: Final = 107

@@ -4,9 +4,10 @@ Events are past-tense snake_case names with stable keys (`arch`, `error`, `inter
 `flags`, `errno`, `duration_ms`); a recurring failure goes through `Repeats`, so it is logged
 when it starts, changes and ends, not on every pass.
 
-`configure(..., lazy=True)` (binfmtd --oneshot) leaves structlog unimported (its import pulls in
-asyncio: ~30 ms of a ~0.5 s command) until the first event at an enabled level; a run that
-only succeeds logs nothing at `warning` and never imports it.
+`configure(..., lazy=True)` (binfmtd --oneshot and the daemon) leaves structlog unimported (its
+import pulls in asyncio: ~30 ms, ~3 MB) until the first event at an enabled level; a run that
+only succeeds logs nothing at `warning` and never imports it. Modules that log from import time
+on take a `lazy` logger for the same reason.
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ def get(name: str = "binfmtd") -> Any:
     import structlog
 
     return structlog.get_logger(name).bind(component=component)
+
+
+def lazy(name: str) -> Deferred:
+    """A logger for module level: structlog is imported (and set up) only by its first event
+    at an enabled level, whether or not `configure` ran before this call."""
+    return Deferred(name, {"component": name.rsplit(".", 1)[-1]})
 
 
 class Deferred:

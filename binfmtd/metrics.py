@@ -21,28 +21,21 @@ Metric names (all prefixed `binfmtd_`):
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
-
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING, Any
 
 from binfmtd import wire
-from binfmtd.supervision import WorkerState
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+    from prometheus_client.registry import CollectorRegistry
 
 # Every state `status.ArchState` and `supervision.WorkerState` may take is exported as a
 # series once seen; these are exported from the start, so a dashboard has all of them at 0.
 KNOWN_STATES = ("verified", "foreign-verified", "unverified", "failed", "disabled", "missing")
-_WORKER_STATES = frozenset(s.value for s in WorkerState)
 PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -51,34 +44,47 @@ def reason_label(reason: str) -> str:
     return reason.split(" (", 1)[0].split(":", 1)[0][:60]
 
 
-class Metrics:
-    """The daemon's metrics. `observe_status`, `observe_actions` and `observe_request` are
-    called by the daemon and the API server (any thread); `render` is the exposition text."""
+class _Histogram:
+    """One probe histogram series: observations per bucket (not cumulative), their sum."""
 
     def __init__(self) -> None:
-        disable_created_metrics()  # type: ignore[no-untyped-call]  # no `*_created` series
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.counts = [0] * (len(PROBE_BUCKETS) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one observation in the first bucket whose bound is >= `seconds`."""
+        self.counts[bisect.bisect_left(PROBE_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[float]:
+        """Per bucket (`le` order, +Inf last), the observations at or below its bound."""
+        running, out = 0, []
+        for count in self.counts:
+            running += count
+            out.append(float(running))
+        return out
+
+
+class Metrics:
+    """The daemon's metrics. `observe_status`, `observe_actions` and `observe_request` are
+    called by the daemon and the API server (any thread); `render` is the exposition text.
+
+    Events are counted in plain Python data; prometheus_client (whose import loads an HTTP
+    server, urllib and ssl: ~12 MB of RSS and ~20 ms) is imported on the first scrape or when
+    `serve_tcp` starts, and builds every family from that data at scrape time."""
+
+    def __init__(self) -> None:
         self._status: wire.StatusRecord | None = None
         self._probe_at: dict[str, float] = {}
         self._states_seen: set[str] = set(KNOWN_STATES)
         self._lock = threading.Lock()
-        self.probe_seconds = Histogram(
-            "binfmtd_probe_duration_seconds",
-            "How long a verification probe ran, by arch and result.",
-            ("arch", "result"),
-            buckets=PROBE_BUCKETS,
-            registry=self.registry,
-        )
-        self.repairs = Counter(
-            "binfmtd_repairs",
-            "Changes a reconcile pass made, by action and reason.",
-            ("action", "reason"),
-            registry=self.registry,
-        )
+        self._probes: dict[tuple[str, str], _Histogram] = {}  # (arch, result), first seen first
+        self._repairs: dict[tuple[str, str], int] = {}  # (action, reason label)
         # Counted on the API thread for every answer, so a plain dict (one writer) rather than
-        # a locked Counter child per request; exported by the collector at scrape time.
+        # a locked counter per request; exported by the collector at scrape time.
         self._requests: dict[tuple[str, int], int] = {}
-        self.registry.register(_StateCollector(self))
+        self._registry: CollectorRegistry | None = None
+        self._registry_lock = threading.Lock()
         self._http: Any = None
 
     # --- events in ------------------------------------------------------------------------
@@ -91,14 +97,17 @@ class Metrics:
                 probe = arch.probe
                 if probe is not None and self._probe_at.get(arch.arch) != probe.at:
                     self._probe_at[arch.arch] = probe.at
-                    result = "ok" if probe.ok else "failed"
-                    self.probe_seconds.labels(arch.arch, result).observe(probe.duration_ms / 1000)
+                    key = (arch.arch, "ok" if probe.ok else "failed")
+                    series = self._probes.get(key) or self._probes.setdefault(key, _Histogram())
+                    series.observe(probe.duration_ms / 1000)
             self._status = status
 
     def observe_actions(self, actions: Iterable[tuple[str, str]]) -> None:
         """Count the (action kind, reason) pairs one pass carried out."""
-        for kind, reason in actions:
-            self.repairs.labels(kind, reason_label(reason)).inc()
+        with self._lock:
+            for kind, reason in actions:
+                key = (kind, reason_label(reason))
+                self._repairs[key] = self._repairs.get(key, 0) + 1
 
     def observe_request(self, endpoint: str, code: int) -> None:
         """Count one answered API request (only the API server's thread calls this)."""
@@ -109,10 +118,35 @@ class Metrics:
         """Answered requests so far by (endpoint template, status), a copy."""
         return dict(self._requests)
 
+    def probe_counts(self) -> dict[tuple[str, str], tuple[list[float], float]]:
+        """Per (arch, result): the cumulative bucket counts (+Inf last) and the sum (s)."""
+        with self._lock:
+            return {k: (h.cumulative(), h.total) for k, h in self._probes.items()}
+
+    def repair_counts(self) -> dict[tuple[str, str], int]:
+        """Repairs so far by (action, reason label), a copy."""
+        with self._lock:
+            return dict(self._repairs)
+
     # --- out ------------------------------------------------------------------------------
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The prometheus_client registry serving these metrics (made, and prometheus_client
+        imported, on first use)."""
+        with self._registry_lock:
+            if self._registry is None:
+                from prometheus_client import CollectorRegistry
+
+                registry = CollectorRegistry(auto_describe=True)
+                registry.register(_collector(self))
+                self._registry = registry
+            return self._registry
 
     def render(self) -> bytes:
         """The Prometheus text exposition (format 0.0.4)."""
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry)
 
     def serve_tcp(self, port: int, addr: str = "127.0.0.1") -> None:
@@ -142,39 +176,75 @@ class Metrics:
             return self._status, sorted(self._states_seen)
 
 
-class _StateCollector(Collector):
-    """Gauges derived from the last published status, computed at scrape time."""
+def _collector(metrics: Metrics) -> Any:
+    """A prometheus_client collector building every family from `metrics` at scrape time
+    (defined here so that prometheus_client is imported only when a registry is made)."""
+    from prometheus_client.registry import Collector
 
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
+    class _MetricsCollector(Collector):
+        def describe(self) -> Iterable[Metric]:
+            return []
 
-    def describe(self) -> Iterable[Metric]:
-        return []
+        def collect(self) -> Iterator[Metric]:
+            return _families(metrics)
 
-    def collect(self) -> Iterator[Metric]:
-        status, states = self._metrics.snapshot()
-        arches = status.arches if status else ()
-        yield _arch_states(arches, states)
-        working = GaugeMetricFamily(
-            "binfmtd_arch_working", "1 when the arch may be advertised.", labels=["arch"]
-        )
-        conflicts = GaugeMetricFamily(
-            "binfmtd_conflicts",
-            "1 per arch whose binfmt_misc entry another tool made (left alone).",
-            labels=["arch"],
-        )
-        for a in arches:
-            working.add_metric([a.arch], 1.0 if a.working else 0.0)
-            conflicts.add_metric([a.arch], 1.0 if a.conflict else 0.0)
-        yield working
-        yield conflicts
-        yield _requests(self._metrics.request_counts())
-        yield from _daemon_metrics(status)
-        if status is not None and status.worker is not None and status.worker.enabled:
-            yield from _worker_metrics(status.worker)
+    return _MetricsCollector()
+
+
+def _families(metrics: Metrics) -> Iterator[Metric]:
+    """Every family, in the order (and with the names, help, types and labels) the daemon has
+    always exported them."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    yield _probe_histogram(metrics.probe_counts())
+    repairs = CounterMetricFamily(
+        "binfmtd_repairs",
+        "Changes a reconcile pass made, by action and reason.",
+        labels=["action", "reason"],
+    )
+    for (action, reason), count in metrics.repair_counts().items():
+        repairs.add_metric([action, reason], float(count))
+    yield repairs
+    status, states = metrics.snapshot()
+    arches = status.arches if status else ()
+    yield _arch_states(arches, states)
+    working = GaugeMetricFamily(
+        "binfmtd_arch_working", "1 when the arch may be advertised.", labels=["arch"]
+    )
+    conflicts = GaugeMetricFamily(
+        "binfmtd_conflicts",
+        "1 per arch whose binfmt_misc entry another tool made (left alone).",
+        labels=["arch"],
+    )
+    for a in arches:
+        working.add_metric([a.arch], 1.0 if a.working else 0.0)
+        conflicts.add_metric([a.arch], 1.0 if a.conflict else 0.0)
+    yield working
+    yield conflicts
+    yield _requests(metrics.request_counts())
+    yield from _daemon_metrics(status)
+    if status is not None and status.worker is not None and status.worker.enabled:
+        yield from _worker_metrics(status.worker)
+
+
+def _probe_histogram(series: dict[tuple[str, str], tuple[list[float], float]]) -> Metric:
+    from prometheus_client.core import HistogramMetricFamily
+    from prometheus_client.utils import floatToGoString
+
+    family = HistogramMetricFamily(
+        "binfmtd_probe_duration_seconds",
+        "How long a verification probe ran, by arch and result.",
+        labels=["arch", "result"],
+    )
+    bounds = [floatToGoString(b) for b in (*PROBE_BUCKETS, float("inf"))]  # type: ignore[no-untyped-call]
+    for (arch, result), (cumulative, total) in series.items():
+        family.add_metric([arch, result], list(zip(bounds, cumulative, strict=True)), total)
+    return family
 
 
 def _arch_states(arches: Sequence[wire.ArchRecord], states: Sequence[str]) -> Metric:
+    from prometheus_client.core import GaugeMetricFamily
+
     family = GaugeMetricFamily(
         "binfmtd_arch_state", "1 for the arch's current state.", labels=["arch", "state"]
     )
@@ -185,6 +255,8 @@ def _arch_states(arches: Sequence[wire.ArchRecord], states: Sequence[str]) -> Me
 
 
 def _requests(counts: dict[tuple[str, int], int]) -> Metric:
+    from prometheus_client.core import CounterMetricFamily
+
     family = CounterMetricFamily(
         "binfmtd_api_requests",
         "Answered API requests, by endpoint template and HTTP status code.",
@@ -196,6 +268,8 @@ def _requests(counts: dict[tuple[str, int], int]) -> Metric:
 
 
 def _daemon_metrics(status: wire.StatusRecord | None) -> Iterator[Metric]:
+    from prometheus_client.core import GaugeMetricFamily
+
     ready = status is not None and status.daemon.ready
     yield GaugeMetricFamily("binfmtd_ready", "1 once the first pass finished.", ready * 1.0)
     last = status.daemon.last_reconcile if status else None
@@ -206,10 +280,15 @@ def _daemon_metrics(status: wire.StatusRecord | None) -> Iterator[Metric]:
 
 
 def _worker_metrics(worker: wire.WorkerRecord) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from binfmtd.supervision import WorkerState  # only with a worker: a dozen dataclasses
+
+    known = [s.value for s in WorkerState]
     state = GaugeMetricFamily(
         "binfmtd_worker_state", "1 for the BuildKit worker's state.", labels=["state"]
     )
-    for name in (*(s.value for s in WorkerState), *({worker.state} - _WORKER_STATES)):
+    for name in (*known, *({worker.state} - set(known))):
         state.add_metric([str(name)], 1.0 if name == worker.state else 0.0)
     yield state
     yield CounterMetricFamily(

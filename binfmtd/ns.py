@@ -7,16 +7,15 @@ private binfmt_misc instance (Linux >= 6.7), so nothing it registers reaches the
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
+import functools
 import os
-import platform
 import re
 import shutil
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -24,7 +23,20 @@ MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 SANDBOX_MIN_KERNEL = (6, 7)
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+@functools.cache
+def _libc() -> Any:
+    """libc, through the process's own symbols: no `ctypes.util.find_library` (it runs
+    `ldconfig -p`, ~5 ms), and ctypes is imported only when a mount or unshare needs it."""
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
 
 
 SANDBOX_RUNTIME = "/run/binfmtd-sandbox"
@@ -113,25 +125,25 @@ def default_sandbox_name(*, oneshot: bool, pid: int) -> str:
 
 def _check(result: int, what: str) -> None:
     if result != 0:
-        err = ctypes.get_errno()
+        err = _errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 def mount(source: str, target: str, fstype: str, flags: int = 0) -> None:
     """mount(2)."""
-    res = _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, None)
+    res = _libc().mount(source.encode(), target.encode(), fstype.encode(), flags, None)
     _check(res, f"mount {fstype} on {target}")
 
 
 def make_private(path: str = "/") -> None:
     """Stop mount events propagating back to the parent namespace."""
-    res = _libc.mount(None, path.encode(), None, MS_REC | MS_PRIVATE, None)
+    res = _libc().mount(None, path.encode(), None, MS_REC | MS_PRIVATE, None)
     _check(res, f"make {path} private")
 
 
 def kernel_version(release: str | None = None) -> tuple[int, int]:
     """(major, minor) of a kernel release string such as 6.18.44-fc."""
-    parts = (release or platform.release()).split(".")
+    parts = (release or os.uname().release).split(".")
     try:
         return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
     except (IndexError, ValueError):
@@ -154,8 +166,8 @@ def enter_sandbox(binfmt_root: str, keep_gids: Iterable[int] = ()) -> None:
     uid, gid = os.geteuid(), os.getegid()
     full = uid == 0 and not in_user_namespace()
     mapper = _fork_mapper(*id_maps(sorted(set(keep_gids)))) if full else None
-    if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
-        err = ctypes.get_errno()
+    if _libc().unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
+        err = _errno()
         if mapper is not None:
             _finish_mapper(*mapper, go=False)
         raise SandboxError(
@@ -172,7 +184,7 @@ def enter_sandbox(binfmt_root: str, keep_gids: Iterable[int] = ()) -> None:
     try:
         mount("binfmt_misc", binfmt_root, "binfmt_misc")
     except OSError as exc:
-        release = platform.release()
+        release = os.uname().release
         if exc.errno in (errno.EPERM, errno.EACCES) and kernel_version() < SANDBOX_MIN_KERNEL:
             raise SandboxError(
                 f"private binfmt_misc instances need Linux >= 6.7; this kernel is {release}"

@@ -25,8 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, cast
 
-import structlog
-
+from binfmtd import log as logs
 from binfmtd import wire
 from binfmtd.listener import (
     DRAIN_LIMIT,
@@ -47,7 +46,7 @@ from binfmtd.protocol import (
 )
 from binfmtd.routes import OTHER, Mutation, Read, Reject, View, ViewCache, route, to_json
 
-log = structlog.get_logger("binfmtd.server")
+log = logs.lazy("binfmtd.server")  # structlog is imported by the first event
 
 _RECV_SIZE: Final = 64 * 1024
 _OUT_HIGH_WATER: Final = 256 * 1024

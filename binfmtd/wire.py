@@ -27,7 +27,9 @@ else:
         return _record
 
 
-WIRE_VERSION = 1
+# 2: ArchRecord's `sha256` became `checksum` (named by algorithm, `blake3:<hex>`); a rename, so
+# the version moved (1 had `sha256`, a bare hex SHA-256).
+WIRE_VERSION = 2
 
 
 def _record(cls: Any) -> Any:

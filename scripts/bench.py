@@ -712,7 +712,13 @@ def bench_ctl(plan: Plan, daemon: Daemon, raw: dict[str, Any]) -> list[Row]:
 
 
 def bench_idle(plan: Plan, daemon: Daemon, raw: dict[str, Any]) -> list[Row]:
-    """Row 6: CPU % of one core and RSS while idle, against a sleeping python."""
+    """Row 6: CPU % of one core and RSS while idle, against a sleeping python.
+
+    The RSS target is the daemon's own figure before the metrics moved to prometheus_client
+    (about 28 MB: issue 14 asks for RSS unchanged), not a loose ceiling: "<= 30 MB". It is
+    taken before any scrape; the first `GET /metrics` imports prometheus_client (its
+    exposition loads an HTTP server, urllib, email), so the RSS after one scrape is
+    measured too and shown in the note."""
     import psutil
 
     sleeper = subprocess.Popen(
@@ -730,11 +736,17 @@ def bench_idle(plan: Plan, daemon: Daemon, raw: dict[str, Any]) -> list[Row]:
                 peak[k] = max(peak[k], p.memory_info().rss)
         elapsed = time.monotonic() - started
         cpu = {k: (_cpu(p) - before[k]) / elapsed * 100 for k, p in procs.items()}
+        scraped = _rss_after_scrape(daemon, procs["ours"])
     finally:
         sleeper.kill()
         sleeper.wait()
     mb = {k: v / 2**20 for k, v in peak.items()}
-    raw["idle"] = {"seconds": elapsed, "cpu_percent": cpu, "rss_mb_peak": mb}
+    raw["idle"] = {
+        "seconds": elapsed,
+        "cpu_percent": cpu,
+        "rss_mb_peak": mb,
+        "rss_mb_after_one_scrape": scraped,
+    }
     return [
         Row(
             "idle.cpu",
@@ -748,14 +760,30 @@ def bench_idle(plan: Plan, daemon: Daemon, raw: dict[str, Any]) -> list[Row]:
         ),
         Row(
             "idle.rss",
-            "idle RSS (peak)",
+            "idle RSS (peak, before any scrape)",
             "MB",
             round(mb["ours"], 1),
             round(mb["baseline"], 1),
-            "<= 60 MB",
-            mb["ours"] <= 60,
+            f"<= {IDLE_RSS_MB} MB",
+            mb["ours"] <= IDLE_RSS_MB,
+            note=f"RSS unchanged (~28 MB before prometheus_client); {scraped:.1f} MB after one "
+            "/metrics scrape (prometheus_client is imported by the first)",
         ),
     ]
+
+
+IDLE_RSS_MB = 30
+
+
+def _rss_after_scrape(daemon: Daemon, proc: Any) -> float:
+    """The daemon's RSS (MB) after one `GET /metrics` on its API socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(daemon.socket)
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        while sock.recv(1 << 16):
+            pass
+    return round(float(proc.memory_info().rss) / 2**20, 1)
 
 
 def _cpu(proc: Any) -> float:

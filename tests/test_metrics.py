@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import urllib.request
 
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    enable_created_metrics,
+    generate_latest,
+)
+
 from binfmtd import wire
-from binfmtd.metrics import Metrics, reason_label
+from binfmtd.metrics import PROBE_BUCKETS, Metrics, reason_label
 
 
 def arch(name: str, state: str, at: float, **changes: object) -> wire.ArchRecord:
@@ -86,3 +98,79 @@ def test_loopback_tcp_port_serves_the_same_text() -> None:
     finally:
         metrics.close()
     assert metrics.tcp_port is None
+
+
+SCRAPE_LOADS = """
+import json, sys
+import binfmtd.service
+from binfmtd import wire
+from binfmtd.metrics import Metrics
+probe = wire.ProbeRecord(True, 1.0, 12.0)
+row = wire.ArchRecord("aarch64", (), "verified", True, True, "POF", "/q", probe=probe)
+metrics = Metrics()
+metrics.observe_status(wire.StatusRecord(wire.DaemonRecord("0.1.0", 1, ready=True), (row,)))
+metrics.observe_actions([("register", "missing")])
+metrics.observe_request("/v1/status", 200)
+before = "prometheus_client" in sys.modules
+text = metrics.render().decode()
+print(json.dumps({"before": before, "after": "prometheus_client" in sys.modules, "text": text}))
+"""
+
+
+def test_prometheus_client_is_imported_by_the_first_scrape_only() -> None:
+    """Events are counted without prometheus_client (its import costs ~12 MB of RSS); the
+    first scrape imports it and shows every event counted before."""
+    result = subprocess.run(
+        [sys.executable, "-c", SCRAPE_LOADS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert (doc["before"], doc["after"]) == (False, True)
+    for line in (
+        'binfmtd_probe_duration_seconds_count{arch="aarch64",result="ok"} 1.0',
+        'binfmtd_repairs_total{action="register",reason="missing"} 1.0',
+        'binfmtd_api_requests_total{code="200",endpoint="/v1/status"} 1.0',
+    ):
+        assert line in doc["text"], line
+
+
+def test_probe_and_repair_families_read_as_prometheus_clients_own_instruments() -> None:
+    """The probe histogram and the repairs counter, built at scrape time from plain counts,
+    are byte for byte what a prometheus_client Histogram and Counter would expose for the
+    same events (names, HELP, TYPE, labels, `le` bounds, `_bucket`/`_count`/`_sum`)."""
+    durations = [0.0, 5.0, 10.0, 12.5, 99.0, 250.0, 2500.0, 99999.0]  # ms; some on a bound
+    metrics = Metrics()
+    registry = CollectorRegistry(auto_describe=True)
+    histogram = Histogram(
+        "binfmtd_probe_duration_seconds",
+        "How long a verification probe ran, by arch and result.",
+        ("arch", "result"),
+        buckets=PROBE_BUCKETS,
+        registry=registry,
+    )
+    counter = Counter(
+        "binfmtd_repairs",
+        "Changes a reconcile pass made, by action and reason.",
+        ("action", "reason"),
+        registry=registry,
+    )
+    for i, ms in enumerate(durations):
+        state = "verified" if i % 3 else "failed"
+        probe = wire.ProbeRecord(state == "verified", float(i), ms)
+        metrics.observe_status(status(arch("riscv64", state, float(i), probe=probe)))
+        histogram.labels("riscv64", "ok" if probe.ok else "failed").observe(ms / 1000)
+    reasons = ["missing", "entry differs: flags PF != POF", "missing", "clobbered (by x)"]
+    metrics.observe_actions(("register", r) for r in reasons)
+    for r in reasons:
+        counter.labels("register", reason_label(r)).inc()
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # no `*_created`, as exported
+    try:
+        expected = generate_latest(registry).decode()
+    finally:
+        enable_created_metrics()  # type: ignore[no-untyped-call]
+    assert metrics.render().decode().startswith(expected)

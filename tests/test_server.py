@@ -289,7 +289,7 @@ def test_index_lists_every_endpoint(client: Client) -> None:
     assert ("GET", "/v1/status") in listed and ("POST", "/v1/reload") in listed
     assert ("GET", "/metrics") in listed
     assert {e["access"] for e in index["endpoints"]} == {"socket group", "root"}
-    assert index["wire"] == 1
+    assert index["wire"] == 2  # 2: ArchRecord.sha256 became checksum
 
 
 def test_api_errors_become_statuses(client: Client) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import write_config
+from daemonutil import SandboxSh
 
 from binfmtd import config, log
 
@@ -102,3 +105,95 @@ def test_first_events_from_several_threads_all_use_the_configuration() -> None:
     lines = [json.loads(line) for line in doc["lines"]]
     assert sorted(line["arch"] for line in lines) == [str(i) for i in range(8)]
     assert {line["event"] for line in lines} == {"emulator_installed"}
+
+
+DAEMON_IMPORTS = """
+import json, sys
+import binfmtd.daemon, binfmtd.service
+heavy = sys.argv[1].split(",")
+loaded = [m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in heavy)]
+print(json.dumps(sorted(loaded)))
+"""
+SCRAPE_OR_LATER_ONLY = (
+    *("prometheus_client", "structlog", "asyncio", "binfmtd.supervision", "binfmtd.worker"),
+    *("tomli_w", "psutil", "grpc", "http.server", "ssl", "_hashlib", "secrets"),
+)
+
+
+def test_daemon_modules_load_nothing_only_a_scrape_or_an_event_needs() -> None:
+    """What the daemon imports before READY=1 leaves out prometheus_client (first scrape),
+    structlog and asyncio (first logged event), the worker's modules, BuildKit's TOML writer
+    and libcrypto (hashlib, secrets: ~3.5 MB of RSS)."""
+    argv = [sys.executable, "-c", DAEMON_IMPORTS, ",".join(SCRAPE_OR_LATER_ONLY)]
+    result = subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+
+
+MODULE_LOGGER_FIRST = """
+import io, json, sys
+from binfmtd import config, log
+early = log.lazy("binfmtd.server")  # made at import time, before configure
+out = io.StringIO()
+log.configure("warning", config.LogFormat.JSON, out, lazy=True)
+early.info("api_listening", path="/x")
+quiet = "structlog" not in sys.modules
+early.warning("api_accept_failed", errno=24)
+print(json.dumps({"quiet": quiet, "lines": out.getvalue().splitlines()}))
+"""
+
+
+def test_module_level_lazy_logger_follows_the_later_configuration() -> None:
+    """A logger made at import time (before `configure`) filters by the configured level
+    without importing structlog, then writes the configured JSON with its component."""
+    result = subprocess.run(
+        [sys.executable, "-c", MODULE_LOGGER_FIRST],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["quiet"] is True
+    [line] = [json.loads(text) for text in doc["lines"]]
+    assert {k: line[k] for k in ("event", "level", "component", "errno")} == {
+        "event": "api_accept_failed",
+        "level": "warning",
+        "component": "server",
+        "errno": 24,
+    }
+
+
+RESTART_AFTER_METADATA_CHANGE = """
+"$BINFMTD" --oneshot --json --config "$CFG" > "$TMP/first.json"
+ln "$SRC/qemu-s390x-static" "$SRC/extra-name"  # a link made and removed: ctime moves
+rm "$SRC/extra-name"
+chmod 0755 "$TMP/qemu/qemu-s390x"  # the same mode again: ctime moves, bytes do not
+"$BINFMTD" --oneshot --json --config "$CFG" > "$TMP/second.json"
+"""
+
+
+def test_restart_records_the_identity_of_a_file_whose_metadata_moved(
+    sandbox_sh: SandboxSh, qemu_dir: Path, tmp_path: Path
+) -> None:
+    """An installed emulator whose ctime moved (a hard link to its source made and removed, a
+    chmod) is hashed once by the next start, which keeps it (no reinstall) and records its new
+    identity in the state file, so the start after that does not read its bytes again."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy2(qemu_dir / "qemu-s390x-static", src / "qemu-s390x-static")
+    cfg = write_config(tmp_path, arches=["s390x"], source={"kind": "directory", "path": str(src)})
+    env = {"CFG": str(cfg), "SRC": str(src), "TMP": str(tmp_path)}
+    done = sandbox_sh(RESTART_AFTER_METADATA_CHANGE, env=env)
+    assert done.returncode == 0, done.stderr
+    second = json.loads((tmp_path / "second.json").read_text(encoding="utf-8"))
+    assert [row["state"] for row in second["arches"]] == ["verified"]
+    assert second["actions"] == []
+    record = json.loads((tmp_path / "state" / "state.json").read_text(encoding="utf-8"))
+    st = os.lstat(tmp_path / "qemu" / "qemu-s390x")
+    now = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_mode}:{st.st_uid}"
+    assert record["emulators"]["s390x"]["file_id"] == now

@@ -60,5 +60,5 @@ def test_records_are_frozen_values() -> None:
         ARCH.state = "failed"  # type: ignore[misc]
     assert ARCH.replace(state="failed") != ARCH
     assert wire.ArchChange("a", "b") != wire.ErrorRecord("a", 1)
-    assert all(r.to_json().get("wire", 1) == wire.WIRE_VERSION for r in SAMPLES)
+    assert all(r.to_json().get("wire", wire.WIRE_VERSION) == wire.WIRE_VERSION for r in SAMPLES)
     assert "wire" not in wire.BinfmtRecord((), ()).to_json()  # tonistiigi/binfmt's exact shape
