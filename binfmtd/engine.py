@@ -408,8 +408,11 @@ class Engine:
             probe.workers_for(parallelism),
         ):
             self.close()
-            stage = self._probe_stage = probe.Stage(parallelism, workdir)
+            stage = self._probe_stage = probe.Stage(parallelism, workdir, self._stage_warning)
         return probe.Prober(self.cfg.probe.timeout_s, parallelism, self.clock, stage=stage)
+
+    def _stage_warning(self, why: str) -> None:
+        self.log.warning("probe_stage_remade", error=why)
 
     def _likely_probes(
         self, actions: list[plan.Action], obs: Observation, verify_also: Iterable[str]
