@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import platform
 import shutil
 import sys
 import time
@@ -66,7 +65,7 @@ class Engine:
     ) -> None:
         self.log = log
         self.clock = clock
-        self.machine = host_machine or platform.machine()
+        self.machine = host_machine or os.uname().machine
         self.self_headers = _self_headers()
         self.order = archmod.order_of_header(self.self_headers[0] if self.self_headers else b"")
         self.kernel = BinfmtMisc(cfg.binfmt_misc)
@@ -232,7 +231,7 @@ class Engine:
         if not self._install_dir_trusted():
             intact = dict.fromkeys(self.selected, False)
         else:
-            intact = {arch: self._interpreter_intact(arch) for arch in self.selected}
+            intact = self._intact(self.selected)
         headers = {a: self.header(a) for a in (*self.selected, *self.native)}
         return plan.World(obs, dict(self.owned), intact, headers, self.self_headers, self.native)
 
@@ -255,7 +254,26 @@ class Engine:
         self._untrusted.cleared(self.cfg.install_dir)
         return True
 
-    def _interpreter_intact(self, arch: str) -> bool:
+    def _intact(self, arches: Iterable[str]) -> dict[str, bool]:
+        """Per arch, whether its installed emulator is still the recorded one: by the file's
+        identity, else by its checksum. Files to hash are hashed several at once (BLAKE3
+        releases the GIL): a link made to a hard-linked source moves every one's ctime."""
+        found = {arch: self._intact_by_identity(arch) for arch in arches}
+        todo = [arch for arch, ok in found.items() if ok is None]
+        workers = min(len(todo), INSTALL_PARALLELISM, len(os.sched_getaffinity(0)))
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                hashed = dict(zip(todo, pool.map(self._hash_matches, todo), strict=True))
+        else:
+            hashed = {arch: self._hash_matches(arch) for arch in todo}
+        for arch, ident in hashed.items():
+            found[arch] = ident is not None
+            if ident:
+                self._proven_identity(arch, ident)
+        return {arch: bool(ok) for arch, ok in found.items()}
+
+    def _intact_by_identity(self, arch: str) -> bool | None:
+        """True or False when the record and the file's identity decide; None: hash it."""
         record = self.installed.get(arch)
         if record is None or record.path != self.registration(arch).interpreter:
             return False  # never installed, or install_dir moved since
@@ -266,15 +284,26 @@ class Engine:
         # restart: an unchanged file is not hashed again, so a warm start stays fast.
         if ident is not None and ident in (self.file_ids.get(arch), record.file_id):
             return True
+        return None
+
+    def _hash_matches(self, arch: str) -> str | None:
+        """The file's identity ("" when unknown) if its bytes have the recorded checksum, else
+        None (any thread: it changes nothing)."""
+        record = self.installed[arch]
+        ident = _file_id(record.path)
         if not emulators.matches(record.path, record.checksum, linked_inode=_linked_inode(record)):
-            return False
-        self.file_ids[arch] = ident or ""
-        if ident is not None and _same_inode(ident, record):
+            return None
+        return ident or ""
+
+    def _proven_identity(self, arch: str, ident: str) -> None:
+        """The bytes under `ident` were proven again: no hash for it until it moves."""
+        record = self.installed[arch]
+        self.file_ids[arch] = ident
+        if _same_inode(ident, record):
             # Only metadata moved (a link to a hard-linked source made or removed, a chmod):
-            # the bytes are proven again, so record it, or every later start hashes it again.
+            # record it, or every later start hashes the file again.
             self.installed[arch] = replace(record, file_id=ident)
             self._state_dirty = True
-        return True
 
     def _source_moved(self, arch: str, record: Installed) -> bool:
         assert self.source is not None
@@ -375,8 +404,11 @@ class Engine:
             probe.workers_for(parallelism),
         ):
             self.close()
-            stage = self._probe_stage = probe.Stage(parallelism, workdir)
+            stage = self._probe_stage = probe.Stage(parallelism, workdir, self._stage_warning)
         return probe.Prober(self.cfg.probe.timeout_s, parallelism, self.clock, stage=stage)
+
+    def _stage_warning(self, why: str) -> None:
+        self.log.warning("probe_stage_remade", error=why)
 
     def _likely_probes(
         self, actions: list[plan.Action], obs: Observation, verify_also: Iterable[str]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 from enum import IntEnum
 
 from binfmtd.kernel import BinfmtMisc, KernelError, mount_type
@@ -36,7 +35,7 @@ class PreflightError(ExitError):
 
 def check_kernel(release: str | None = None) -> None:
     """The F flag needs Linux >= 4.8."""
-    release = release or platform.release()
+    release = release or os.uname().release
     if kernel_version(release) < MIN_KERNEL:
         raise PreflightError(
             Exit.KERNEL_TOO_OLD,

@@ -313,9 +313,15 @@ class Stage:
     probes are killed) and removes the stage.
     """
 
-    def __init__(self, parallelism: int, workdir: str | None = None) -> None:
+    def __init__(
+        self,
+        parallelism: int,
+        workdir: str | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.workers = workers_for(parallelism)
+        self._warn = warn  # told why a stage changed behind binfmtd's back is made anew
         self._dir: str | None = None
         self._dir_made: _Made | None = None
         self._made: dict[str, _Made] = {}
@@ -329,24 +335,31 @@ class Stage:
             except (trust.TrustError, OSError) as exc:
                 self.close()
                 return f"probe roots refused: {exc}"
-        if self._dir is not None and not self._stage_intact():
+        changed = None if self._dir is None else self._stage_changed()
+        if changed is not None:
+            if self._warn is not None:
+                self._warn(f"probe stage {self._dir} {changed}: made anew")
             self.close()
         return None
 
-    def _stage_intact(self) -> bool:
+    def _stage_changed(self) -> str | None:
+        """None while the stage directory is as binfmtd left it; otherwise what changed."""
         assert self._dir is not None
         try:
             st = os.lstat(self._dir)
             names = os.listdir(self._dir)
-        except OSError:
-            return False
-        return (
-            stat.S_ISDIR(st.st_mode)
-            and st.st_uid == os.geteuid()
-            and stat.S_IMODE(st.st_mode) == 0o700
-            and _Made.of(st) == self._dir_made
-            and set(names) <= set(self._made)
-        )
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror})"
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            return "was replaced"
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            return f"has mode {stat.filemode(st.st_mode)}"
+        strangers = sorted(set(names) - set(self._made))
+        if strangers:
+            return f"holds files binfmtd did not make ({', '.join(strangers[:3])})"
+        if _Made.of(st) != self._dir_made:
+            return "was changed"
+        return None
 
     def file(self, arch: str) -> bool:
         """Make sure `arch`'s probe is in the stage as made; False without a probe binary.

@@ -282,6 +282,8 @@ def test_the_probe_stage_is_root_only_and_a_changed_probe_is_never_run(
         assert not stage.exists()
         (again,) = workdir.iterdir()
         assert os.listdir(again) == ["s390x"]
+        (warned,) = daemon.events("probe_stage_remade")
+        assert "holds files binfmtd did not make (qemu-s390x-static)" in warned["error"]
     assert os.listdir(workdir) == []
 
 

@@ -116,7 +116,7 @@ print(json.dumps(sorted(loaded)))
 """
 SCRAPE_OR_LATER_ONLY = (
     *("prometheus_client", "structlog", "asyncio", "binfmtd.supervision", "binfmtd.worker"),
-    *("tomli_w", "psutil", "grpc", "http.server", "ssl", "_hashlib", "secrets"),
+    *("tomli_w", "psutil", "grpc", "http.server", "ssl", "_hashlib", "secrets", "platform"),
 )
 
 
@@ -170,30 +170,36 @@ def test_module_level_lazy_logger_follows_the_later_configuration() -> None:
 
 RESTART_AFTER_METADATA_CHANGE = """
 "$BINFMTD" --oneshot --json --config "$CFG" > "$TMP/first.json"
-ln "$SRC/qemu-s390x-static" "$SRC/extra-name"  # a link made and removed: ctime moves
-rm "$SRC/extra-name"
-chmod 0755 "$TMP/qemu/qemu-s390x"  # the same mode again: ctime moves, bytes do not
+for arch in s390x aarch64; do
+    ln "$SRC/qemu-$arch-static" "$SRC/extra-name"  # a link made and removed: ctime moves
+    rm "$SRC/extra-name"
+    chmod 0755 "$TMP/qemu/qemu-$arch"  # the same mode again: ctime moves, bytes do not
+done
 "$BINFMTD" --oneshot --json --config "$CFG" > "$TMP/second.json"
 """
 
 
-def test_restart_records_the_identity_of_a_file_whose_metadata_moved(
+def test_restart_records_the_identity_of_files_whose_metadata_moved(
     sandbox_sh: SandboxSh, qemu_dir: Path, tmp_path: Path
 ) -> None:
-    """An installed emulator whose ctime moved (a hard link to its source made and removed, a
-    chmod) is hashed once by the next start, which keeps it (no reinstall) and records its new
-    identity in the state file, so the start after that does not read its bytes again."""
+    """Installed emulators whose ctime moved (a hard link to the source made and removed, a
+    chmod) are hashed again by the next start (several at once), which keeps them (no
+    reinstall) and records their new identity in the state file, so the start after that
+    does not read their bytes again."""
     src = tmp_path / "src"
     src.mkdir()
-    shutil.copy2(qemu_dir / "qemu-s390x-static", src / "qemu-s390x-static")
-    cfg = write_config(tmp_path, arches=["s390x"], source={"kind": "directory", "path": str(src)})
+    arches = ["s390x", "aarch64"]
+    for arch in arches:
+        shutil.copy2(qemu_dir / f"qemu-{arch}-static", src / f"qemu-{arch}-static")
+    cfg = write_config(tmp_path, arches=arches, source={"kind": "directory", "path": str(src)})
     env = {"CFG": str(cfg), "SRC": str(src), "TMP": str(tmp_path)}
     done = sandbox_sh(RESTART_AFTER_METADATA_CHANGE, env=env)
     assert done.returncode == 0, done.stderr
     second = json.loads((tmp_path / "second.json").read_text(encoding="utf-8"))
-    assert [row["state"] for row in second["arches"]] == ["verified"]
+    assert [row["state"] for row in second["arches"]] == ["verified", "verified"]
     assert second["actions"] == []
     record = json.loads((tmp_path / "state" / "state.json").read_text(encoding="utf-8"))
-    st = os.lstat(tmp_path / "qemu" / "qemu-s390x")
-    now = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_mode}:{st.st_uid}"
-    assert record["emulators"]["s390x"]["file_id"] == now
+    for arch in arches:
+        st = os.lstat(tmp_path / "qemu" / f"qemu-{arch}")
+        now = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_mode}:{st.st_uid}"
+        assert record["emulators"][arch]["file_id"] == now, arch
