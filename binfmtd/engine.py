@@ -260,7 +260,7 @@ class Engine:
         releases the GIL): a link made to a hard-linked source moves every one's ctime."""
         found = {arch: self._intact_by_identity(arch) for arch in arches}
         todo = [arch for arch, ok in found.items() if ok is None]
-        workers = min(len(todo), INSTALL_PARALLELISM, len(os.sched_getaffinity(0)))
+        workers = min(len(todo), installs.workers())
         if workers > 1:
             with ThreadPoolExecutor(workers) as pool:
                 hashed = dict(zip(todo, pool.map(self._hash_matches, todo), strict=True))
@@ -290,7 +290,7 @@ class Engine:
         """The file's identity ("" when unknown) if its bytes have the recorded checksum, else
         None (any thread: it changes nothing)."""
         record = self.installed[arch]
-        ident = _file_id(record.path)
+        ident = emulators.file_id(record.path)
         if not emulators.matches(record.path, record.checksum, linked_inode=_linked_inode(record)):
             return None
         return ident or ""
