@@ -46,6 +46,11 @@ PRELUDE = (
     f"set -euo pipefail\nmount --make-rprivate /\nmount -t binfmt_misc binfmt_misc {BINFMT_ROOT}\n"
 )
 STATUS_REQUEST = b"GET /v1/status HTTP/1.1\r\nHost: bench\r\n\r\n"
+# The clients' read size. 256 KiB (what they used before) is above glibc's mmap threshold: every
+# recv() then mmap'd and munmap'd its buffer, and the load clients spent about as much CPU per
+# answer as the server (on 2 cores they share), which halved the throughput measured for any
+# server with answers larger than a few bytes. 64 KiB holds a whole status (about 18 KB).
+RECV_SIZE = 1 << 16
 BUILDKIT_ADDS = {"linux/amd64/v2", "linux/amd64/v3", "linux/amd64/v4"}
 
 BASELINE_COLD = (
@@ -250,7 +255,7 @@ class Client:
         return json.loads(rest[:length])
 
     def _recv(self) -> bytes:
-        chunk = self.sock.recv(1 << 18)
+        chunk = self.sock.recv(RECV_SIZE)
         if not chunk:
             raise ConnectionError("server closed the connection")
         return chunk
@@ -517,7 +522,7 @@ def load_worker(path: str, conns: int, duration: float, limit: int, go: Any, out
         for key, _ in events:
             state = key.data
             sock, buf = state[0], state[1]
-            chunk = sock.recv(1 << 18)
+            chunk = sock.recv(RECV_SIZE)
             if not chunk:
                 raise RuntimeError("load: the server closed a connection")
             buf += chunk
@@ -1119,6 +1124,12 @@ def main() -> int:
         return 1
     plan = Plan.make(args.quick)
     only = set(args.only.split(","))
+    # Measured as installed: pip byte-compiles a package when it installs it. A checkout run
+    # with PYTHONDONTWRITEBYTECODE=1 (set in some CI images) would compile every module in every
+    # measured start instead (about 100 ms).
+    import compileall
+
+    compileall.compile_dir(str(REPO / "binfmtd"), quiet=1)
     work = Path(tempfile.mkdtemp(prefix="bfbench-", dir="/tmp"))
     work.chmod(0o755)
     raw: dict[str, Any] = {}
