@@ -230,6 +230,7 @@ def _provision(
     engine = Engine(cfg, logger)
     preflight.run_all(engine.kernel)
     started = time.monotonic()
+    engine.start_probe_runner()  # it boots while the host's own arches are detected
     engine.detect_native()
     try:
         report = engine.tick()

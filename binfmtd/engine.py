@@ -407,6 +407,12 @@ class Engine:
             stage = self._probe_stage = probe.Stage(parallelism, workdir, self._stage_warning)
         return probe.Prober(self.cfg.probe.timeout_s, parallelism, self.clock, stage=stage)
 
+    def start_probe_runner(self) -> None:
+        """Put every selected arch's probe in the stage and boot the probe runner now (about
+        25 ms in a process of its own), so the first pass's probes do not wait for it."""
+        with self._prober() as prober:
+            prober.prepare(self.selected)
+
     def _stage_warning(self, why: str) -> None:
         self.log.warning("probe_stage_remade", error=why)
 

@@ -378,7 +378,8 @@ class Stage:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         try:
-            _write_new(path, _probe_bytes(source), 0o755)
+            with FORKS.writing():  # no child may take its descriptor along (ETXTBSY)
+                _write_new(path, _probe_bytes(source), 0o755)
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(path)  # ENOSPC mid-write: leave nothing behind

@@ -122,6 +122,7 @@ class Daemon:
         """Preflight, first provision, READY=1, then the loop until SIGTERM."""
         preflight.run_all(self.engine.kernel)
         self._install_signals()
+        self.engine.start_probe_runner()  # it boots while the host's own arches are detected
         self.engine.detect_native()
         self._note_flags_upgrade()
         self._start_worker()
