@@ -342,21 +342,21 @@ class Engine:
         report.durations_ms["observe"] = _ms(started)
         if progress is not None and self._unprove(actions, obs):
             self._show(obs, progress)  # what is broken shows as such before the slow repairs
-        with self._prober() as prober:
-            prober.prepare(self._likely_probes(actions, obs, verify_also))
-            idents = self.execute(actions, report, prober)
-            if report.actions:
-                obs = self.observe()
-                for arch in {getattr(a, "arch", None) for a in report.actions} - set(report.errors):
-                    self.proofs.pop(str(arch), None)  # what binfmtd just changed is proven anew
-            self._log_instance_change(obs)
-            self.observation = obs
-            if progress is not None and report.actions and not prober.started:
-                progress()  # restored, nothing to probe: shown before the state file write
-            self._save_state_if_needed(report)  # runs while the first probes do
-            started = time.monotonic()
-            self._verify(prober, self._due(obs, verify_also), idents, report, progress)
-            report.durations_ms["verify"] = _ms(started)
+        prober = self._prober()
+        prober.prepare(self._likely_probes(actions, obs, verify_also))
+        idents = self.execute(actions, report, prober)
+        if report.actions:
+            obs = self.observe()
+            for arch in {getattr(a, "arch", None) for a in report.actions} - set(report.errors):
+                self.proofs.pop(str(arch), None)  # what binfmtd just changed is proven anew
+        self._log_instance_change(obs)
+        self.observation = obs
+        if progress is not None and report.actions and not prober.started:
+            progress()  # restored, nothing to probe: shown before the state file write
+        self._save_state_if_needed(report)  # runs while the first probes do
+        started = time.monotonic()
+        self._verify(prober, self._due(obs, verify_also), idents, report, progress)
+        report.durations_ms["verify"] = _ms(started)
         self._settle_errors(report)
         return report
 
@@ -405,13 +405,12 @@ class Engine:
         ):
             self.close()
             stage = self._probe_stage = probe.Stage(parallelism, workdir, self._stage_warning)
-        return probe.Prober(self.cfg.probe.timeout_s, parallelism, self.clock, stage=stage)
+        return probe.Prober(stage, self.cfg.probe.timeout_s, self.clock)
 
     def start_probe_runner(self) -> None:
         """Put every selected arch's probe in the stage and boot the probe runner now (about
         25 ms in a process of its own), so the first pass's probes do not wait for it."""
-        with self._prober() as prober:
-            prober.prepare(self.selected)
+        self._prober().prepare(self.selected)
 
     def _stage_warning(self, why: str) -> None:
         self.log.warning("probe_stage_remade", error=why)
@@ -829,8 +828,7 @@ class Engine:
 
     def verify(self, arches: Iterable[str], report: TickReport | None = None) -> None:
         """Probe `arches` in parallel; each result counts for the handler it ran through."""
-        with self._prober() as prober:
-            self._verify(prober, list(arches), {}, report or TickReport(), None)
+        self._verify(self._prober(), list(arches), {}, report or TickReport(), None)
 
     def _verify(
         self,

@@ -306,8 +306,8 @@ class Stage:
     one link, with the (device, inode, size, ctime) recorded when written (any write, chmod,
     rename over or hard link changes one of them); otherwise it is written afresh. The stage
     directory must stay ours, 0700, the same inode, holding only files binfmtd made; otherwise
-    it is dropped with its runner and made again. With `workdir`, the stage is made there; that
-    directory must be root-only (0700) under a trusted parent, checked by `check` (once a pass):
+    it is dropped with its runner and made again. The stage is made in `workdir`, which must be
+    root-only (0700) under a trusted parent, checked by `check` (once a pass):
     made so when missing, refused, never adopted, otherwise (a user who made it first, or who
     can rename it, would choose what runs as a probe). `close` stops the runner (its running
     probes are killed) and removes the stage.
@@ -316,7 +316,7 @@ class Stage:
     def __init__(
         self,
         parallelism: int,
-        workdir: str | None = None,
+        workdir: str,
         warn: Callable[[str], None] | None = None,
     ) -> None:
         self.workdir = workdir
@@ -329,12 +329,11 @@ class Stage:
 
     def check(self) -> str | None:
         """Before a pass's probes: None when they may run; otherwise why not (trust error)."""
-        if self.workdir is not None:
-            try:
-                trust.private_dir(os.path.dirname(self.workdir), os.path.basename(self.workdir))
-            except (trust.TrustError, OSError) as exc:
-                self.close()
-                return f"probe roots refused: {exc}"
+        try:
+            trust.private_dir(os.path.dirname(self.workdir), os.path.basename(self.workdir))
+        except (trust.TrustError, OSError) as exc:
+            self.close()
+            return f"probe roots refused: {exc}"
         changed = None if self._dir is None else self._stage_changed()
         if changed is not None:
             if self._warn is not None:
@@ -369,7 +368,6 @@ class Stage:
             return False
         if self._dir is None:
             self._dir = tempfile.mkdtemp(prefix="stage-", dir=self.workdir)
-            self._dir_made = _Made.of(os.lstat(self._dir))
         path = os.path.join(self._dir, arch)
         made = self._made.get(arch)
         if made is not None and _file_intact(path, made):
@@ -385,8 +383,7 @@ class Stage:
                 os.unlink(path)  # ENOSPC mid-write: leave nothing behind
             raise
         self._made[arch] = _Made.of(os.lstat(path))
-        if self._dir_made is not None:  # a new name changed the directory's ctime
-            self._dir_made = _Made.of(os.lstat(self._dir))
+        self._dir_made = _Made.of(os.lstat(self._dir))  # a new name changed its ctime
         return True
 
     def start_runner(self) -> _Runner:
@@ -438,37 +435,23 @@ def _file_intact(path: str, made: _Made) -> bool:
 
 class Prober:
     """Probes of one pass, each started as soon as its arch is ready (pipelined with the
-    registrations), in the runner of a `Stage`. Use as a context manager.
+    registrations), in the runner of the daemon's long-lived `Stage`.
 
     `prepare` puts the probe of every arch the pass may probe in the stage before any probe
     runs (a probe file still open for writing while a process forks would make exec fail with
-    ETXTBSY; such a failure is retried twice). With `stage`, the daemon's long-lived stage is
-    used; without, the prober makes its own and removes it on exit.
+    ETXTBSY; such a failure is retried twice).
     """
 
     def __init__(
-        self,
-        timeout_s: float,
-        parallelism: int,
-        clock: Callable[[], float] = time.time,
-        workdir: str | None = None,
-        stage: Stage | None = None,
+        self, stage: Stage, timeout_s: float, clock: Callable[[], float] = time.time
     ) -> None:
         self.timeout_s = timeout_s
         self.clock = clock
-        self._own = stage is None
-        self._stage = stage if stage is not None else Stage(parallelism, workdir)
+        self._stage = stage
         self._ready: set[str] = set()
         self._checked = False
         self._refused: str | None = None
         self._futures: dict[str, Future[ProbeResult]] = {}
-
-    def __enter__(self) -> Prober:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        if self._own:
-            self._stage.close()  # probes still running are killed; their results unread
 
     def prepare(self, arches: Iterable[str]) -> None:
         """Put the probe of every arch in `arches` in the stage (call before `start`)."""

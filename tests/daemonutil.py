@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -486,3 +487,27 @@ def run_oneshot(sandbox_sh: SandboxSh, tmp: Path, cfg: Path, extra: str = "") ->
         "entries": (out / "entries").read_text(),
         "files": (out / "ls").read_text().split(),
     }
+
+
+def python_json(code: str, *args: str, timeout: float = 60) -> Any:
+    """What `code` printed as JSON, run by a fresh interpreter (this one) with `args`; it
+    must exit 0 (asserted with its stderr)."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def sandbox_json(sandbox_sh: SandboxSh, code: str, env: dict[str, str]) -> dict[str, Any]:
+    """The last stdout line, as JSON, of `code` run by $PYTHON in a private instance (its
+    environment plus `env`); it must exit 0."""
+    done = sandbox_sh('"$PYTHON" -c "$SCRIPT"', env={**env, "SCRIPT": code})
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return result

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import daemonutil as du
 from conftest import Cache, write_config
 from daemonutil import SandboxSh
 
@@ -83,12 +84,7 @@ print(json.dumps({"entries": found, "problems": problems}))
 def drive(sandbox_sh: SandboxSh, tmp: Path, hook: str) -> dict[str, Any]:
     """Run SCRIPT in a fresh private instance with `hook`; its JSON answer."""
     cfg = write_config(tmp, arches=ARCHES)
-    done = sandbox_sh(
-        '"$PYTHON" -c "$SCRIPT"', env={"CFG": str(cfg), "HOOK": hook, "SCRIPT": SCRIPT}
-    )
-    assert done.returncode == 0, done.stderr
-    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
-    return result
+    return du.sandbox_json(sandbox_sh, SCRIPT, {"CFG": str(cfg), "HOOK": hook})
 
 
 def test_a_probe_starts_before_the_last_install_finishes(

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import urllib.request
 
+import daemonutil as du
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -120,16 +118,7 @@ print(json.dumps({"before": before, "after": "prometheus_client" in sys.modules,
 def test_prometheus_client_is_imported_by_the_first_scrape_only() -> None:
     """Events are counted without prometheus_client (its import costs ~12 MB of RSS); the
     first scrape imports it and shows every event counted before."""
-    result = subprocess.run(
-        [sys.executable, "-c", SCRAPE_LOADS],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    doc = json.loads(result.stdout)
+    doc = du.python_json(SCRAPE_LOADS)
     assert (doc["before"], doc["after"]) == (False, True)
     for line in (
         'binfmtd_probe_duration_seconds_count{arch="aarch64",result="ok"} 1.0',

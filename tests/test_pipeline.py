@@ -4,10 +4,10 @@ kernel (a private binfmt_misc instance), real QEMU, real probes; the engine driv
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+import daemonutil as du
 from conftest import write_config
 from daemonutil import SandboxSh
 
@@ -78,12 +78,7 @@ print(json.dumps(out))
 def drive(sandbox_sh: SandboxSh, tmp: Path, hook: str) -> dict[str, Any]:
     """Run SCRIPT in a fresh private instance with `hook`; its JSON answer."""
     cfg = write_config(tmp, arches=ARCHES)
-    done = sandbox_sh(
-        '"$PYTHON" -c "$SCRIPT"', env={"CFG": str(cfg), "HOOK": hook, "SCRIPT": SCRIPT}
-    )
-    assert done.returncode == 0, done.stderr
-    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
-    return result
+    return du.sandbox_json(sandbox_sh, SCRIPT, {"CFG": str(cfg), "HOOK": hook})
 
 
 def test_probes_start_before_the_last_registration_of_a_batch(

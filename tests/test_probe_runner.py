@@ -5,11 +5,11 @@ test_truth, test_pipeline and test_faults through the daemon)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
 
+import daemonutil as du
 from daemonutil import SandboxSh
 
 from binfmtd import probe
@@ -25,9 +25,9 @@ def _one(prober: probe.Prober, arch: str) -> ProbeResult:
 def test_a_probe_runs_from_a_root_holding_only_probes(tmp_path: Path) -> None:
     stage = probe.Stage(2, str(tmp_path / "roots"))
     try:
-        with probe.Prober(5.0, 2, stage=stage) as prober:
-            prober.prepare(["x86_64", "aarch64"])
-            result = _one(prober, "x86_64")
+        prober = probe.Prober(stage, 5.0)
+        prober.prepare(["x86_64", "aarch64"])
+        result = _one(prober, "x86_64")
         assert result.ok, result
         runner = stage.start_runner()
         (stage_dir,) = (tmp_path / "roots").iterdir()
@@ -47,18 +47,18 @@ def test_a_killed_runner_is_a_failed_result_and_the_next_probe_starts_a_new_one(
 ) -> None:
     stage = probe.Stage(2, str(tmp_path / "roots"))
     try:
-        with probe.Prober(5.0, 2, stage=stage) as prober:
-            prober.prepare(["x86_64"])
-            first = stage.start_runner()
-            os.kill(first.proc.pid, signal.SIGKILL)
-            first.proc.wait()
-            outcome = first.submit("x86_64", 5.0).result(10)
+        prober = probe.Prober(stage, 5.0)
+        prober.prepare(["x86_64"])
+        first = stage.start_runner()
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait()
+        outcome = first.submit("x86_64", 5.0).result(10)
         assert outcome.broken is not None and "exited with -9" in outcome.broken
         assert "cannot run the probe: the probe runner exited with -9" in (
             probe.judge("x86_64", outcome, 5.0, 0.0).error or ""
         )
-        with probe.Prober(5.0, 2, stage=stage) as prober:
-            again = _one(prober, "x86_64")
+        prober = probe.Prober(stage, 5.0)
+        again = _one(prober, "x86_64")
         assert again.ok, again
         assert stage.start_runner().proc.pid != first.proc.pid
     finally:
@@ -69,11 +69,10 @@ NO_ENTRY = r"""
 import json, os, sys
 sys.path.insert(0, os.environ["REPO"])
 from binfmtd import probe
-from binfmtd.truth import ProbeResult
 stage = probe.Stage(1, os.environ["WORK"])
-with probe.Prober(5.0, 1, stage=stage) as prober:
-    prober.start("s390x")
-    (result,) = prober.results()
+prober = probe.Prober(stage, 5.0)
+prober.start("s390x")
+(result,) = prober.results()
 stage.close()
 print(json.dumps({"ok": result.ok, "error": result.error}))
 """
@@ -84,11 +83,7 @@ def test_a_probe_with_no_entry_says_exec_format_error(
 ) -> None:
     """In a private instance with no entry, the runner's exec fails: a failed result naming
     the cause (ENOEXEC), not an exception."""
-    done = sandbox_sh(
-        '"$PYTHON" -c "$SCRIPT"', env={"SCRIPT": NO_ENTRY, "WORK": str(tmp_path / "roots")}
-    )
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.splitlines()[-1])
+    result = du.sandbox_json(sandbox_sh, NO_ENTRY, {"WORK": str(tmp_path / "roots")})
     assert result == {
         "ok": False,
         "error": "exec format error: no working binfmt_misc entry with F for this architecture",

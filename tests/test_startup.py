@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import daemonutil as du
 from conftest import write_config
 from daemonutil import SandboxSh
 
@@ -91,16 +92,7 @@ print(json.dumps({"kinds": kinds, "lines": out.getvalue().splitlines()}))
 def test_first_events_from_several_threads_all_use_the_configuration() -> None:
     """Install threads logging their first events at once (structlog not imported yet): every
     line is the configured JSON, none in structlog's default format on stdout."""
-    result = subprocess.run(
-        [sys.executable, "-c", FIRST_EVENTS_AT_ONCE],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    doc = json.loads(result.stdout)
+    doc = du.python_json(FIRST_EVENTS_AT_ONCE)
     assert doc["kinds"] == ["Deferred"]
     lines = [json.loads(line) for line in doc["lines"]]
     assert sorted(line["arch"] for line in lines) == [str(i) for i in range(8)]
@@ -124,12 +116,7 @@ def test_daemon_modules_load_nothing_only_a_scrape_or_an_event_needs() -> None:
     """What the daemon imports before READY=1 leaves out prometheus_client (first scrape),
     structlog and asyncio (first logged event), the worker's modules, BuildKit's TOML writer
     and libcrypto (hashlib, secrets: ~3.5 MB of RSS)."""
-    argv = [sys.executable, "-c", DAEMON_IMPORTS, ",".join(SCRAPE_OR_LATER_ONLY)]
-    result = subprocess.run(
-        argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == []
+    assert du.python_json(DAEMON_IMPORTS, ",".join(SCRAPE_OR_LATER_ONLY)) == []
 
 
 MODULE_LOGGER_FIRST = """
@@ -148,16 +135,7 @@ print(json.dumps({"quiet": quiet, "lines": out.getvalue().splitlines()}))
 def test_module_level_lazy_logger_follows_the_later_configuration() -> None:
     """A logger made at import time (before `configure`) filters by the configured level
     without importing structlog, then writes the configured JSON with its component."""
-    result = subprocess.run(
-        [sys.executable, "-c", MODULE_LOGGER_FIRST],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    doc = json.loads(result.stdout)
+    doc = du.python_json(MODULE_LOGGER_FIRST)
     assert doc["quiet"] is True
     [line] = [json.loads(text) for text in doc["lines"]]
     assert {k: line[k] for k in ("event", "level", "component", "errno")} == {

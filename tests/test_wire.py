@@ -62,3 +62,112 @@ def test_records_are_frozen_values() -> None:
     assert wire.ArchChange("a", "b") != wire.ErrorRecord("a", 1)
     assert all(r.to_json().get("wire", wire.WIRE_VERSION) == wire.WIRE_VERSION for r in SAMPLES)
     assert "wire" not in wire.BinfmtRecord((), ()).to_json()  # tonistiigi/binfmt's exact shape
+
+
+# Every record's fields as WIRE_VERSION 2 shipped them. Within a version a field may only be
+# added (appended here), never renamed or removed: that changes WIRE_VERSION and this table.
+FIELDS_OF_VERSION = {
+    2: {
+        "ArchChange": ("arch", "state", "wire"),
+        "ArchRecord": (
+            "arch",
+            "platforms",
+            "state",
+            "registered",
+            "enabled",
+            "flags",
+            "interpreter",
+            "checksum",
+            "qemu_version",
+            "probe",
+            "error",
+            "working",
+            "conflict",
+            "handler",
+        ),
+        "BinfmtRecord": ("supported", "emulators"),
+        "DaemonRecord": (
+            "version",
+            "pid",
+            "started_at",
+            "sandbox",
+            "binfmt_misc",
+            "ready",
+            "last_reconcile",
+            "config",
+            "reconcile_interval_s",
+            "binfmt_misc_enabled",
+            "stale",
+            "stale_since",
+            "failed_passes",
+            "sandbox_name",
+        ),
+        "Endpoint": ("method", "path", "access", "returns", "summary"),
+        "ErrorRecord": ("error", "status"),
+        "HandlerRecord": ("entry", "interpreter", "owner"),
+        "HealthRecord": ("ok", "ready", "last_tick_age_s", "wire"),
+        "IndexRecord": ("endpoints", "wire"),
+        "OneshotRecord": (
+            "sandbox",
+            "durations_ms",
+            "actions",
+            "native",
+            "platforms",
+            "arches",
+            "native_proof",
+            "wire",
+        ),
+        "PlatformsRecord": ("platforms", "native", "emulated", "wire"),
+        "ProbeRecord": ("ok", "at", "duration_ms", "error"),
+        "ReconcileResult": ("actions", "errors", "wire"),
+        "ReloadResult": ("reloaded", "changed", "needs_restart", "wire"),
+        "StatusRecord": (
+            "daemon",
+            "arches",
+            "native",
+            "worker",
+            "warnings",
+            "native_proof",
+            "wire",
+        ),
+        "VerifyResult": ("verified", "failed", "disabled", "wire"),
+        "WorkerPlatformRecord": ("platform", "source", "proof", "reason"),
+        "WorkerRecord": (
+            "enabled",
+            "state",
+            "pid",
+            "uptime_s",
+            "restarts",
+            "failures",
+            "intended_platforms",
+            "running_platforms",
+            "advertised_platforms",
+            "differences",
+            "next_start_in_s",
+            "last_error",
+            "socket",
+            "buildx_command",
+            "binary",
+            "platforms",
+            "offered_platforms",
+            "refused_platforms",
+            "output_tail",
+            "tcp_address",
+            "buildx_append_command",
+        ),
+    },
+}
+
+
+def test_fields_are_only_ever_added_within_a_wire_version() -> None:
+    """A renamed or removed field without a new WIRE_VERSION fails here (last stop renamed
+    ArchRecord.sha256 to checksum while keeping version 1)."""
+    shipped = FIELDS_OF_VERSION[wire.WIRE_VERSION]
+    records = {
+        c.__name__: c.__record_fields__
+        for c in vars(wire).values()
+        if isinstance(c, type) and issubclass(c, wire.Record) and c is not wire.Record
+    }
+    assert set(shipped) <= set(records), "a record was removed: new WIRE_VERSION"
+    for name, fields in shipped.items():
+        assert records[name][: len(fields)] == fields, f"{name}: new WIRE_VERSION"
