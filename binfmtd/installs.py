@@ -10,7 +10,6 @@ install directory; the caller changes the engine's state.
 from __future__ import annotations
 
 import lzma
-import os
 import queue
 import tarfile
 import threading
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from binfmtd import emulators
 from binfmtd.config import SourceKind
 from binfmtd.emulators import Installed, InstallError
+from binfmtd.run import usable_cpus
 from binfmtd.sources import Found, Missing, Source
 
 # A directory's outcomes are handed on in batches of at least this many (or all that are left):
@@ -65,10 +65,7 @@ Results = queue.SimpleQueue[Outcome | BaseException]
 
 def workers() -> int:
     """Install threads: one per usable CPU (hashing is CPU-bound; nothing waits on fsync)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except OSError:
-        return os.cpu_count() or 1
+    return usable_cpus()
 
 
 def install(job: Job, arches: list[str], on_batch: Batch, threads: int | None = None) -> None:
@@ -126,9 +123,7 @@ def _produce(job: Job, arches: list[str], done: Results, stop: threading.Event) 
     _fail(left, done, f"source {job.source.path} has no qemu-ARCH-static")
 
 
-def _fail(
-    arches: Iterable[str], done: queue.SimpleQueue[Outcome | BaseException], why: str
-) -> None:
+def _fail(arches: Iterable[str], done: Results, why: str) -> None:
     for arch in arches:
         done.put(Outcome(arch, error=why.replace("ARCH", arch)))
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from binfmtd import trust
-from binfmtd.run import FORKS, minimal_env, run
+from binfmtd.run import FORKS, minimal_env, run, usable_cpus
 from binfmtd.truth import ProbeResult
 
 PROBE_DIR = Path(__file__).parent / "probes"
@@ -163,11 +163,7 @@ def workers_for(parallelism: int) -> int:
     """How many probes run at once: `parallelism` at most, and no more than the usable CPUs + 1
     (a probe is a QEMU start, CPU-bound: more at once only adds switching; measured with 33
     probes on 2 cores: 76 ms at 2-3, 80 ms at 8)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except OSError:
-        cpus = os.cpu_count() or 1
-    return max(1, min(parallelism, cpus + 1))
+    return max(1, min(parallelism, usable_cpus() + 1))
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,14 @@ from dataclasses import dataclass
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; cpu_count() where that is unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except OSError:
+        return os.cpu_count() or 1
+
+
 def minimal_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """An environment that carries nothing from the caller but PATH, a C locale and `extra`."""
     env = {"PATH": SAFE_PATH, "LC_ALL": "C.UTF-8", "HOME": "/"}
@@ -135,8 +143,3 @@ def _finish(proc: subprocess.Popen[bytes], timeout: float) -> Completed:
             proc.kill()
             raise
     return Completed(proc.returncode, out, err)
-
-
-def is_root() -> bool:
-    """Whether this process runs with uid 0 (in its own user namespace)."""
-    return os.geteuid() == 0
