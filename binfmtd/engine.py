@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,7 +29,7 @@ from binfmtd.installs import SOURCE_ERRORS
 from binfmtd.installs import source_error as _source_error
 from binfmtd.kernel import BinfmtMisc, KernelError
 from binfmtd.log import Repeats
-from binfmtd.sources import Source, packages_of
+from binfmtd.sources import PackageOwners, Source, packages_of, packages_soon
 from binfmtd.status import ArchState, ArchStatus, Facts, Proof, derive
 from binfmtd.truth import Observation, Owner
 
@@ -62,7 +62,10 @@ class Engine:
         log: Any,
         clock: Callable[[], float] = time.time,
         host_machine: str | None = None,
+        packages: PackageOwners | None = None,
     ) -> None:
+        """`packages`: the package lookup `headstart.begin` started for this configuration,
+        taken over by the first pass that installs."""
         self.log = log
         self.clock = clock
         self.machine = host_machine or os.uname().machine
@@ -99,6 +102,7 @@ class Engine:
         self._untrusted = Repeats(log, "install_dir_untrusted", "install_dir_trusted", key="path")
         self.cfg = cfg
         self._probe_stage: probe.Stage | None = None  # made on the first probe, kept
+        self._early_owners = packages
         self.apply_config(cfg)
 
     # ------------------------------------------------------------ configuration
@@ -661,7 +665,10 @@ class Engine:
         self, arches: list[str], report: TickReport, ready: Callable[[list[str]], None]
     ) -> None:
         assert self.source is not None
-        owners = _packages_soon(self.source.origins(arches))
+        origins = self.source.origins(arches)
+        owners, self._early_owners = self._early_owners, None
+        if owners is None or not owners.asked >= set(origins.values()):
+            owners = packages_soon(origins)
         try:
             self.source.check_available()
             emulators.ensure_install_dir(self.cfg.install_dir)
@@ -739,11 +746,12 @@ class Engine:
             retry = None if absent else round(state.delay_s, 1)
             self._install_failures.seen(arch, error, retry_in_s=retry)
 
-    def _add_versions(self, arches: list[str], early: Future[PackageOwners] | None) -> None:
+    def _add_versions(self, arches: list[str], early: PackageOwners | None) -> None:
         """`qemu-X --version` for an emulator whose version was not found in its bytes while
         hashing (usually nothing runs), once every install of the pass is done.
         Then the package each file came from, when the package manager knows it: `early` is
-        the lookup started with the installs; files it did not ask about are asked now."""
+        the lookup started with the installs (or at start); files it did not ask about are
+        asked now."""
         if not arches:
             return
         unread = [a for a in arches if self.installed[a].version is None]
@@ -754,7 +762,7 @@ class Engine:
                 for arch, version in zip(unread, versions, strict=True):
                     self.installed[arch] = replace(self.installed[arch], version=version)
         unknown = [a for a in arches if self.installed[a].package is None]
-        asked, owners = early.result() if early is not None else (frozenset(), {})
+        asked, owners = (early.asked, early.result()) if early is not None else (frozenset(), {})
         owners = {
             **owners,
             **packages_of(o for o in (self.installed[a].origin for a in unknown) if o not in asked),
@@ -1000,23 +1008,6 @@ def _hold(
         else:
             kept.append(action)
     return kept
-
-
-PackageOwners = tuple[frozenset[str], dict[str, tuple[str, str]]]
-
-
-def _packages_soon(origins: Mapping[str, str]) -> Future[PackageOwners] | None:
-    """Start `packages_of` (dpkg-query, a subprocess of ~70 ms) beside the installs: its result
-    is ({file asked about}, {file: (package, version)}). Its fork waits while an install holds
-    a file open for writing (`run.FORKS`)."""
-    if not origins:
-        return None
-    pool = ThreadPoolExecutor(1)
-    try:
-        paths = frozenset(origins.values())
-        return pool.submit(lambda: (paths, packages_of(paths)))
-    finally:
-        pool.shutdown(wait=False)
 
 
 _JUDGEMENTS = (plan.Conflict, plan.Refuse)

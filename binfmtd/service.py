@@ -18,7 +18,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from binfmtd import __version__, config, emulators, log, ns, plan, preflight, views, watch, wire
+from binfmtd import (
+    __version__,
+    config,
+    emulators,
+    headstart,
+    log,
+    ns,
+    plan,
+    preflight,
+    views,
+    watch,
+    wire,
+)
 from binfmtd.binfmt import credentials_warning
 from binfmtd.engine import RETRY_FAILED_S, Engine, TickReport
 from binfmtd.kernel import KernelError
@@ -27,6 +39,7 @@ from binfmtd.metrics import Metrics
 from binfmtd.notify import Notifier
 from binfmtd.preflight import Exit, PreflightError
 from binfmtd.server import ApiError, ApiServer
+from binfmtd.sources import PackageOwners
 from binfmtd.status import ArchState
 
 __all__ = ["RETRY_FAILED_S", "Daemon", "DaemonApi", "serve"]
@@ -84,6 +97,7 @@ class Daemon:
         config_path: str | None,
         clock: Callable[[], float] = time.time,
         safe_mode: bool | None = None,
+        packages: PackageOwners | None = None,
     ) -> None:
         self.cfg = cfg
         self.sandbox = sandbox
@@ -92,7 +106,7 @@ class Daemon:
         self.safe_mode = _needs_safe_mode() if safe_mode is None else safe_mode
         self.clock = clock
         self.log = log.get("binfmtd.daemon")
-        self.engine = Engine(cfg, log.get("binfmtd.engine"), clock)
+        self.engine = Engine(cfg, log.get("binfmtd.engine"), clock, packages=packages)
         self.notifier = Notifier()
         self.published = Published()
         self.commands: queue.Queue[_Command] = queue.Queue()
@@ -739,6 +753,10 @@ def serve(
     lock = Lock(cfg.lock_file, cfg.install_dir, sandbox=sandbox.name if sandbox else None)
     lock.acquire()
     try:
-        return Daemon(cfg, sandbox=sandbox, config_path=config_path, safe_mode=safe_mode).run()
+        packages = headstart.begin(cfg)  # a first start's package lookup runs during set-up
+        daemon = Daemon(
+            cfg, sandbox=sandbox, config_path=config_path, safe_mode=safe_mode, packages=packages
+        )
+        return daemon.run()
     finally:
         lock.release()

@@ -181,3 +181,42 @@ def test_restart_records_the_identity_of_files_whose_metadata_moved(
         st = os.lstat(tmp_path / "qemu" / f"qemu-{arch}")
         now = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_mode}:{st.st_uid}"
         assert record["emulators"][arch]["file_id"] == now, arch
+
+
+FAKE_DPKG_QUERY = """#!/bin/sh
+echo "$*" >> {log}
+exec {real} "$@"
+"""
+
+
+def test_package_lookup_runs_once_on_a_cold_start_and_never_on_a_warm_one(
+    tmp_path: Path, sandbox_sh: SandboxSh, qemu_dir: Path
+) -> None:
+    """The cold `binfmtd --oneshot` asks dpkg-query about every emulator it installs, in one
+    lookup started before the pass; a second run finds them all installed and asks nothing.
+    The cache's files belong to no package: the state says so (no package recorded).
+
+    binfmtd runs dpkg-query from the system's PATH only, so the witness is mounted over
+    /usr/bin/dpkg-query in the test's own mount namespace."""
+    real, fake, calls = tmp_path / "real", tmp_path / "fake", tmp_path / "dpkg-calls"
+    shutil.copy2("/usr/bin/dpkg-query", real)
+    fake.write_text(FAKE_DPKG_QUERY.format(log=calls, real=real), encoding="utf-8")
+    fake.chmod(0o755)
+    arches = ["aarch64", "s390x", "riscv64"]
+    cfg = write_config(tmp_path, arches=arches)
+    witness = f"mount --bind {fake} /usr/bin/dpkg-query\n"
+    runs = []
+    for _ in range(2):
+        run = sandbox_sh(witness + f'"$BINFMTD" --oneshot --json --config {cfg}')
+        assert run.returncode == 0, run.stderr
+        runs.append(json.loads(run.stdout))
+        lines = calls.read_text(encoding="utf-8").splitlines() if calls.exists() else []
+        runs[-1]["asked"] = lines
+        calls.unlink(missing_ok=True)
+    cold, warm = runs
+    (asked,) = cold["asked"]
+    assert asked.split()[0] == "-S"
+    assert sorted(asked.split()[1:]) == sorted(f"{qemu_dir}/qemu-{a}-static" for a in arches)
+    assert warm["asked"] == []
+    state = json.loads((tmp_path / "state" / "state.json").read_text(encoding="utf-8"))
+    assert {a: state["emulators"][a].get("package") for a in arches} == dict.fromkeys(arches)
