@@ -37,18 +37,21 @@ def _record(cls: Any) -> Any:
     names = tuple(n for n, t in annotations.items() if not str(t).startswith("ClassVar"))
     defaults = {n: cls.__dict__[n] for n in names if n in cls.__dict__}
 
+    known = frozenset(names)
+
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        # Whole-dict operations, no loop over the fields: a publish builds ~100 records.
         if len(args) > len(names):
             raise TypeError(f"{cls.__name__} takes {len(names)} fields, got {len(args)}")
-        values = dict(zip(names, args, strict=False))
-        for key, value in kwargs.items():
-            if key not in names or key in values:
-                raise TypeError(f"{cls.__name__}: unexpected or repeated field {key!r}")
-            values[key] = value
-        for name in names:
-            if name not in values and name not in defaults:
-                raise TypeError(f"{cls.__name__}: missing field {name!r}")
-            object.__setattr__(self, name, values.get(name, defaults.get(name)))
+        given = dict(zip(names, args, strict=False))
+        if not known.issuperset(kwargs) or not given.keys().isdisjoint(kwargs):
+            key = next(k for k in kwargs if k not in known or k in given)
+            raise TypeError(f"{cls.__name__}: unexpected or repeated field {key!r}")
+        values = {**defaults, **given, **kwargs}
+        if len(values) != len(names):
+            missing = next(n for n in names if n not in values)
+            raise TypeError(f"{cls.__name__}: missing field {missing!r}")
+        self.__dict__.update(values)  # frozen: __setattr__ refuses, the instance dict does not
 
     cls.__init__ = __init__
     cls.__record_fields__ = names

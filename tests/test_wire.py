@@ -64,6 +64,22 @@ def test_records_are_frozen_values() -> None:
     assert "wire" not in wire.BinfmtRecord((), ()).to_json()  # tonistiigi/binfmt's exact shape
 
 
+def test_records_are_built_like_dataclasses() -> None:
+    """Positional and keyword fields with defaults, as the type checker's dataclass view says;
+    a wrong call names the field and builds nothing."""
+    probe = wire.ProbeRecord(True, at=1.0, duration_ms=2.0)
+    assert probe == wire.ProbeRecord(True, 1.0, 2.0)
+    assert wire.ArchChange("aarch64", "disabled").wire == wire.WIRE_VERSION  # a default
+    with pytest.raises(TypeError, match="ProbeRecord: unexpected or repeated field 'ok'"):
+        wire.ProbeRecord(True, 1.0, 2.0, ok=False)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="ProbeRecord: unexpected or repeated field 'okay'"):
+        wire.ProbeRecord(okay=True, at=1.0, duration_ms=2.0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="ArchChange: missing field 'state'"):
+        wire.ArchChange("aarch64")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="ArchChange takes 3 fields, got 4"):
+        wire.ArchChange("a", "b", 2, "d")  # type: ignore[call-arg]
+
+
 # Every record's fields as WIRE_VERSION 2 shipped them. Within a version a field may only be
 # added (appended here), never renamed or removed: that changes WIRE_VERSION and this table.
 FIELDS_OF_VERSION = {
