@@ -51,6 +51,9 @@ class Observation:
     _handlers: dict[tuple[bytes, str], Entry | None] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
+    _catchers: dict[bytes, tuple[Entry, ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "by_name", {e.name: e for e in self.entries})
@@ -74,7 +77,11 @@ class Observation:
     def catchers(self, header: bytes) -> tuple[Entry, ...]:
         """Every enabled entry whose magic/mask catch `header`, newest first (even when the
         instance as a whole is disabled: they catch again as soon as it is enabled)."""
-        return tuple(e for e in self.entries if e.handles(header))
+        try:
+            return self._catchers[header]
+        except KeyError:
+            found = self._catchers[header] = tuple(e for e in self.entries if e.handles(header))
+            return found
 
 
 EMPTY = Observation(False, ())
