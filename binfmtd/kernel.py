@@ -52,6 +52,7 @@ class BinfmtMisc:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._register_path = str(self.root / "register")
         self._batching = False
         self._register_fd = -1
 
@@ -108,17 +109,18 @@ class BinfmtMisc:
 
     def register(self, reg: Registration) -> None:
         """Write `reg` to register in a single write(2)."""
-        if not self._batching:
-            self._write("register", reg.register_string(), f"register {reg.name}")
-            return
-        if self._register_fd < 0:
+        fd = self._register_fd  # open only inside batch(): the flush repair's path first
+        if fd < 0:
+            if not self._batching:
+                self._write("register", reg.register_string(), f"register {reg.name}")
+                return
             try:
-                self._register_fd = os.open(self.root / "register", os.O_WRONLY | os.O_CLOEXEC)
+                fd = self._register_fd = os.open(self._register_path, os.O_WRONLY | os.O_CLOEXEC)
             except OSError as exc:
                 raise KernelError(f"register {reg.name}", exc.errno or 0) from None
         data = reg.register_bytes
         try:
-            written = os.write(self._register_fd, data)
+            written = os.write(fd, data)
         except OSError as exc:
             raise _write_error(exc, reg.register_string(), f"register {reg.name}") from None
         if written != len(data):
