@@ -19,6 +19,7 @@ from binfmtd import config, log
 ON_DEMAND_ONLY = (
     *("prometheus_client", "h11", "structlog", "asyncio", "grpc", "google.protobuf"),
     *("psutil", "zstandard", "binfmtd.server", "binfmtd.service", "binfmtd.metrics"),
+    *("binfmtd.buildkit", "binfmtd.worker", "binfmtd.supervision", "socket", "difflib"),
 )
 
 RUN_AND_LIST = """
@@ -33,7 +34,8 @@ print(json.dumps({"code": code, "loaded": loaded}), file=sys.stderr)
 
 def test_oneshot_loads_no_daemon_only_module(tmp_path: Path) -> None:
     """A successful `binfmtd --oneshot` provisions every arch without importing the API server,
-    metrics, structlog (asyncio), BuildKit's gRPC or psutil: they cost start-up time only."""
+    metrics, structlog (asyncio), BuildKit's modules (gRPC, the worker), psutil, sockets or
+    the did-you-mean matcher: they cost start-up time only."""
     cfg = write_config(tmp_path, arches=["aarch64", "s390x"])
     outer = ["unshare", "--user", "--map-root-user", "--mount"]
     argv = [*outer, sys.executable, "-c", RUN_AND_LIST, str(cfg), ",".join(ON_DEMAND_ONLY)]
@@ -44,6 +46,19 @@ def test_oneshot_loads_no_daemon_only_module(tmp_path: Path) -> None:
     doc = json.loads(result.stdout)
     assert said == {"code": 0, "loaded": []}
     assert {row["state"] for row in doc["arches"]} == {"verified"}
+
+
+NO_FILE_NO_YAML = """
+import json, sys
+from binfmtd import config
+cfg = config.load(None)
+print(json.dumps({"yaml": "yaml" in sys.modules, "defaults": cfg == config.Config()}))
+"""
+
+
+def test_start_without_a_configuration_file_does_not_load_yaml() -> None:
+    """Built-in defaults (no configuration file) come without importing PyYAML (~15 ms)."""
+    assert du.python_json(NO_FILE_NO_YAML) == {"yaml": False, "defaults": True}
 
 
 def test_lazy_logger_sets_up_structlog_on_the_first_enabled_event() -> None:
