@@ -134,6 +134,16 @@ def test_daemon_modules_load_nothing_only_a_scrape_or_an_event_needs() -> None:
     assert du.python_json(DAEMON_IMPORTS, ",".join(SCRAPE_OR_LATER_ONLY)) == []
 
 
+LATER_THAN_IMPORT = ("binfmtd.server", "h11", "sdnotify", "inotify_simple", "ctypes")
+
+
+def test_daemon_modules_leave_the_server_and_inotify_for_later() -> None:
+    """Importing the daemon loads neither the API server (h11, the routes), sdnotify nor
+    inotify-simple (ctypes): the first two load on a thread while the first pass waits for its
+    probes, inotify-simple with the loop's Watcher after READY=1."""
+    assert du.python_json(DAEMON_IMPORTS, ",".join(LATER_THAN_IMPORT)) == []
+
+
 MODULE_LOGGER_FIRST = """
 import io, json, sys
 from binfmtd import config, log
