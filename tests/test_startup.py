@@ -48,6 +48,53 @@ def test_oneshot_loads_no_daemon_only_module(tmp_path: Path) -> None:
     assert {row["state"] for row in doc["arches"]} == {"verified"}
 
 
+GC_AFTER_ONESHOT = """
+import gc, json, sys
+from binfmtd import __main__
+sys.argv = ["binfmtd", "--oneshot", "--sandbox", "--json", "--config", sys.argv[1]]
+code = __main__.main()
+print(json.dumps({"code": code, "gc": gc.isenabled(), "frozen": gc.get_freeze_count() > 0}),
+      file=sys.stderr)
+"""
+GC_WHEN_SERVING = """
+import gc, json, sys
+from binfmtd import __main__, service
+seen = {}
+def serve(cfg, **_):
+    seen.update(gc=gc.isenabled(), frozen=gc.get_freeze_count() > 0)
+    return 0
+service.serve = serve
+sys.argv = ["binfmtd", "--config", sys.argv[1]]
+print(json.dumps({"code": __main__.main(), **seen}))
+"""
+
+
+def test_entry_point_runs_the_collector_again_once_started(tmp_path: Path) -> None:
+    """`binfmtd` keeps the garbage collector off only while it starts: a --oneshot run's pass
+    and the daemon's serving run with it on, start-up's objects frozen out of its scans."""
+    cfg = write_config(tmp_path, arches=["s390x"])
+    outer = ["unshare", "--user", "--map-root-user", "--mount", sys.executable, "-c"]
+    done = subprocess.run(
+        [*outer, GC_AFTER_ONESHOT, str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    said = json.loads(done.stderr.strip().splitlines()[-1])
+    assert said == {"code": 0, "gc": True, "frozen": True}
+    serving = subprocess.run(
+        [*outer, GC_WHEN_SERVING, str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert json.loads(serving.stdout) == {"code": 0, "gc": True, "frozen": True}, serving.stderr
+
+
 NO_FILE_NO_YAML = """
 import json, sys
 from binfmtd import config
