@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-DEFAULT_SOCKET = "/run/binfmtd/buildkitd.sock"
 LIST_WORKERS_METHOD = "/moby.buildkit.v1.Control/ListWorkers"
 # Listening on every interface: the buildx line then names this host by its FQDN instead.
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})  # noqa: S104
@@ -26,71 +25,6 @@ WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})  # noqa: S104
 # host CPU supports), whatever the configured list says. They are named in the diff as
 # BuildKit's additions rather than reported as unexpected or silently dropped.
 AMD64_LEVELS = ("linux/amd64/v2", "linux/amd64/v3", "linux/amd64/v4")
-
-
-@dataclass(frozen=True)
-class BuildkitConfig:
-    """The `buildkit:` section of the daemon configuration, parsed once."""
-
-    enabled: bool = False
-    path: str = "buildkitd"
-    socket: str = DEFAULT_SOCKET
-    state_dir: str = "/var/lib/binfmtd/buildkit"
-    config_path: str = "/run/binfmtd/buildkitd.toml"
-    base_config: str | None = None
-    extra_args: tuple[str, ...] = ()
-    containerd_worker: bool = False
-    socket_group: str | None = "binfmtd"
-    grace_s: float = 30.0
-    debounce_s: float = 2.0
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 60.0
-    max_failures: int = 5
-    start_timeout_s: float = 30.0
-    health_interval_s: float = 5.0
-    stable_s: float = 60.0
-    run_dir: str = "/run/binfmtd/buildkit"
-    proof_timeout_s: float = 60.0
-    tcp_address: str | None = None
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-
-    @property
-    def tls_files(self) -> tuple[str, ...]:
-        """The CA, certificate and key buildkitd's TCP listener reads (empty without TCP)."""
-        files = (self.tls_ca, self.tls_cert, self.tls_key)
-        return tuple(f for f in files if f) if self.tcp_address else ()
-
-    def problems(self) -> list[str]:
-        """What is wrong with this section, each phrased for the operator (empty: fine)."""
-        found = []
-        for key in ("path", "socket", "state_dir", "config_path", "run_dir"):
-            value = getattr(self, key)
-            if key != "path" and not os.path.isabs(value):
-                found.append(f"buildkit.{key}: must be an absolute path, got {value!r}")
-        if self.tcp_address is not None:
-            found += _tcp_problems(self)
-        return found
-
-
-def _tcp_problems(config: BuildkitConfig) -> list[str]:
-    found = []
-    host, sep, port = (config.tcp_address or "").rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        found.append(
-            f"buildkit.tcp_address: expected HOST:PORT (e.g. 0.0.0.0:1234), "
-            f"got {config.tcp_address!r}"
-        )
-    for key in ("tls_ca", "tls_cert", "tls_key"):
-        value = getattr(config, key)
-        if not value:
-            found.append(
-                f"buildkit.{key}: required with tcp_address (the TCP listener is mutual TLS only)"
-            )
-        elif not os.path.isabs(value):
-            found.append(f"buildkit.{key}: must be an absolute path, got {value!r}")
-    return found
 
 
 # --- buildkitd.toml ----------------------------------------------------------------------------
@@ -140,7 +74,7 @@ def render_config(
             "containerd": {"enabled": containerd, "platforms": listed},
         },
     }
-    import tomli_w  # only for the worker: config.py imports this module for BuildkitConfig
+    import tomli_w  # only for the worker
 
     return tomli_w.dumps(deep_merge(base, ours))
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from enum import IntEnum
@@ -35,6 +34,7 @@ from binfmtd.wire import ExitError as CliError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Callable, Sequence
     from typing import Any, NoReturn
 
@@ -64,6 +64,8 @@ class ExitCode(IntEnum):
 
 def call(path: str, method: str, target: str, body: object = None, timeout: float = 10.0) -> Any:
     """One request on a fresh connection; the decoded JSON answer, or CliError."""
+    import socket  # here: `binfmtd --oneshot` uses this module's parser but never connects
+
     payload = b"" if body is None else json.dumps(body).encode()
     head = f"{method} {target} HTTP/1.1\r\nHost: binfmtd\r\nConnection: close\r\n"
     if method == "POST":

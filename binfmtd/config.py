@@ -13,15 +13,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from binfmtd import arch as archmod
 from binfmtd import trust
 from binfmtd.binfmt import FormatError, control_characters, normalize_flags, validate_interpreter
-from binfmtd.buildkit import BuildkitConfig
+
+if TYPE_CHECKING:
+    import yaml  # imported by `parse` only: a run without a configuration file never loads it
 
 DEFAULT_PATH = "/etc/binfmtd/binfmtd.yaml"
 MAX_CONFIG_BYTES = 1 << 20
@@ -29,6 +28,7 @@ MAX_CONFIG_BYTES = 1 << 20
 # environment (QEMU_LOG_FILENAME, QEMU_STRACE...), so any local user can write root's files.
 DEFAULT_FLAGS = "POF"
 OLD_DEFAULT_FLAGS = "POCF"  # binfmtd 0.1's default ("FPC"), for the upgrade notice
+BUILDKIT_SOCKET = "/run/binfmtd/buildkitd.sock"
 
 
 class SourceKind(StrEnum):
@@ -94,6 +94,71 @@ class LogConfig:
 
     level: str = "info"
     format: LogFormat = LogFormat.AUTO
+
+
+@dataclass(frozen=True)
+class BuildkitConfig:
+    """The `buildkit:` section of the daemon configuration, parsed once."""
+
+    enabled: bool = False
+    path: str = "buildkitd"
+    socket: str = BUILDKIT_SOCKET
+    state_dir: str = "/var/lib/binfmtd/buildkit"
+    config_path: str = "/run/binfmtd/buildkitd.toml"
+    base_config: str | None = None
+    extra_args: tuple[str, ...] = ()
+    containerd_worker: bool = False
+    socket_group: str | None = "binfmtd"
+    grace_s: float = 30.0
+    debounce_s: float = 2.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    max_failures: int = 5
+    start_timeout_s: float = 30.0
+    health_interval_s: float = 5.0
+    stable_s: float = 60.0
+    run_dir: str = "/run/binfmtd/buildkit"
+    proof_timeout_s: float = 60.0
+    tcp_address: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def tls_files(self) -> tuple[str, ...]:
+        """The CA, certificate and key buildkitd's TCP listener reads (empty without TCP)."""
+        files = (self.tls_ca, self.tls_cert, self.tls_key)
+        return tuple(f for f in files if f) if self.tcp_address else ()
+
+    def problems(self) -> list[str]:
+        """What is wrong with this section, each phrased for the operator (empty: fine)."""
+        found = []
+        for key in ("path", "socket", "state_dir", "config_path", "run_dir"):
+            value = getattr(self, key)
+            if key != "path" and not os.path.isabs(value):
+                found.append(f"buildkit.{key}: must be an absolute path, got {value!r}")
+        if self.tcp_address is not None:
+            found += _tcp_problems(self)
+        return found
+
+
+def _tcp_problems(config: BuildkitConfig) -> list[str]:
+    found = []
+    host, sep, port = (config.tcp_address or "").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        found.append(
+            f"buildkit.tcp_address: expected HOST:PORT (e.g. 0.0.0.0:1234), "
+            f"got {config.tcp_address!r}"
+        )
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        value = getattr(config, key)
+        if not value:
+            found.append(
+                f"buildkit.{key}: required with tcp_address (the TCP listener is mutual TLS only)"
+            )
+        elif not os.path.isabs(value):
+            found.append(f"buildkit.{key}: must be an absolute path, got {value!r}")
+    return found
 
 
 @dataclass(frozen=True)
@@ -200,7 +265,7 @@ def load(path: str | None, *, require_safe_mode: bool = False) -> Config:
             _check_state_dir(cfg, "<defaults>")
         return cfg
     try:
-        raw = _read_trusted(path) if require_safe_mode else Path(path).read_bytes()
+        raw = _read_trusted(path) if require_safe_mode else _read(path)
         text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
@@ -228,6 +293,11 @@ def _check_state_dir(cfg: Config, path: str) -> None:
         ) from None
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
 def _read_trusted(path: str) -> bytes:
     """A root daemon reads only a config that root alone can change, file and directories.
 
@@ -241,6 +311,8 @@ def _read_trusted(path: str) -> bytes:
 
 def parse(text: str, path: str = "<string>") -> Config:
     """Validate YAML text into a Config."""
+    import yaml
+
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -265,6 +337,8 @@ def _where(path: str, node: yaml.Node, key: str) -> str:
 
 
 def _build(cls: type[Any], node: yaml.Node, path: str, prefix: str) -> Any:
+    import yaml
+
     if not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{_where(path, node, prefix.rstrip('.'))}: expected a mapping")
     hints = typing.get_type_hints(cls)
@@ -281,6 +355,8 @@ def _build(cls: type[Any], node: yaml.Node, path: str, prefix: str) -> Any:
 
 
 def _convert(hint: Any, node: yaml.Node, path: str, key: str) -> Any:
+    import yaml
+
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, node, path, key + ".")
     origin = typing.get_origin(hint)
@@ -297,10 +373,14 @@ def _convert(hint: Any, node: yaml.Node, path: str, key: str) -> Any:
 
 
 def _is_null(node: yaml.Node) -> bool:
+    import yaml
+
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
 
 
 def _scalar(hint: Any, node: yaml.Node, path: str, key: str) -> Any:
+    import yaml
+
     if not isinstance(node, yaml.ScalarNode) or _is_null(node):
         raise ConfigError(f"{_where(path, node, key)}: expected a {_type_name(hint)}")
     try:
@@ -341,6 +421,8 @@ def _scalar(hint: Any, node: yaml.Node, path: str, key: str) -> Any:
 
 
 def _construct(node: yaml.ScalarNode) -> Any:
+    import yaml
+
     loader = yaml.SafeLoader("")
     try:
         return loader.construct_object(node, deep=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -157,6 +158,7 @@ def _run(args: argparse.Namespace, cfg: config.Config) -> int:
             return _run_command(args.command)
         from binfmtd.service import serve
 
+        startup_done()
         return serve(cfg, sandbox=sandbox, config_path=args.config, safe_mode=_safe_mode)
     except ns.SandboxError as exc:
         print(f"binfmtd: --sandbox: {exc}", file=sys.stderr)
@@ -172,6 +174,14 @@ def _run(args: argparse.Namespace, cfg: config.Config) -> int:
     finally:
         if sandbox is not None and entered:
             sandbox.remove()
+
+
+def startup_done() -> None:
+    """Start-up's imports are done: when the entry point (`binfmtd.__main__`) kept the garbage
+    collector off for them, what they made moves out of its reach for good and it runs again."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def _run_command(command: list[str]) -> int:
@@ -256,6 +266,7 @@ def _provision(
     from binfmtd.binfmt import credentials_warning
     from binfmtd.engine import Engine
 
+    startup_done()
     engine = Engine(cfg, logger, packages=packages)
     preflight.run_all(engine.kernel)
     started = time.monotonic()

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-
-import sdnotify
+from typing import Any
 
 
 class Notifier:
@@ -16,13 +15,18 @@ class Notifier:
 
     def __init__(self) -> None:
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
-        self._sd = sdnotify.SystemdNotifier() if self.enabled else None
+        self._sd: Any = None  # made by the first message (the daemon preloads sdnotify)
         self.watchdog_s = _watchdog_period()
         self._last_ping = 0.0
 
     def _send(self, text: str) -> None:
-        if self._sd is not None:
-            self._sd.notify(text)
+        if not self.enabled:
+            return
+        if self._sd is None:
+            import sdnotify
+
+            self._sd = sdnotify.SystemdNotifier()
+        self._sd.notify(text)
 
     def ready(self, status: str) -> None:
         """READY=1 with a one-line STATUS."""

@@ -55,15 +55,6 @@ METRICS_TYPE: Final = b"text/plain; version=0.0.4; charset=utf-8"
 INTERNAL_ERROR: Final = "internal error; see the daemon log"
 
 
-class ApiError(Exception):
-    """What `Api.mutate` raises to answer with an HTTP error status and a message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 class Api(Protocol):
     """What the daemon implements. Read methods run on the server thread: they must be cheap
     and thread-safe (return an immutable snapshot). `version()` must change after any read
@@ -525,7 +516,7 @@ def _run_mutation(api: Api, mutation: Mutation) -> tuple[int, bytes]:
     """Call the api on the worker thread: (status, encoded body) for any outcome."""
     try:
         return 200, encode_json(to_json(api.mutate(mutation.action, mutation.arg)))
-    except ApiError as exc:
+    except wire.ApiError as exc:
         return exc.status, error_body(exc.status, exc.message)
     except Exception:
         log.exception("api_mutation_failed", action=str(mutation.action))

@@ -15,6 +15,7 @@ helps nobody (backoff, and a conflict in status).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import select
 import time
@@ -22,9 +23,10 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from inotify_simple import INotify, flags
+if TYPE_CHECKING:
+    from inotify_simple import INotify
 
 SETTLE_S = 0.002  # after the first event, how long to let the rest of a burst arrive
 SETTLE_MAX_S = 0.02  # a steady stream of events still gets a pass this often
@@ -38,24 +40,31 @@ class Kind(StrEnum):
     SOURCE = "source"
 
 
-_DIR_GONE = flags.DELETE_SELF | flags.MOVE_SELF | flags.UNMOUNT | flags.IGNORED
-# A directory's files appearing, going, renamed or rewritten, and the directory itself going.
-_DIR_CHANGES = (
-    flags.CREATE
-    | flags.DELETE
-    | flags.ATTRIB
-    | flags.CLOSE_WRITE
-    | flags.MOVED_FROM
-    | flags.MOVED_TO
-    | flags.DELETE_SELF
-    | flags.MOVE_SELF
-    | flags.ONLYDIR
-)
-_MASKS = {
-    Kind.BINFMT: flags.MODIFY | flags.CREATE | flags.DELETE | flags.ATTRIB | flags.ONLYDIR,
-    Kind.INSTALL: _DIR_CHANGES | flags.MODIFY,
-    Kind.SOURCE: _DIR_CHANGES,
-}
+@functools.cache
+def _masks() -> tuple[dict[Kind, int], int]:
+    """The watch mask of each Kind, and the events that mean a watched directory went.
+    inotify-simple (and ctypes) load here, with the daemon's first Watcher after READY=1."""
+    from inotify_simple import flags
+
+    gone = flags.DELETE_SELF | flags.MOVE_SELF | flags.UNMOUNT | flags.IGNORED
+    # A directory's files appearing, going, renamed or rewritten, and the directory itself going.
+    changes = (
+        flags.CREATE
+        | flags.DELETE
+        | flags.ATTRIB
+        | flags.CLOSE_WRITE
+        | flags.MOVED_FROM
+        | flags.MOVED_TO
+        | flags.DELETE_SELF
+        | flags.MOVE_SELF
+        | flags.ONLYDIR
+    )
+    masks = {
+        Kind.BINFMT: flags.MODIFY | flags.CREATE | flags.DELETE | flags.ATTRIB | flags.ONLYDIR,
+        Kind.INSTALL: changes | flags.MODIFY,
+        Kind.SOURCE: changes,
+    }
+    return masks, gone
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,8 @@ class Watcher:
         self._targets: list[Target] = []
         self._wds: dict[int, Target] = {}
         self._ids: dict[Target, tuple[int, int]] = {}
+        from inotify_simple import INotify
+
         try:
             self._ino: INotify | None = INotify(nonblocking=True)
         except OSError as exc:  # ENOSYS, EMFILE (fs.inotify.max_user_instances)
@@ -193,7 +204,7 @@ class Watcher:
             if ident is None:
                 continue  # not there (yet): the pass that makes it triggers a refresh
             try:
-                wd = self._ino.add_watch(target.path, _MASKS[target.kind])
+                wd = self._ino.add_watch(target.path, _masks()[0][target.kind])
             except OSError:
                 continue
             self._wds[wd] = target
@@ -217,8 +228,11 @@ class Watcher:
         return change
 
     def _drain(self) -> Change:
+        from inotify_simple import flags
+
         if self._ino is None:
             return Change()
+        gone = _masks()[1]
         kinds: set[Kind] = set()
         lost: set[Kind] = set()
         overflow = False
@@ -231,7 +245,7 @@ class Watcher:
             target = self._wds.get(event.wd)
             if target is None:
                 continue
-            if event.mask & _DIR_GONE and not event.name:
+            if event.mask & gone and not event.name:
                 lost.add(target.kind)
                 if event.mask & flags.IGNORED:  # the kernel removed the watch
                     self._wds.pop(event.wd, None)

@@ -140,6 +140,16 @@ class ExitError(Exception):
         self.message = message
 
 
+class ApiError(Exception):
+    """What the daemon's API methods raise to answer with an HTTP error status and a message
+    (here rather than in `server`: the daemon raises it long before it loads the server)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 # --- status ------------------------------------------------------------------------------------
 
 

@@ -31,7 +31,6 @@ from structlog.typing import FilteringBoundLogger
 
 from binfmtd import trust, wire
 from binfmtd.buildkit import (
-    BuildkitConfig,
     WorkerUnreachable,
     buildx_append_command,
     buildx_command,
@@ -40,6 +39,7 @@ from binfmtd.buildkit import (
     platform_diff,
     render_config,
 )
+from binfmtd.config import BuildkitConfig
 from binfmtd.proof import prove_platforms
 from binfmtd.run import SAFE_PATH, minimal_env
 from binfmtd.supervision import (

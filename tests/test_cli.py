@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from binfmtd import cli, render, wire
-from binfmtd.server import ApiError, ApiServer
+from binfmtd.server import ApiServer
+from binfmtd.wire import ApiError
 
 REPO = Path(__file__).resolve().parent.parent
 NOW = 1_700_000_000.0

@@ -19,9 +19,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from binfmtd import config
-from binfmtd.buildkit import BuildkitConfig
 from binfmtd.config import (
     ApiConfig,
+    BuildkitConfig,
     Config,
     ConfigError,
     ConflictPolicy,

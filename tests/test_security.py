@@ -29,7 +29,7 @@ from binfmtd import service
 from binfmtd.binfmt import FormatError, Registration, parse_entry
 from binfmtd.preflight import Exit
 from binfmtd.probe import PROBE_DIR
-from binfmtd.server import ApiError
+from binfmtd.wire import ApiError
 
 SECRET = b"root's secret\n"
 

@@ -23,7 +23,8 @@ import pytest
 from binfmtd.listener import ListenerError, activated_fd
 from binfmtd.protocol import MAX_HEAD, Request
 from binfmtd.routes import route
-from binfmtd.server import ApiError, ApiServer, Limits
+from binfmtd.server import ApiServer, Limits
+from binfmtd.wire import ApiError
 
 FAST = Limits(request_timeout=0.5, idle_timeout=1.0, send_timeout=0.5, sweep_interval=0.05)
 NOBODY = 65534

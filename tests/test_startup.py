@@ -19,6 +19,7 @@ from binfmtd import config, log
 ON_DEMAND_ONLY = (
     *("prometheus_client", "h11", "structlog", "asyncio", "grpc", "google.protobuf"),
     *("psutil", "zstandard", "binfmtd.server", "binfmtd.service", "binfmtd.metrics"),
+    *("binfmtd.buildkit", "binfmtd.worker", "binfmtd.supervision", "socket", "difflib"),
 )
 
 RUN_AND_LIST = """
@@ -33,7 +34,8 @@ print(json.dumps({"code": code, "loaded": loaded}), file=sys.stderr)
 
 def test_oneshot_loads_no_daemon_only_module(tmp_path: Path) -> None:
     """A successful `binfmtd --oneshot` provisions every arch without importing the API server,
-    metrics, structlog (asyncio), BuildKit's gRPC or psutil: they cost start-up time only."""
+    metrics, structlog (asyncio), BuildKit's modules (gRPC, the worker), psutil, sockets or
+    the did-you-mean matcher: they cost start-up time only."""
     cfg = write_config(tmp_path, arches=["aarch64", "s390x"])
     outer = ["unshare", "--user", "--map-root-user", "--mount"]
     argv = [*outer, sys.executable, "-c", RUN_AND_LIST, str(cfg), ",".join(ON_DEMAND_ONLY)]
@@ -44,6 +46,66 @@ def test_oneshot_loads_no_daemon_only_module(tmp_path: Path) -> None:
     doc = json.loads(result.stdout)
     assert said == {"code": 0, "loaded": []}
     assert {row["state"] for row in doc["arches"]} == {"verified"}
+
+
+GC_AFTER_ONESHOT = """
+import gc, json, sys
+from binfmtd import __main__
+sys.argv = ["binfmtd", "--oneshot", "--sandbox", "--json", "--config", sys.argv[1]]
+code = __main__.main()
+print(json.dumps({"code": code, "gc": gc.isenabled(), "frozen": gc.get_freeze_count() > 0}),
+      file=sys.stderr)
+"""
+GC_WHEN_SERVING = """
+import gc, json, sys
+from binfmtd import __main__, service
+seen = {}
+def serve(cfg, **_):
+    seen.update(gc=gc.isenabled(), frozen=gc.get_freeze_count() > 0)
+    return 0
+service.serve = serve
+sys.argv = ["binfmtd", "--config", sys.argv[1]]
+print(json.dumps({"code": __main__.main(), **seen}))
+"""
+
+
+def test_entry_point_runs_the_collector_again_once_started(tmp_path: Path) -> None:
+    """`binfmtd` keeps the garbage collector off only while it starts: a --oneshot run's pass
+    and the daemon's serving run with it on, start-up's objects frozen out of its scans."""
+    cfg = write_config(tmp_path, arches=["s390x"])
+    outer = ["unshare", "--user", "--map-root-user", "--mount", sys.executable, "-c"]
+    done = subprocess.run(
+        [*outer, GC_AFTER_ONESHOT, str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    said = json.loads(done.stderr.strip().splitlines()[-1])
+    assert said == {"code": 0, "gc": True, "frozen": True}
+    serving = subprocess.run(
+        [*outer, GC_WHEN_SERVING, str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert json.loads(serving.stdout) == {"code": 0, "gc": True, "frozen": True}, serving.stderr
+
+
+NO_FILE_NO_YAML = """
+import json, sys
+from binfmtd import config
+cfg = config.load(None)
+print(json.dumps({"yaml": "yaml" in sys.modules, "defaults": cfg == config.Config()}))
+"""
+
+
+def test_start_without_a_configuration_file_does_not_load_yaml() -> None:
+    """Built-in defaults (no configuration file) come without importing PyYAML (~15 ms)."""
+    assert du.python_json(NO_FILE_NO_YAML) == {"yaml": False, "defaults": True}
 
 
 def test_lazy_logger_sets_up_structlog_on_the_first_enabled_event() -> None:
@@ -117,6 +179,16 @@ def test_daemon_modules_load_nothing_only_a_scrape_or_an_event_needs() -> None:
     structlog and asyncio (first logged event), the worker's modules, BuildKit's TOML writer
     and libcrypto (hashlib, secrets: ~3.5 MB of RSS)."""
     assert du.python_json(DAEMON_IMPORTS, ",".join(SCRAPE_OR_LATER_ONLY)) == []
+
+
+LATER_THAN_IMPORT = ("binfmtd.server", "h11", "sdnotify", "inotify_simple", "ctypes")
+
+
+def test_daemon_modules_leave_the_server_and_inotify_for_later() -> None:
+    """Importing the daemon loads neither the API server (h11, the routes), sdnotify nor
+    inotify-simple (ctypes): the first two load on a thread while the first pass waits for its
+    probes, inotify-simple with the loop's Watcher after READY=1."""
+    assert du.python_json(DAEMON_IMPORTS, ",".join(LATER_THAN_IMPORT)) == []
 
 
 MODULE_LOGGER_FIRST = """

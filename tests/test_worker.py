@@ -21,7 +21,8 @@ from conftest import LocalUser
 from structlog.testing import CapturingLogger
 
 from binfmtd import worker
-from binfmtd.buildkit import BuildkitConfig, list_workers
+from binfmtd.buildkit import list_workers
+from binfmtd.config import BuildkitConfig
 from binfmtd.run import SAFE_PATH
 from binfmtd.supervision import WorkerState
 from binfmtd.worker import (
