@@ -493,7 +493,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--socket",
-        default=_default_socket(),
         metavar="PATH",
         help=f"binfmtd's API socket (default {DEFAULT_SOCKET}; env BINFMTD_SOCKET)",
     )
@@ -513,6 +512,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     No command at all prints the help (on stderr) and exits 64."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.socket is None:  # looked for only when not given (it may glob for --sandbox ones)
+        args.socket = _default_socket()
     if args.command is None:
         parser.print_help(sys.stderr)
         raise SystemExit(ExitCode.USAGE)
