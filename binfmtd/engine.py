@@ -321,6 +321,7 @@ class Engine:
         verify_also: Iterable[str] = (),
         hold: Mapping[str, str] | None = None,
         progress: Callable[[], None] | None = None,
+        changed: Callable[[], bool] | None = None,
     ) -> TickReport:
         """Observe, plan, execute, then probe every arch whose handler is unproven or due
         (and `verify_also`). Status is derived from this pass's last observation.
@@ -334,6 +335,10 @@ class Engine:
         one (an entry gone or changed: before planning), again when the plan drops a proof
         that still showed (a deleted emulator, before its reinstall), then as probes finish
         (at most every PROGRESS_EVERY_S; the caller publishes the end of the pass).
+        `changed`: whether something watched changed since the pass began (the watcher); asked
+        as each probe result comes in and every probe.IDLE_EVERY_S while none does, a yes is
+        looked at at once (`_recheck`): a drift while probes run (a hanging one may take its
+        whole timeout) does not wait for the end of the pass to show.
         """
         report = TickReport()
         started = time.monotonic()
@@ -359,7 +364,7 @@ class Engine:
             progress()  # restored, nothing to probe: shown before the state file write
         self._save_state_if_needed(report)  # runs while the first probes do
         started = time.monotonic()
-        self._verify(prober, self._due(obs, verify_also), idents, report, progress)
+        self._verify(prober, self._due(obs, verify_also), idents, report, progress, changed)
         report.durations_ms["verify"] = _ms(started)
         self._settle_errors(report)
         return report
@@ -845,13 +850,15 @@ class Engine:
         idents: Mapping[str, int | None],
         report: TickReport,
         progress: Callable[[], None] | None,
+        changed: Callable[[], bool] | None = None,
     ) -> None:
         """Start the probes of `arches` not started yet, then take every result as it comes.
 
         A result counts for the handler of this pass's observation. A probe started right after
         its registration (`idents`: arch -> inode of the entry just written) counts only when
         that handler is still exactly that entry; otherwise it is dropped (the change woke the
-        watcher: the next pass probes again).
+        watcher: the next pass probes again). Nor does the result of an arch whose emulator
+        file went while it ran (`_recheck`).
         """
         handlers = {a: self.observation.handler(self.header(a)) for a in prober.started}
         for arch in arches:
@@ -860,16 +867,50 @@ class Engine:
                 prober.start(arch)
         left = len(prober.started)
         shown = time.monotonic()
-        for result in prober.results():
+        moved: set[str] = set()
+
+        def look() -> None:  # a drift while the probes run shows now, not after the pass
+            if changed is not None and changed():
+                moved.update(self._recheck(progress))
+
+        for result in prober.results(look if changed is not None else None):
             left -= 1
             arch = result.arch
+            look()
             handler = handlers.get(arch)
             if arch in idents and (handler is None or handler.ident != idents[arch]):
                 continue  # the entry changed between its registration and this observation
+            if arch in moved:
+                continue  # its emulator file went while it ran: the next pass installs it
             self._take(result, handler, report)
             if progress is not None and left and time.monotonic() - shown >= PROGRESS_EVERY_S:
                 progress()  # results so far, published while the other probes run
                 shown = time.monotonic()
+
+    def _recheck(self, progress: Callable[[], None] | None) -> set[str]:
+        """A drift while this pass runs: observe the instance again and look for emulator files
+        that went (removed or replaced: another inode at the path); their proofs are dropped.
+        The observation is published at once (the pass may have read the drift already, after
+        its own changes, without publishing it), so what broke stops showing as verified now;
+        the next pass (the watcher's events are kept for it) repairs it. Returns the arches
+        whose file went. Costs one observation, a stat per installed emulator and a publish
+        (about 2 ms for 33)."""
+        moved = set()
+        for arch, record in self.installed.items():
+            recorded = _inode_of(self.file_ids.get(arch) or record.file_id)
+            try:
+                now = os.lstat(record.path).st_ino
+            except OSError:
+                now = None
+            if now != recorded and self.proofs.pop(arch, None) is not None:
+                moved.add(arch)
+        obs = self.observe()
+        if progress is not None:  # even when `obs` is this pass's: what was published may be older
+            self._show(obs, progress)
+        else:
+            self._log_instance_change(obs)
+            self.observation = obs
+        return moved
 
     def _take(self, result: truth.ProbeResult, handler: Entry | None, report: TickReport) -> None:
         arch = result.arch
@@ -1031,12 +1072,17 @@ def _sort(
     return done, installs, regs
 
 
+def _inode_of(file_id: str | None) -> int | None:
+    """The inode in a `emulators.file_id` (its first field)."""
+    head = (file_id or "").split(":", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
 def _linked_inode(record: Installed) -> int | None:
     """The inode a hard-link install shares with its source (the first field of file_id)."""
     if record.method != emulators.Method.LINK:
         return None
-    head = record.file_id.split(":", 1)[0]
-    return int(head) if head.isdigit() else None
+    return _inode_of(record.file_id)
 
 
 def _registers(actions: list[plan.Action]) -> list[plan.Register]:

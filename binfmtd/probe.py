@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -32,6 +32,7 @@ from binfmtd.run import FORKS, minimal_env, run, usable_cpus
 from binfmtd.truth import ProbeResult
 
 PROBE_DIR = Path(__file__).parent / "probes"
+IDLE_EVERY_S = 0.01  # how often `Prober.results` calls its idle hook while no result comes
 T = TypeVar("T")
 
 
@@ -506,11 +507,20 @@ class Prober:
         """The arches whose probe was started (or failed to start) in this pass."""
         return frozenset(self._futures)
 
-    def results(self) -> Iterator[ProbeResult]:
-        """Every started probe's result, in the order they finish."""
-        waiting = {f: a for a, f in self._futures.items()}
-        for future in as_completed(waiting):
-            yield future.result()
+    def results(
+        self, idle: Callable[[], None] | None = None, every_s: float = IDLE_EVERY_S
+    ) -> Iterator[ProbeResult]:
+        """Every started probe's result, in the order they finish; `idle` is called every
+        `every_s` seconds while none comes (the engine looks for drift meanwhile)."""
+        waiting = set(self._futures.values())
+        while waiting:
+            done, waiting = wait(
+                waiting, timeout=every_s if idle else None, return_when=FIRST_COMPLETED
+            )
+            if not done and idle is not None:
+                idle()
+            for future in done:
+                yield future.result()
 
 
 def _done(result: T) -> Future[T]:

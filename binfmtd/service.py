@@ -132,6 +132,7 @@ class Daemon:
         self._logged_credentials: list[str] = []
         self.server: Any = None
         self._metrics_warning: str | None = None  # the metrics port could not be served
+        self._watcher: watch.Watcher | None = None  # the loop's, while it runs
 
     # ------------------------------------------------------------ lifecycle
 
@@ -166,7 +167,7 @@ class Daemon:
     def _loop(self) -> None:
         """Sleep until something changes (inotify), a command or signal arrives, a held repair
         is released, or the slow safety pass is due; then reconcile once for all of it."""
-        watcher = watch.Watcher(self.wake)
+        watcher = self._watcher = watch.Watcher(self.wake)
         if not watcher.active:
             self.log.warning("inotify_unavailable", error=watcher.error, poll_s=POLL_FALLBACK_S)
         due = watcher.watch(self._watch_targets())
@@ -190,6 +191,7 @@ class Daemon:
                 self._tick_worker()
                 self.notifier.watchdog()
         finally:
+            self._watcher = None
             watcher.close()
 
     def _loop_pass(self, change: watch.Change) -> None:
@@ -353,6 +355,7 @@ class Daemon:
                 verify_also=verify_also,
                 hold=self.pacer.held(time.monotonic()),
                 progress=self._publish,  # a vanished entry stops showing as verified now
+                changed=self._watcher.changed if self._watcher is not None else None,
             )
         except KernelError as exc:
             return self._recover_mount(exc)

@@ -169,10 +169,13 @@ class Watcher:
         except OSError as exc:  # ENOSYS, EMFILE (fs.inotify.max_user_instances)
             self._ino = None
             self.error = f"inotify unavailable: {exc.strerror}"
+        self._carried = Change()  # read by `changed` during a pass, for the next `wait`
         self._poll = select.poll()
         self._poll.register(waker.fd, select.POLLIN)
+        self._events = select.poll()  # inotify alone, for `changed`
         if self._ino is not None:
             self._poll.register(self._ino.fileno(), select.POLLIN)
+            self._events.register(self._ino.fileno(), select.POLLIN)
 
     @property
     def active(self) -> bool:
@@ -212,12 +215,23 @@ class Watcher:
             added = True
         return added
 
+    def changed(self) -> bool:
+        """Whether a watched thing changed since the last `wait` (events read now, without
+        blocking: one poll(2) when there are none). What is read is kept, and the next `wait`
+        returns it at once: the pass it calls for still runs."""
+        if self._ino is None or not self._events.poll(0):
+            return False
+        more = self._drain()
+        self._carried = _merge(self._carried, more)
+        return bool(more)
+
     def wait(self, timeout: float) -> Change:
         """Block until events, a wake-up or `timeout` s; drain a burst of events as one."""
-        ready = self._poll.poll(max(0, round(timeout * 1000)))
+        carried, self._carried = self._carried, Change()
+        ready = self._poll.poll(0 if carried else max(0, round(timeout * 1000)))
         if not ready:
-            return Change()
-        change = self._drain()
+            return carried
+        change = _merge(carried, self._drain())
         if change:  # the rest of a burst (a flush writes one event per entry) joins this pass
             deadline = self.clock() + SETTLE_MAX_S
             while self.clock() < deadline and self._poll.poll(round(SETTLE_S * 1000)):

@@ -60,6 +60,7 @@ class Drifts:
     lock: threading.Lock = field(default_factory=threading.Lock)
     mono: dict[str, list[float]] = field(default_factory=dict)
     wall: dict[str, list[float]] = field(default_factory=dict)
+    kind: dict[str, list[str]] = field(default_factory=dict)
     kinds: Counter[str] = field(default_factory=Counter)
 
     def add(self, arches: list[str], kind: str, mono: float, wall: float) -> None:
@@ -68,14 +69,16 @@ class Drifts:
             for arch in arches:
                 self.mono.setdefault(arch, []).append(mono)
                 self.wall.setdefault(arch, []).append(wall)
+                self.kind.setdefault(arch, []).append(kind)
             self.kinds[kind] += 1
 
-    def last_due(self, arch: str, before: float) -> float | None:
-        """Wall time of the latest drift of `arch` that happened before monotonic `before`."""
+    def last_due(self, arch: str, before: float) -> tuple[float, str] | None:
+        """(wall time, kind) of the latest drift of `arch` that happened before monotonic
+        `before`."""
         with self.lock:
             times = self.mono.get(arch, [])
             index = bisect.bisect_left(times, before)
-            return self.wall[arch][index - 1] if index else None
+            return (self.wall[arch][index - 1], self.kind[arch][index - 1]) if index else None
 
 
 @dataclass
@@ -169,13 +172,13 @@ class Daemon:
         """Whether the daemon still runs."""
         return self.proc is not None and self.proc.poll() is None
 
-    def nsenter(self, script: str) -> bool:
-        """Run `sh -c script` in the daemon's namespaces; whether it succeeded."""
-        argv = ["nsenter", "--target", str(self.pid), "--user", "--mount", "--", "sh", "-c"]
+    def nsenter(self, script: str) -> str | None:
+        """Run `bash -c script` in the daemon's namespaces; its output when it succeeded."""
+        argv = ["nsenter", "--target", str(self.pid), "--user", "--mount", "--", "bash", "-c"]
         result = subprocess.run(
             [*argv, script], capture_output=True, timeout=30, stdin=subprocess.DEVNULL, check=False
         )
-        return result.returncode == 0
+        return result.stdout.decode().strip() if result.returncode == 0 else None
 
     def events(self) -> list[dict[str, Any]]:
         """The daemon's JSON log events."""
@@ -295,12 +298,12 @@ class Reader:
                 wrong.append(f"{arch}: verified but registered/enabled/flags = {row}")
             elif not str(row["interpreter"]).startswith(prefix):
                 wrong.append(f"{arch}: verified with interpreter {row['interpreter']}")
-            broke = self.drifts.last_due(arch, sent - self.grace)
+            due = self.drifts.last_due(arch, sent - self.grace)
             probed = (row.get("probe") or {}).get("at") or 0.0
-            if broke is not None and probed < broke:
+            if due is not None and probed < due[0]:
                 wrong.append(
-                    f"{arch}: verified from a probe at {probed:.3f}, before a drift at "
-                    f"{broke:.3f} that is more than {self.grace:g} s old"
+                    f"{arch}: verified from a probe at {probed:.3f}, before a drift ({due[1]}) "
+                    f"at {due[0]:.3f} that is more than {self.grace:g} s old"
                 )
         return wrong, verified
 
@@ -309,30 +312,39 @@ class Reader:
 
 
 def drift_script(daemon: Daemon, kind: str, arch: str) -> str:
-    """Shell that breaks `arch` (or everything, for flush) in the daemon's binfmt_misc."""
+    """Bash that breaks `arch` (or everything, for flush) in the daemon's binfmt_misc and prints
+    the wall-clock time just before its first write ($EPOCHREALTIME: a builtin, no fork)."""
     entry = f"{ENTRIES}/qemu-{arch}"
+    now = "T=$EPOCHREALTIME && "
     if kind == "remove":
-        return f"echo -1 > {entry}"
-    if kind == "disable":
-        return f"grep -qx enabled {entry} && echo 0 > {entry}"
-    if kind == "flush":
-        return f"echo -1 > {ENTRIES}/status"
-    if kind == "flags":
+        act = f"{now}echo -1 > {entry}"
+    elif kind == "disable":
+        act = f"grep -qx enabled {entry} && {now}echo 0 > {entry}"
+    elif kind == "flush":
+        act = f"{now}echo -1 > {ENTRIES}/status"
+    elif kind == "flags":
         row = archmod.BY_NAME[arch]
         path = os.path.join(daemon.install_dir, f"qemu-{arch}")
         line = Registration(row.entry_name, row.magic, row.mask, path, "PF").register_string()
-        return f"echo -1 > {entry} && printf '%s' '{line}' > {ENTRIES}/register"
-    return f"rm {daemon.install_dir}/qemu-{arch}"
+        act = f"{now}echo -1 > {entry} && printf '%s' '{line}' > {ENTRIES}/register"
+    else:
+        act = f"{now}rm {daemon.install_dir}/qemu-{arch}"
+    return act + ' && echo "$T"'
 
 
 def inject(daemon: Daemon, drifts: Drifts, stop: threading.Event, rng: random.Random) -> None:
-    """Random drift every 0.5-3 s; only drifts that took effect are recorded."""
+    """Random drift every 0.5-3 s; only drifts that took effect are recorded, at the time the
+    drift's own shell took just before writing (starting nsenter and a shell can take tens of
+    ms when the readers keep both CPUs busy: the time before that would count the start-up
+    against the daemon)."""
     while not stop.wait(rng.uniform(0.5, 3.0)):
         kind = rng.choice(DRIFTS)
         arch = rng.choice(daemon.arches)
         wall, mono = time.time(), time.monotonic()
-        if daemon.nsenter(drift_script(daemon, kind, arch)):
-            drifts.add(daemon.arches if kind == "flush" else [arch], kind, mono, wall)
+        done = daemon.nsenter(drift_script(daemon, kind, arch))
+        if done is not None:
+            at = float(done)  # the same wall clock; monotonic is taken from the offset
+            drifts.add(daemon.arches if kind == "flush" else [arch], kind, mono + at - wall, at)
 
 
 # ---------------------------------------------------------------- the run
@@ -383,7 +395,7 @@ def soak(minutes: float, arches: list[str], interval: float | None, seed: int, g
             daemon.stop()
         keep = os.environ.get("SOAK_KEEP")
         if not keep:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True) if not os.environ.get("SOAK_KEEP") else None
     finished = [e for e in events if e.get("event") == "reconcile_finished"]
     repairs = sum(len(e.get("repaired", [])) for e in finished)
     states = Counter(row["state"] for row in final["arches"])

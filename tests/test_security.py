@@ -491,3 +491,45 @@ def test_reload_refuses_a_config_others_can_write(tmp_path: Path, sock: str, uns
     # Nothing of the refused file was applied: the change is still new to the next reload.
     assert accepted.returncode == 0, accepted.stderr
     assert "reloaded; changed: reconcile_interval_s" in accepted.stdout
+
+
+def test_an_entry_removed_while_a_probe_hangs_stops_showing_verified_at_once(
+    tmp_path: Path, sock: str, hanging_qemu: Path, qemu_dir: Path
+) -> None:
+    """A pass waits on a hanging probe (60 s timeout) when another arch's entry is removed from
+    outside: that arch stops showing as verified while the pass still waits, not when it ends
+    (the pass looks at the watcher's events while its probes run)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for arch in ("aarch64", "s390x"):
+        shutil.copyfile(qemu_dir / f"qemu-{arch}-static", source / f"qemu-{arch}-static")
+    cfg = daemon_config(
+        tmp_path,
+        arches=["aarch64", "s390x"],
+        source={"kind": "directory", "path": str(source)},
+        probe={"timeout_s": 60.0, "parallelism": 1},
+        api={"socket": sock, "group": None},
+    )
+    daemon = du.start(cfg, sock)
+    hanging = tmp_path / "qemu" / "qemu-aarch64"
+    try:
+        daemon.wait_verified(["aarch64", "s390x"])
+        shutil.copyfile(hanging_qemu, source / ".new")  # an upgrade whose probe hangs
+        (source / ".new").rename(source / "qemu-aarch64-static")
+        du.wait_until("the hanging probe", lambda: _probing(hanging), 30)
+        daemon.ns_ok("echo -1 > /proc/sys/fs/binfmt_misc/qemu-s390x")
+
+        def shown_gone() -> dict[str, Any] | None:
+            row = daemon.arch("s390x")
+            return row if row["state"] != "verified" else None
+
+        row = du.wait_until("s390x no longer shown as verified", shown_gone, 10, 0.02)
+        still_waiting = _probing(hanging)
+    finally:
+        daemon.kill()
+        for pid in _probe_pids(hanging):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(daemon.work, ignore_errors=True)
+    assert still_waiting  # the pass that showed it had not ended
+    assert (row["registered"], row["probe"]["ok"]) == (False, True), row

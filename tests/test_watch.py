@@ -131,6 +131,27 @@ def test_install_dir_events_and_its_removal_are_seen(tmp_path: Path) -> None:
         waker.close()
 
 
+def test_what_changed_reads_during_a_pass_is_still_waited_for(tmp_path: Path) -> None:
+    """`changed()` (asked while a pass runs) says yes for a change and no when nothing new
+    came; the change it read still ends the next `wait` at once: the repair pass runs."""
+    install = tmp_path / "qemu"
+    install.mkdir()
+    waker = Waker()
+    watcher = Watcher(waker)
+    try:
+        watcher.watch([Target(Kind.INSTALL, str(install))])
+        assert not watcher.changed()
+        (install / "qemu-arm").write_bytes(b"x")
+        du.wait_until("the change", watcher.changed, 5, 0.01)
+        assert not watcher.changed()  # read already: nothing new
+        change = watcher.wait(5)  # what changed() read (read again, nothing would come)
+        assert change.kinds == {Kind.INSTALL}
+        assert not watcher.wait(0.05)
+    finally:
+        watcher.close()
+        waker.close()
+
+
 WATCH_SCRIPT = r"""
 import json, os, subprocess, sys
 from binfmtd.watch import Kind, Target, Waker, Watcher
