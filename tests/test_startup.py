@@ -74,26 +74,24 @@ def test_entry_point_runs_the_collector_again_once_started(tmp_path: Path) -> No
     """`binfmtd` keeps the garbage collector off only while it starts: a --oneshot run's pass
     and the daemon's serving run with it on, start-up's objects frozen out of its scans."""
     cfg = write_config(tmp_path, arches=["s390x"])
+    done = _in_user_namespace(GC_AFTER_ONESHOT, cfg)
+    said = json.loads(done.stderr.strip().splitlines()[-1])
+    assert said == {"code": 0, "gc": True, "frozen": True}
+    serving = _in_user_namespace(GC_WHEN_SERVING, cfg)
+    assert json.loads(serving.stdout) == {"code": 0, "gc": True, "frozen": True}, serving.stderr
+
+
+def _in_user_namespace(code: str, cfg: Path) -> subprocess.CompletedProcess[str]:
+    """`python -c code cfg` as root of a new user and mount namespace."""
     outer = ["unshare", "--user", "--map-root-user", "--mount", sys.executable, "-c"]
-    done = subprocess.run(
-        [*outer, GC_AFTER_ONESHOT, str(cfg)],
+    return subprocess.run(
+        [*outer, code, str(cfg)],
         capture_output=True,
         text=True,
         timeout=120,
         stdin=subprocess.DEVNULL,
         check=False,
     )
-    said = json.loads(done.stderr.strip().splitlines()[-1])
-    assert said == {"code": 0, "gc": True, "frozen": True}
-    serving = subprocess.run(
-        [*outer, GC_WHEN_SERVING, str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert json.loads(serving.stdout) == {"code": 0, "gc": True, "frozen": True}, serving.stderr
 
 
 NO_FILE_NO_YAML = """

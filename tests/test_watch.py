@@ -108,10 +108,7 @@ def test_install_dir_events_and_its_removal_are_seen(tmp_path: Path) -> None:
     and refresh() watches it again once it exists."""
     install = tmp_path / "qemu"
     install.mkdir()
-    waker = Waker()
-    watcher = Watcher(waker)
-    try:
-        watcher.watch([Target(Kind.INSTALL, str(install))])
+    with _watching(Target(Kind.INSTALL, str(install))) as watcher:
         (install / "qemu-arm").write_bytes(b"x")
         assert watcher.wait(5).kinds == {Kind.INSTALL}
         (install / "qemu-arm").unlink()
@@ -126,9 +123,6 @@ def test_install_dir_events_and_its_removal_are_seen(tmp_path: Path) -> None:
         os.chmod(install / ".", 0o755)
         (install / "qemu-arm").write_bytes(b"y")
         assert watcher.wait(5).kinds == {Kind.INSTALL}
-    finally:
-        watcher.close()
-        waker.close()
 
 
 def test_what_changed_reads_during_a_pass_is_still_waited_for(tmp_path: Path) -> None:
@@ -136,10 +130,7 @@ def test_what_changed_reads_during_a_pass_is_still_waited_for(tmp_path: Path) ->
     came; the change it read still ends the next `wait` at once: the repair pass runs."""
     install = tmp_path / "qemu"
     install.mkdir()
-    waker = Waker()
-    watcher = Watcher(waker)
-    try:
-        watcher.watch([Target(Kind.INSTALL, str(install))])
+    with _watching(Target(Kind.INSTALL, str(install))) as watcher:
         assert not watcher.changed()
         (install / "qemu-arm").write_bytes(b"x")
         du.wait_until("the change", watcher.changed, 5, 0.01)
@@ -147,6 +138,16 @@ def test_what_changed_reads_during_a_pass_is_still_waited_for(tmp_path: Path) ->
         change = watcher.wait(5)  # what changed() read (read again, nothing would come)
         assert change.kinds == {Kind.INSTALL}
         assert not watcher.wait(0.05)
+
+
+@contextlib.contextmanager
+def _watching(*targets: Target) -> Iterator[Watcher]:
+    """A Watcher of `targets`, closed (with its Waker) on the way out."""
+    waker = Waker()
+    watcher = Watcher(waker)
+    try:
+        watcher.watch(targets)
+        yield watcher
     finally:
         watcher.close()
         waker.close()
