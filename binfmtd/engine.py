@@ -354,6 +354,7 @@ class Engine:
         prober = self._prober()
         prober.prepare(self._likely_probes(actions, obs, verify_also))
         idents = self.execute(actions, report, prober)
+        self._early_owners = None  # the lookup begun at start serves the first pass only
         if report.actions:
             obs = self.observe()
             for arch in {getattr(a, "arch", None) for a in report.actions} - set(report.errors):
@@ -1092,9 +1093,8 @@ def _registers(actions: list[plan.Action]) -> list[plan.Register]:
 def _same_inode(ident: str, record: Installed) -> bool:
     """Whether `ident` names the inode the record was installed as (a hard-link install is
     trusted for its own inode only: a new one is never adopted by a re-hash)."""
-    if record.method != emulators.Method.LINK:
-        return True
-    return ident.split(":", 1)[0] == record.file_id.split(":", 1)[0]
+    linked = _linked_inode(record)
+    return linked is None or _inode_of(ident) == linked
 
 
 def _ms(started: float) -> float:

@@ -5,7 +5,7 @@ about 100 ms while the others idle. A first pass on an empty install directory a
 manager which package each emulator came from, and `dpkg-query -S` reads every installed
 package's file list to answer (about 80 ms of CPU, measured with 739 packages). `begin` starts
 it on the idle CPU for the arches with nothing installed yet; the engine's first pass takes it
-over (`Engine(head=...)`).
+over (`Engine(packages=...)`); a later pass asks again.
 """
 
 from __future__ import annotations

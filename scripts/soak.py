@@ -395,7 +395,7 @@ def soak(minutes: float, arches: list[str], interval: float | None, seed: int, g
             daemon.stop()
         keep = os.environ.get("SOAK_KEEP")
         if not keep:
-            shutil.rmtree(work, ignore_errors=True) if not os.environ.get("SOAK_KEEP") else None
+            shutil.rmtree(work, ignore_errors=True)
     finished = [e for e in events if e.get("event") == "reconcile_finished"]
     repairs = sum(len(e.get("repaired", [])) for e in finished)
     states = Counter(row["state"] for row in final["arches"])
