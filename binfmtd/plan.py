@@ -280,6 +280,17 @@ class Schedule:
     retry_s: float
 
 
+def next_probe_at(proofs: Mapping[str, Proof], now: float, schedule: Schedule) -> float | None:
+    """When the earliest of `proofs` falls due after `now` (wall-clock seconds), or None."""
+    times = []
+    for proof in proofs.values():
+        limit = (
+            schedule.reverify_s if proof.result.ok else min(schedule.reverify_s, schedule.retry_s)
+        )
+        times.append(proof.result.at + limit)
+    return min([t for t in times if t > now], default=None)
+
+
 def due_probes(
     handlers: Mapping[str, Entry | None],
     proofs: Mapping[str, Proof],
