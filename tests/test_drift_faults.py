@@ -273,3 +273,90 @@ def test_a_drift_before_the_loop_watches_is_repaired_without_the_safety_pass(
     cfg = write_config(tmp_path, arches=[ARCH], reconcile_interval_s=3600)
     out = du.sandbox_json(sandbox_sh, FIRST_WATCH, {"CFG": str(cfg)})
     assert out == {"first": [ARCH], "restored": True}
+
+
+# ---------------------------------------------------------------- part of an arch's binaries
+
+# Another tool's s390x entry for position-independent executables only (e_type ET_DYN, 3):
+# most binaries of a distribution's container image, but not binfmtd's static probe (ET_EXEC).
+PIE_MAGIC = bytes.fromhex("7f454c4602020100000000000000000000030016")
+PIE_MASK = bytes.fromhex("ffffffffffffff00ffffffffffffffffffffffff")
+
+
+def _entry(name: str, magic: bytes, mask: bytes, extension: str | None = None) -> Any:
+    from binfmtd.binfmt import Entry
+
+    return Entry(name, True, "/bin/true", "F", 0, magic, mask, extension)
+
+
+def test_entries_overlap_when_some_header_matches_both() -> None:
+    """Entry.overlaps: the standard s390x entry (ET_EXEC or ET_DYN) and a PIE-only one share
+    files; entries of another byte order or class, or an extension entry, share none."""
+    from binfmtd import arch as archmod
+
+    row = archmod.BY_NAME["s390x"]
+    ours = _entry(
+        "qemu-s390x", bytes(b & k for b, k in zip(row.magic, row.mask, strict=True)), row.mask
+    )
+    pie = _entry("other-s390x-pie", PIE_MAGIC, PIE_MASK)
+    little = _entry("other", PIE_MAGIC[:5] + b"\x01" + PIE_MAGIC[6:], PIE_MASK)
+    assert ours.overlaps(pie) and pie.overlaps(ours)
+    assert not ours.overlaps(little)
+    assert not ours.overlaps(_entry("ext", b"", b"", extension="bin"))
+    shorter = _entry("elf64", PIE_MAGIC[:5], PIE_MASK[:5])  # every 64-bit ELF file
+    assert ours.overlaps(shorter)
+
+
+def test_the_plan_leaves_or_removes_an_entry_catching_part_of_an_arch() -> None:
+    """A newer foreign entry catching part of s390x (not the probe) is a Conflict left alone
+    under leave, removed under replace; binfmtd's own entry stays either way."""
+    from test_plan import entry, kinds, reg, run
+
+    from binfmtd.plan import Remove
+
+    pie = _entry("other-s390x-pie", PIE_MAGIC, PIE_MASK)
+    ours = entry(reg(ARCH))
+    assert kinds(run([pie, ours], {ARCH: True})) == ["Conflict"]
+    assert run([pie, ours], {ARCH: True}, replace_policy=True) == [
+        Remove(
+            ARCH,
+            "other-s390x-pie",
+            "catches part of the s390x binaries before binfmtd's qemu-s390x "
+            "(conflict_policy: replace)",
+        )
+    ]
+    assert run([ours, pie], {ARCH: True}) == []  # tried after ours: it shadows nothing
+
+
+def test_an_entry_catching_part_of_an_arch_keeps_it_from_working(
+    daemon: Daemon, tmp_path: Path, cache: Cache
+) -> None:
+    """Another tool's newer entry catching only s390x PIE executables (not the probe): the
+    kernel really runs such a binary through it, so s390x is shown shadowed-by-foreign, not
+    working, a conflict, out of `platforms`, and `check` fails; removing it makes s390x
+    verified again. Before, status said verified (the probe's header was the only one
+    looked at) while most binaries of an s390x image went to the other tool's interpreter."""
+    pie = tmp_path / "pie-s390x"
+    header = bytearray(cache.busybox("s390x").read_bytes())
+    header[16:18] = b"\x00\x03"  # e_type ET_DYN, as a position-independent executable
+    pie.write_bytes(bytes(header))
+    pie.chmod(0o755)
+    line = f":other-s390x-pie:M::{_escaped(PIE_MAGIC)}:{_escaped(PIE_MASK)}:/bin/echo:F"
+    daemon.ns_ok(f"printf '%s' '{line}' > {ENTRIES}/register")
+    du.wait_until("s390x shadowed", lambda: daemon.arch(ARCH)["state"] == "shadowed-by-foreign", 30)
+    row = daemon.arch(ARCH)
+    assert not row["working"] and row["conflict"]
+    assert "other-s390x-pie (/bin/echo)" in row["error"] and "part of the s390x" in row["error"]
+    assert "linux/s390x" not in daemon.get("/v1/platforms")[1]["platforms"]
+    assert daemon.ctl("check").returncode == 1
+    ran = daemon.ns_ok(str(pie))  # /bin/echo prints the binary's path: it ran through it
+    assert ran.stdout.strip() == str(pie)
+    wall = time.time()
+    daemon.ns_ok(f"echo -1 > {ENTRIES}/other-s390x-pie")
+    du.wait_until("verified again", lambda: daemon.arch(ARCH)["state"] == "verified", 30)
+    assert daemon.arch(ARCH)["probe"]["at"] < wall  # its proof stood: nothing changed for it
+
+
+def _escaped(data: bytes) -> str:
+    """Bytes as a register string writes them (\\xHH; printf '%s' keeps the backslashes)."""
+    return "".join(f"\\x{b:02x}" for b in data)
