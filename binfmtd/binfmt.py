@@ -203,6 +203,23 @@ class Entry:
         own_mask = self.mask or bytes([0xFF] * len(self.magic))
         return all((h & k) == m for h, k, m in zip(header, own_mask, self.magic, strict=False))
 
+    def overlaps(self, other: Entry) -> bool:
+        """Whether some file's first bytes are caught by the masked magic of both entries
+        (magic entries only: an extension entry depends on the file's name, not its bytes)."""
+        if not (self.magic and other.magic):
+            return False
+        if self.extension is not None or other.extension is not None:
+            return False
+        end = max(self.offset + len(self.magic), other.offset + len(other.magic))
+        (m1, k1), (m2, k2) = self._spread(end), other._spread(end)
+        return (m1 ^ m2) & k1 & k2 == 0
+
+    def _spread(self, end: int) -> tuple[int, int]:
+        """Magic and mask as integers over the bytes [0, end) of a file (mask 0 elsewhere)."""
+        start, size, magic, mask = self._matcher
+        shift = (end - start - size) * 8
+        return magic << shift, mask << shift
+
     def handles(self, header: bytes, filename: str = "probe") -> bool:
         """Whether the kernel would pick this entry for a file named `filename` starting with
         `header` (fs/binfmt_misc.c check_file: enabled, then extension or masked magic at offset;

@@ -414,6 +414,19 @@ def file_id(path: str) -> str | None:
     return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_mode}:{st.st_uid}"
 
 
+def installed_as_made(ident: str) -> bool:
+    """Whether a `file_id` is a file as binfmtd installs one: regular, owned by root, mode
+    0755 (no setuid/setgid bit, writable by root alone). Bytes with the right checksum under
+    another mode or owner are not: a setuid-root QEMU runs anything as root for whoever
+    starts it, and a file a user owns can be changed before it is registered again."""
+    fields = ident.split(":")
+    try:
+        mode, uid = int(fields[4]), int(fields[5])
+    except (IndexError, ValueError):
+        return False
+    return stat.S_ISREG(mode) and stat.S_IMODE(mode) == 0o755 and uid == 0
+
+
 def _content_key(st: os.stat_result) -> tuple[int, int, int, int]:
     """What a write changes (ctime also moves when a link is added, so it is left out)."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

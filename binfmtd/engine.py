@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import sys
@@ -46,6 +47,9 @@ class TickReport:
     verified: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     durations_ms: dict[str, float] = field(default_factory=dict)
+    # Arches binfmtd wrote to binfmt_misc for (an entry registered, removed, enabled or
+    # disabled), even when a later step of the same arch failed: what a fight is counted by.
+    written: set[str] = field(default_factory=set)
 
     @property
     def changed(self) -> bool:
@@ -74,6 +78,7 @@ class Engine:
         self.kernel = BinfmtMisc(cfg.binfmt_misc)
         self.installed: dict[str, Installed] = {}
         self.owned: dict[str, Registration] = {}
+        self._owned_before: dict[str, Registration] = {}  # the record as this pass's plan saw it
         self._adopt = False
         self._state_dirty = False
         self.file_ids: dict[str, str] = {}
@@ -284,6 +289,8 @@ class Engine:
         if self.source is not None and self._source_moved(arch, record):
             return False
         ident = emulators.file_id(record.path)
+        if ident is not None and not emulators.installed_as_made(ident):
+            return False  # chmod'ed (setuid, writable) or chown'ed: installed again, as made
         # The identity recorded at install (inode, size, mtime, ctime, mode, owner) survives a
         # restart: an unchanged file is not hashed again, so a warm start stays fast.
         if ident is not None and ident in (self.file_ids.get(arch), record.file_id):
@@ -453,6 +460,17 @@ class Engine:
         due = set(plan.due_probes(handlers, self.proofs, self.clock(), schedule))
         return sorted(due | (set(verify_also) & set(self.selected)))
 
+    def next_due(self, now: float) -> float | None:
+        """The earliest timed retry after `now` (engine clock, seconds): a failing install's
+        backoff ends, a failed probe is retried or a proof re-verified; None when none is
+        kept. The loop wakes for it (inotify says nothing when only time passes). Times at or
+        before `now` were the last pass's to act on and are left out, so the loop never spins."""
+        schedule = plan.Schedule(self.cfg.reverify_interval_s, RETRY_FAILED_S)
+        times = [b.retry_at for b in self.backoff.values()]
+        times.append(plan.next_probe_at(self.proofs, now, schedule) or math.inf)
+        later = [t for t in times if now < t < math.inf]
+        return min(later, default=None)
+
     def forget(self) -> None:
         """After the instance vanished (unmounted): nothing observed, nothing proven."""
         self.observation = truth.EMPTY
@@ -476,6 +494,7 @@ class Engine:
         recording and carrying out the steps (both overlap when installs ran).
         """
         idents: dict[str, int | None] = {}
+        self._owned_before = dict(self.owned)
         report.actions, installs, regs = _sort(actions)
         report.durations_ms["register"] = 0.0
         if not installs:
@@ -531,6 +550,7 @@ class Engine:
                         continue
                     if owned.get(reg.name) is not reg:
                         self._own(reg)
+                    report.written.add(action.arch)
                     if failing:
                         self._action_failures.cleared(action.arch)
                     if prober is not None and last[action.arch] is action:
@@ -588,12 +608,13 @@ class Engine:
         except (KernelError, OSError) as exc:
             self._failed(action, key, exc, report)
             return
+        if isinstance(action, _WRITES) and action.arch is not None:
+            report.written.add(action.arch)
         self._done(action, key, info)
 
     def _failed(self, action: plan.Action, key: str, exc: Exception, report: TickReport) -> None:
-        if isinstance(action, plan.Register):  # never registered: not ours after all
-            self.owned.pop(action.reg.name, None)
-            self._state_dirty = True
+        if isinstance(action, plan.Register):
+            self._unrecord(action.reg.name)
         report.errors[key] = str(exc)
         self._action_failures.seen(key, str(exc), action=plan.describe(action))
 
@@ -609,6 +630,18 @@ class Engine:
             reason=action.reason,
             **_action_fields(action),
         )
+
+    def _unrecord(self, name: str) -> None:
+        """A Register of `name` failed: the record goes back to what it was before this pass.
+        A name binfmtd never held is not its own after all; a name it held stays on record
+        (EEXIST: another tool registered it between binfmtd's removal of its clobber and the
+        new registration), so the next pass restores it rather than leaving it as foreign."""
+        previous = self._owned_before.get(name)
+        if previous is None:
+            self.owned.pop(name, None)
+        else:
+            self.owned[name] = previous
+        self._state_dirty = True
 
     def _own(self, reg: Registration) -> None:
         """`reg` is registered: on record, and interned so the next pass compares by `is`."""
@@ -1053,6 +1086,7 @@ def _hold(
 
 
 _JUDGEMENTS = (plan.Conflict, plan.Refuse)
+_WRITES = (plan.Register, plan.Remove, plan.SetEnabled)
 
 
 def _sort(

@@ -185,6 +185,8 @@ def _plan_arch(want: Desired, world: World, replace: bool) -> list[Action]:
             out.append(Conflict(arch, other.name, other.interpreter, _rival_why(arch, "")))
     if rivals and not replace:
         return out + _yield_to(want, world, rivals[0], ours)
+    if ours and entry is not None:
+        out += _partial(arch, world, entry, replace, {r.name for r in rivals})
     if entry is not None and not ours:
         if reg.name not in world.owned and not replace:
             return [
@@ -207,6 +209,23 @@ def _plan_arch(want: Desired, world: World, replace: bool) -> list[Action]:
     if entry.enabled != want.enabled:
         out.append(SetEnabled(arch, reg.name, want.enabled, _enable_why(want)))
     return out
+
+
+def _partial(
+    arch: str, world: World, entry: Entry, replace: bool, rivals: set[str]
+) -> list[Action]:
+    """Other tools' entries tried before binfmtd's `entry` that catch part of its binaries
+    (not the probe; `rivals` catch it and are dealt with already): removed under replace,
+    else left alone as a conflict."""
+    why = f"catches part of the {arch} binaries before binfmtd's {entry.name}"
+    others = [
+        e
+        for e in world.obs.shadowing(entry)
+        if e.name not in rivals and not is_ours(e, world.owned)
+    ]
+    if replace:
+        return [Remove(arch, e.name, f"{why} (conflict_policy: replace)") for e in others]
+    return [Conflict(arch, e.name, e.interpreter, why) for e in others]
 
 
 def _rival_why(arch: str, policy: str) -> str:
@@ -278,6 +297,17 @@ class Schedule:
 
     reverify_s: float
     retry_s: float
+
+
+def next_probe_at(proofs: Mapping[str, Proof], now: float, schedule: Schedule) -> float | None:
+    """When the earliest of `proofs` falls due after `now` (wall-clock seconds), or None."""
+    times = []
+    for proof in proofs.values():
+        limit = (
+            schedule.reverify_s if proof.result.ok else min(schedule.reverify_s, schedule.retry_s)
+        )
+        times.append(proof.result.at + limit)
+    return min([t for t in times if t > now], default=None)
 
 
 def due_probes(

@@ -33,6 +33,9 @@ from binfmtd.truth import ProbeResult
 
 PROBE_DIR = Path(__file__).parent / "probes"
 IDLE_EVERY_S = 0.01  # how often `Prober.results` calls its idle hook while no result comes
+# A runner that answers nothing for `timeout_s` + this while probes wait is stopped or hung
+# (each probe it runs ends by `timeout_s`, killed if need be): it is killed, its probes fail.
+RUNNER_GRACE_S = 5.0
 T = TypeVar("T")
 
 
@@ -208,6 +211,8 @@ class _Runner:
         self.pending: dict[str, Future[Outcome]] = {}
         self.lock = threading.Lock()
         self.next_id = 0
+        self.answered = time.monotonic()  # the last answer, or when work began after none
+        self.why: str | None = None  # why binfmtd killed it (`stop`)
         reader = threading.Thread(target=self._read, name="probe-runner", daemon=True)
         reader.start()
 
@@ -220,6 +225,8 @@ class _Runner:
         with self.lock:
             self.next_id += 1
             ident = str(self.next_id)
+            if not self.pending:
+                self.answered = time.monotonic()
             self.pending[ident] = future
             try:
                 assert self.proc.stdin is not None
@@ -239,6 +246,7 @@ class _Runner:
             body = out.read(int(n_out) + int(n_err))
             with self.lock:
                 future = self.pending.pop(ident.decode(), None)
+                self.answered = time.monotonic()
             if future is not None:
                 future.set_result(
                     Outcome(
@@ -253,11 +261,22 @@ class _Runner:
         code = self.proc.wait()
         assert self.proc.stderr is not None
         told = self.proc.stderr.read().decode(errors="replace").strip().splitlines()[-1:]
-        why = f"the probe runner exited with {code}" + (f": {told[0]}" if told else "")
+        why = self.why or f"the probe runner exited with {code}" + (f": {told[0]}" if told else "")
         with self.lock:
             left, self.pending = self.pending, {}
         for future in left.values():
             future.set_result(Outcome(-1, b"", b"", False, 0.0, broken=why))
+
+    def stalled(self, limit_s: float) -> bool:
+        """Whether probes wait and the runner has answered none for `limit_s` seconds."""
+        with self.lock:
+            return bool(self.pending) and time.monotonic() - self.answered > limit_s
+
+    def stop(self, why: str) -> None:
+        """Kill it (SIGKILL ends a stopped process too); its waiting probes fail with `why`."""
+        self.why = why
+        with contextlib.suppress(OSError):
+            self.proc.kill()
 
     def close(self) -> None:
         """End of requests: the runner kills what still runs and exits (killed after 2 s)."""
@@ -405,6 +424,17 @@ class Stage:
             return _done(Outcome(-1, b"", why, False, 0.0, spawn_errno=exc.errno or 0))
         return runner.submit(arch, timeout_s)
 
+    def end_stalled(self, limit_s: float) -> None:
+        """Kill the runner when it has answered nothing for `limit_s` s while probes wait
+        (stopped, or hung): they fail saying so, and the next probe starts a new runner."""
+        runner = self._runner
+        if runner is not None and runner.stalled(limit_s):
+            self._runner = None
+            runner.stop(
+                f"the probe runner (pid {runner.proc.pid}) answered nothing for {limit_s:g} s "
+                "(stopped or hung): killed; the next probe starts a new one"
+            )
+
     def close(self) -> None:
         """Stop the runner and remove the stage (made again when next needed)."""
         if self._runner is not None:
@@ -514,11 +544,11 @@ class Prober:
         `every_s` seconds while none comes (the engine looks for drift meanwhile)."""
         waiting = set(self._futures.values())
         while waiting:
-            done, waiting = wait(
-                waiting, timeout=every_s if idle else None, return_when=FIRST_COMPLETED
-            )
-            if not done and idle is not None:
-                idle()
+            done, waiting = wait(waiting, timeout=every_s, return_when=FIRST_COMPLETED)
+            if not done:
+                self._stage.end_stalled(self.timeout_s + RUNNER_GRACE_S)
+                if idle is not None:
+                    idle()
             for future in done:
                 yield future.result()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import math
 import os
 import queue
 import select
@@ -174,8 +175,10 @@ class Daemon:
         next_pass = time.monotonic() + self._safety_s(watcher)
         try:
             while not self.stopping:
-                release = self.pacer.next_release(time.monotonic()) or float("inf")
-                change = watcher.wait(self._wait_s(min(next_pass, release)))
+                release = min(self.pacer.next_release(time.monotonic()) or math.inf, self._due())
+                # A watch just (re)added cannot report what changed before it existed (between
+                # the first pass and READY, or a remount and its re-watch): a pass runs now.
+                change = watcher.wait(0.0 if due else self._wait_s(min(next_pass, release)))
                 self.wake.clear()
                 if self.stopping:
                     break
@@ -198,7 +201,11 @@ class Daemon:
         """One reconcile pass of the loop; repeated repairs of an arch put it on hold."""
         report = self._tick()
         acted = {getattr(a, "arch", None) for a in report.actions}
-        repaired = [a for a in acted if isinstance(a, str) and a not in report.errors]
+        # A round of a fight is a write binfmtd made, even when the arch's next step then
+        # failed (another tool registered the name again between binfmtd's removal and its
+        # registration: EEXIST); an install that only failed is not one.
+        done = {a for a in acted if isinstance(a, str) and a not in report.errors}
+        repaired = sorted(done | report.written)
         now = time.monotonic()
         for arch in self.pacer.repaired(repaired, now):
             self.log.warning(
@@ -207,6 +214,13 @@ class Daemon:
                 trigger=change.reason,
                 why=self.pacer.held(now)[arch],
             )
+
+    def _due(self) -> float:
+        """When (monotonic) the engine's earliest timed retry falls due: an install backoff
+        ending (2 s after a first failure), a failed probe's retry; inf when none."""
+        now = self.clock()
+        due = self.engine.next_due(now)
+        return math.inf if due is None else time.monotonic() + (due - now)
 
     def _watch_targets(self) -> list[watch.Target]:
         return watch.targets(self.cfg.binfmt_misc, self.cfg.install_dir, self.engine.source)

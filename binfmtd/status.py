@@ -92,6 +92,11 @@ def derive(f: Facts) -> Verdict | None:
         return _unhandled(f)
     if owner is Owner.FOREIGN:
         return _foreign(f, handler)
+    shadows = [e for e in f.obs.shadowing(handler) if not is_ours(e, f.owned)]
+    if shadows:
+        return Verdict(
+            ArchState.SHADOWED_BY_FOREIGN, handler, owner, f.error or _part(f, shadows[0])
+        )
     proof = f.proof if f.proof is not None and f.proof.handler == handler else None
     if proof is None:
         return Verdict(ArchState.UNVERIFIED, handler, owner, f.error)
@@ -133,6 +138,17 @@ def _unhandled(f: Facts) -> Verdict:
         return Verdict(ArchState.DISABLED, None, Owner.NONE, why)
     why = f"no enabled entry handles {f.arch} binaries"
     return Verdict(ArchState.MISSING, None, Owner.NONE, why)
+
+
+def _part(f: Facts, other: Entry) -> str:
+    """Why `other`, another tool's entry tried before binfmtd's, keeps the arch from working."""
+    return (
+        f"entry {other.name} ({other.interpreter}) was made by another tool and is left alone, "
+        f"but the kernel tries it before binfmtd's {f.name} and it catches part of the "
+        f"{f.arch} binaries (magic {other.magic.hex()}, mask {other.mask.hex()}; e.g. only "
+        f"position-independent ones), which run through {other.interpreter} instead: remove "
+        f"it with `echo -1 > {f.root}/{other.name}`, or set conflict_policy: replace"
+    )
 
 
 def _foreign(f: Facts, handler: Entry) -> Verdict:

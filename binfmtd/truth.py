@@ -54,6 +54,9 @@ class Observation:
     _catchers: dict[bytes, tuple[Entry, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
+    _shadowers: dict[str, tuple[Entry, ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "by_name", {e.name: e for e in self.entries})
@@ -81,6 +84,18 @@ class Observation:
             return self._catchers[header]
         except KeyError:
             found = self._catchers[header] = tuple(e for e in self.entries if e.handles(header))
+            return found
+
+    def shadowing(self, entry: Entry) -> tuple[Entry, ...]:
+        """The enabled entries the kernel tries before `entry` that catch some of the files
+        `entry` is registered for (e.g. only position-independent executables of its arch),
+        newest first. One that caught `entry`'s probe would be the handler instead."""
+        try:
+            return self._shadowers[entry.name]
+        except KeyError:
+            before = self.entries[: self.entries.index(entry)] if entry in self.entries else ()
+            found = tuple(e for e in before if e.enabled and e.overlaps(entry))
+            self._shadowers[entry.name] = found
             return found
 
 
