@@ -211,11 +211,13 @@ class Entry:
         if self.extension is not None or other.extension is not None:
             return False
         end = max(self.offset + len(self.magic), other.offset + len(other.magic))
-        (m1, k1), (m2, k2) = self._spread(end), other._spread(end)
+        (m1, k1), (m2, k2) = self.spread(end), other.spread(end)
         return (m1 ^ m2) & k1 & k2 == 0
 
-    def _spread(self, end: int) -> tuple[int, int]:
-        """Magic and mask as integers over the bytes [0, end) of a file (mask 0 elsewhere)."""
+    def spread(self, end: int) -> tuple[int, int]:
+        """Magic and mask as integers over the bytes [0, end) of a file (mask 0 elsewhere);
+        `end` >= offset + len(magic). Two entries overlap when, spread to one `end`,
+        (magic1 ^ magic2) & mask1 & mask2 == 0."""
         start, size, magic, mask = self._matcher
         shift = (end - start - size) * 8
         return magic << shift, mask << shift

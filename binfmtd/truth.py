@@ -57,6 +57,11 @@ class Observation:
     _shadowers: dict[str, tuple[Entry, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
+    # {name: (position, (magic, mask) spread over a common length, None for extension
+    # entries)}: made on the first `shadowing`, so each pair test is one integer expression.
+    _ranks: dict[str, tuple[int, tuple[int, int] | None]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "by_name", {e.name: e for e in self.entries})
@@ -90,13 +95,33 @@ class Observation:
         """The enabled entries the kernel tries before `entry` that catch some of the files
         `entry` is registered for (e.g. only position-independent executables of its arch),
         newest first. One that caught `entry`'s probe would be the handler instead."""
+        ranks = self._ranks or self._rank()
+        at, mine = ranks.get(entry.name, (-1, None))
+        if at < 0 or (self.entries[at] is not entry and self.entries[at] != entry):
+            return ()  # not an entry of this observation
         try:
             return self._shadowers[entry.name]
         except KeyError:
-            before = self.entries[: self.entries.index(entry)] if entry in self.entries else ()
-            found = tuple(e for e in before if e.enabled and e.overlaps(entry))
+            found: tuple[Entry, ...] = ()
+            if mine is not None:
+                magic, mask = mine
+                found = tuple(
+                    e
+                    for e in self.entries[:at]
+                    if e.enabled
+                    and (theirs := ranks[e.name][1]) is not None
+                    and (magic ^ theirs[0]) & mask & theirs[1] == 0
+                )
             self._shadowers[entry.name] = found
             return found
+
+    def _rank(self) -> dict[str, tuple[int, tuple[int, int] | None]]:
+        """Fill `_ranks` (see `Entry.overlaps`: the same test, spread to one length for all)."""
+        magic = [e for e in self.entries if e.magic and e.extension is None]
+        end = max((e.offset + len(e.magic) for e in magic), default=0)
+        spreads = {e.name: e.spread(end) for e in magic}
+        self._ranks.update({e.name: (i, spreads.get(e.name)) for i, e in enumerate(self.entries)})
+        return self._ranks
 
 
 EMPTY = Observation(False, ())
