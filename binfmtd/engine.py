@@ -284,10 +284,21 @@ class Engine:
     def _intact_by_identity(self, arch: str) -> bool | None:
         """True or False when the record and the file's identity decide; None: hash it."""
         record = self.installed.get(arch)
+        if record is not None and self.source is not None and self._source_moved(arch, record):
+            return False
+        return self._installed_by_identity(arch)
+
+    def _still_installed(self, arch: str) -> bool:
+        """Whether the installed emulator is the recorded one (identity, else checksum), as
+        made, whatever the source says now."""
+        found = self._installed_by_identity(arch)
+        return found if found is not None else self._hash_matches(arch) is not None
+
+    def _installed_by_identity(self, arch: str) -> bool | None:
+        """Like `_intact_by_identity`, without asking the source."""
+        record = self.installed.get(arch)
         if record is None or record.path != self.registration(arch).interpreter:
             return False  # never installed, or install_dir moved since
-        if self.source is not None and self._source_moved(arch, record):
-            return False
         ident = emulators.file_id(record.path)
         if ident is not None and not emulators.installed_as_made(ident):
             return False  # chmod'ed (setuid, writable) or chown'ed: installed again, as made
@@ -514,8 +525,42 @@ class Engine:
             self._carry_out(steps, _registers(steps), report, prober, idents, recorded=True)
 
         self._install(installs, report, ready)
+        self._keep_installed([a for a in after if a in report.errors], report, prober, idents)
         report.durations_ms["install"] = _ms(started)
         return idents
+
+    def _keep_installed(
+        self,
+        arches: list[str],
+        report: TickReport,
+        prober: probe.Prober | None,
+        idents: dict[str, int | None],
+    ) -> None:
+        """Arches whose install failed (a broken or refused source) while the emulator already
+        installed is still the recorded one, bytes and mode: their entry is restored with it,
+        so a flush is repaired with what worked; the install's error stays in status."""
+        try:  # an install directory a user could change taints everything in it
+            emulators.check_trusted_path(self.cfg.install_dir)
+        except InstallError:
+            return
+        kept = [a for a in arches if self._still_installed(a)]
+        if not kept:
+            return
+        headers = {a: self.header(a) for a in (*kept, *self.native)}
+        world = plan.World(
+            self.observe(),
+            dict(self.owned),
+            dict.fromkeys(kept, True),
+            headers,
+            self.self_headers,
+            self.native,
+        )
+        for arch in kept:
+            want = plan.Desired(arch, self.registration(arch), arch not in self.operator_disabled)
+            steps = plan.plan_arch(want, world, self.replace)
+            why = report.errors.pop(arch)
+            self._carry_out(steps, _registers(steps), report, prober, idents)
+            report.errors.setdefault(arch, why)
 
     def _carry_out(
         self,

@@ -164,6 +164,34 @@ def test_an_installed_emulator_a_user_owns_is_never_registered_again(daemon: Dae
     os.chown(installed, 0, -1)
 
 
+# ---------------------------------------------------------------- a broken source
+
+
+def test_a_flush_while_the_source_is_broken_is_repaired_with_the_installed_emulator(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """The source's QEMU replaced by a file that is not one (a half-done upgrade), then a
+    flush: binfmtd cannot install from the source, so it registers the emulator it installed
+    before (still its recorded bytes and mode) and proves it; status keeps the source's error.
+    Before, the failed install skipped the registration: the arch was left with no entry."""
+    source = tmp_path / "src" / f"qemu-{ARCH}-static"
+    broken = tmp_path / "src" / "broken"
+    broken.write_text("not an emulator\n")
+    broken.chmod(0o755)
+    broken.rename(source)
+    du.wait_until(
+        "the source's error in status",
+        lambda: "not an ELF" in (daemon.arch(ARCH)["error"] or ""),
+        30,
+    )
+    wall = time.time()
+    daemon.ns_ok(f"echo -1 > {ENTRIES}/status")
+    du.wait_until("re-proven after the flush", lambda: reproven_after(daemon, wall), 30)
+    row = daemon.arch(ARCH)
+    assert row["working"] and row["interpreter"] == f"{daemon.install_dir}/qemu-{ARCH}"
+    assert "not an ELF" in row["error"]
+
+
 # ---------------------------------------------------------------- timers with no event
 
 
