@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -97,6 +98,7 @@ class Engine:
         self._rows: list[ArchStatus] | None = None  # statuses() of the publish under way
         self._registrations: dict[tuple[str, str, str], Registration] = {}
         self._headers: dict[str, bytes] = {}
+        self._interpreter_headers: dict[str, tuple[tuple[str, str | None], bytes]] = {}
         # Where boot-time tools keep their entries (read to say where a foreign one comes from).
         self.origin_roots = origin.Roots()
         self._origins: origin.Index | None = None
@@ -1046,7 +1048,22 @@ class Engine:
             error=self.errors.get(arch),
             root=str(self.kernel.root),
             native=native,
+            interpreter_header=b"" if native else self._interpreter_header(arch),
         )
+
+    def _interpreter_header(self, arch: str) -> bytes:
+        """The first bytes of `arch`'s installed emulator, read again when its identity
+        changes; b"" when not installed or unreadable."""
+        record = self.installed.get(arch)
+        if record is None:
+            return b""
+        ident = self.file_ids.get(arch) or record.file_id
+        cached = self._interpreter_headers.get(arch)
+        if cached is not None and cached[0] == (record.path, ident):
+            return cached[1]
+        head = _regular_file_head(record.path)
+        self._interpreter_headers[arch] = ((record.path, ident), head)
+        return head
 
     def status_of(self, arch: str) -> ArchStatus:
         """One arch's row; `verified` only when binfmtd's entry handles it now and its probe
@@ -1197,6 +1214,21 @@ def _action_fields(action: plan.Action) -> dict[str, Any]:
             "interpreter": action.reg.interpreter,
         }
     return {"entry": getattr(action, "name", None)}
+
+
+def _regular_file_head(path: str) -> bytes:
+    """The first bytes binfmt_misc compares of the regular file `path` (never following a
+    symlink, never blocking on a FIFO); b"" for anything else."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        return os.read(fd, archmod.MAX_HEADER) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def _self_headers() -> tuple[bytes, ...]:

@@ -388,3 +388,29 @@ def test_an_entry_catching_part_of_an_arch_keeps_it_from_working(
 def _escaped(data: bytes) -> str:
     """Bytes as a register string writes them (\\xHH; printf '%s' keeps the backslashes)."""
     return "".join(f"\\x{b:02x}" for b in data)
+
+
+# ---------------------------------------------------------------- the emulator itself caught
+
+
+def test_an_entry_catching_the_emulator_itself_fails_the_arch_at_once(
+    daemon: Daemon, cache: Cache
+) -> None:
+    """Another tool's entry whose magic catches binfmtd's installed qemu-s390x itself (a
+    program of this host: the kernel then runs the emulator through that entry's interpreter):
+    s390x is `failed` at once, naming that entry, and leaves platforms; the kernel really fails
+    an s390x binary. Before, the arch's own entry was unchanged, so its earlier proof stood:
+    verified and advertised until the next probe (re-verification: 10 minutes by default)."""
+    emulator = Path(daemon.install_dir) / f"qemu-{ARCH}"
+    head = emulator.read_bytes()[:32]  # ELF header up to e_entry: this file, not the shell
+    mask = bytes([0xFF] * len(head))
+    line = f":catch-qemu:M::{_escaped(head)}:{_escaped(mask)}:/bin/false:"
+    daemon.ns_ok(f"printf '%s' '{line}' > {ENTRIES}/register")
+    du.wait_until("s390x failed", lambda: daemon.arch(ARCH)["state"] == "failed", 30)
+    row = daemon.arch(ARCH)
+    assert not row["working"] and "catch-qemu (/bin/false" in row["error"]
+    assert "linux/s390x" not in daemon.get("/v1/platforms")[1]["platforms"]
+    assert daemon.ns(f"{cache.busybox('s390x')} true").returncode != 0
+    daemon.ns_ok(f"echo -1 > {ENTRIES}/catch-qemu")
+    du.wait_until("verified again", lambda: daemon.arch(ARCH)["state"] == "verified", 30)
+    assert daemon.ns(f"{cache.busybox('s390x')} true").returncode == 0
