@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -97,6 +98,7 @@ class Engine:
         self._rows: list[ArchStatus] | None = None  # statuses() of the publish under way
         self._registrations: dict[tuple[str, str, str], Registration] = {}
         self._headers: dict[str, bytes] = {}
+        self._interpreter_headers: dict[str, tuple[tuple[str, str | None], bytes]] = {}
         # Where boot-time tools keep their entries (read to say where a foreign one comes from).
         self.origin_roots = origin.Roots()
         self._origins: origin.Index | None = None
@@ -284,10 +286,21 @@ class Engine:
     def _intact_by_identity(self, arch: str) -> bool | None:
         """True or False when the record and the file's identity decide; None: hash it."""
         record = self.installed.get(arch)
+        if record is not None and self.source is not None and self._source_moved(arch, record):
+            return False
+        return self._installed_by_identity(arch)
+
+    def _still_installed(self, arch: str) -> bool:
+        """Whether the installed emulator is the recorded one (identity, else checksum), as
+        made, whatever the source says now."""
+        found = self._installed_by_identity(arch)
+        return found if found is not None else self._hash_matches(arch) is not None
+
+    def _installed_by_identity(self, arch: str) -> bool | None:
+        """Like `_intact_by_identity`, without asking the source."""
+        record = self.installed.get(arch)
         if record is None or record.path != self.registration(arch).interpreter:
             return False  # never installed, or install_dir moved since
-        if self.source is not None and self._source_moved(arch, record):
-            return False
         ident = emulators.file_id(record.path)
         if ident is not None and not emulators.installed_as_made(ident):
             return False  # chmod'ed (setuid, writable) or chown'ed: installed again, as made
@@ -514,8 +527,42 @@ class Engine:
             self._carry_out(steps, _registers(steps), report, prober, idents, recorded=True)
 
         self._install(installs, report, ready)
+        self._keep_installed([a for a in after if a in report.errors], report, prober, idents)
         report.durations_ms["install"] = _ms(started)
         return idents
+
+    def _keep_installed(
+        self,
+        arches: list[str],
+        report: TickReport,
+        prober: probe.Prober | None,
+        idents: dict[str, int | None],
+    ) -> None:
+        """Arches whose install failed (a broken or refused source) while the emulator already
+        installed is still the recorded one, bytes and mode: their entry is restored with it,
+        so a flush is repaired with what worked; the install's error stays in status."""
+        try:  # an install directory a user could change taints everything in it
+            emulators.check_trusted_path(self.cfg.install_dir)
+        except InstallError:
+            return
+        kept = [a for a in arches if self._still_installed(a)]
+        if not kept:
+            return
+        headers = {a: self.header(a) for a in (*kept, *self.native)}
+        world = plan.World(
+            self.observe(),
+            dict(self.owned),
+            dict.fromkeys(kept, True),
+            headers,
+            self.self_headers,
+            self.native,
+        )
+        for arch in kept:
+            want = plan.Desired(arch, self.registration(arch), arch not in self.operator_disabled)
+            steps = plan.plan_arch(want, world, self.replace)
+            why = report.errors.pop(arch)
+            self._carry_out(steps, _registers(steps), report, prober, idents)
+            report.errors.setdefault(arch, why)
 
     def _carry_out(
         self,
@@ -1001,7 +1048,22 @@ class Engine:
             error=self.errors.get(arch),
             root=str(self.kernel.root),
             native=native,
+            interpreter_header=b"" if native else self._interpreter_header(arch),
         )
+
+    def _interpreter_header(self, arch: str) -> bytes:
+        """The first bytes of `arch`'s installed emulator, read again when its identity
+        changes; b"" when not installed or unreadable."""
+        record = self.installed.get(arch)
+        if record is None:
+            return b""
+        ident = self.file_ids.get(arch) or record.file_id
+        cached = self._interpreter_headers.get(arch)
+        if cached is not None and cached[0] == (record.path, ident):
+            return cached[1]
+        head = _regular_file_head(record.path)
+        self._interpreter_headers[arch] = ((record.path, ident), head)
+        return head
 
     def status_of(self, arch: str) -> ArchStatus:
         """One arch's row; `verified` only when binfmtd's entry handles it now and its probe
@@ -1152,6 +1214,21 @@ def _action_fields(action: plan.Action) -> dict[str, Any]:
             "interpreter": action.reg.interpreter,
         }
     return {"entry": getattr(action, "name", None)}
+
+
+def _regular_file_head(path: str) -> bytes:
+    """The first bytes binfmt_misc compares of the regular file `path` (never following a
+    symlink, never blocking on a FIFO); b"" for anything else."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        return os.read(fd, archmod.MAX_HEADER) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def _self_headers() -> tuple[bytes, ...]:

@@ -163,6 +163,11 @@ def clear_for_native_probe(
     return [Remove(arch, e.name, why) for e in catchers]
 
 
+def plan_arch(want: Desired, world: World, replace: bool) -> list[Action]:
+    """The actions for one arch alone (its rivals included, nothing else's)."""
+    return _plan_arch(want, world, replace)
+
+
 def _plan_arch(want: Desired, world: World, replace: bool) -> list[Action]:
     arch, reg = want.arch, want.reg
     if catches_self(reg, world.self_headers):

@@ -64,6 +64,9 @@ class Facts:
     error: str | None = None
     root: str = "/proc/sys/fs/binfmt_misc"
     native: bool = False
+    # The first bytes of binfmtd's installed emulator (a program of this host): an entry that
+    # catches them runs the emulator itself through another interpreter ("" when unknown).
+    interpreter_header: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,9 @@ def derive(f: Facts) -> Verdict | None:
         return _unhandled(f)
     if owner is Owner.FOREIGN:
         return _foreign(f, handler)
+    blocker = f.obs.handler(f.interpreter_header) if f.interpreter_header else None
+    if blocker is not None:
+        return Verdict(ArchState.FAILED, handler, owner, f.error or _blocked(f, handler, blocker))
     shadows = [e for e in f.obs.shadowing(handler) if not is_ours(e, f.owned)]
     if shadows:
         return Verdict(
@@ -138,6 +144,17 @@ def _unhandled(f: Facts) -> Verdict:
         return Verdict(ArchState.DISABLED, None, Owner.NONE, why)
     why = f"no enabled entry handles {f.arch} binaries"
     return Verdict(ArchState.MISSING, None, Owner.NONE, why)
+
+
+def _blocked(f: Facts, handler: Entry, blocker: Entry) -> str:
+    """Why binfmtd's emulator cannot run: `blocker` catches the emulator file itself."""
+    who = "binfmtd's own" if is_ours(blocker, f.owned) else "another tool's"
+    return (
+        f"entry {blocker.name} ({blocker.interpreter}, {who}) catches binfmtd's emulator "
+        f"{handler.interpreter} itself (a program of this host), so {f.arch} binaries run "
+        f"through it or fail, whatever an earlier probe showed: remove it with "
+        f"`echo -1 > {f.root}/{blocker.name}`"
+    )
 
 
 def _part(f: Facts, other: Entry) -> str:

@@ -164,6 +164,34 @@ def test_an_installed_emulator_a_user_owns_is_never_registered_again(daemon: Dae
     os.chown(installed, 0, -1)
 
 
+# ---------------------------------------------------------------- a broken source
+
+
+def test_a_flush_while_the_source_is_broken_is_repaired_with_the_installed_emulator(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """The source's QEMU replaced by a file that is not one (a half-done upgrade), then a
+    flush: binfmtd cannot install from the source, so it registers the emulator it installed
+    before (still its recorded bytes and mode) and proves it; status keeps the source's error.
+    Before, the failed install skipped the registration: the arch was left with no entry."""
+    source = tmp_path / "src" / f"qemu-{ARCH}-static"
+    broken = tmp_path / "src" / "broken"
+    broken.write_text("not an emulator\n")
+    broken.chmod(0o755)
+    broken.rename(source)
+    du.wait_until(
+        "the source's error in status",
+        lambda: "not an ELF" in (daemon.arch(ARCH)["error"] or ""),
+        30,
+    )
+    wall = time.time()
+    daemon.ns_ok(f"echo -1 > {ENTRIES}/status")
+    du.wait_until("re-proven after the flush", lambda: reproven_after(daemon, wall), 30)
+    row = daemon.arch(ARCH)
+    assert row["working"] and row["interpreter"] == f"{daemon.install_dir}/qemu-{ARCH}"
+    assert "not an ELF" in row["error"]
+
+
 # ---------------------------------------------------------------- timers with no event
 
 
@@ -360,3 +388,29 @@ def test_an_entry_catching_part_of_an_arch_keeps_it_from_working(
 def _escaped(data: bytes) -> str:
     """Bytes as a register string writes them (\\xHH; printf '%s' keeps the backslashes)."""
     return "".join(f"\\x{b:02x}" for b in data)
+
+
+# ---------------------------------------------------------------- the emulator itself caught
+
+
+def test_an_entry_catching_the_emulator_itself_fails_the_arch_at_once(
+    daemon: Daemon, cache: Cache
+) -> None:
+    """Another tool's entry whose magic catches binfmtd's installed qemu-s390x itself (a
+    program of this host: the kernel then runs the emulator through that entry's interpreter):
+    s390x is `failed` at once, naming that entry, and leaves platforms; the kernel really fails
+    an s390x binary. Before, the arch's own entry was unchanged, so its earlier proof stood:
+    verified and advertised until the next probe (re-verification: 10 minutes by default)."""
+    emulator = Path(daemon.install_dir) / f"qemu-{ARCH}"
+    head = emulator.read_bytes()[:32]  # ELF header up to e_entry: this file, not the shell
+    mask = bytes([0xFF] * len(head))
+    line = f":catch-qemu:M::{_escaped(head)}:{_escaped(mask)}:/bin/false:"
+    daemon.ns_ok(f"printf '%s' '{line}' > {ENTRIES}/register")
+    du.wait_until("s390x failed", lambda: daemon.arch(ARCH)["state"] == "failed", 30)
+    row = daemon.arch(ARCH)
+    assert not row["working"] and "catch-qemu (/bin/false" in row["error"]
+    assert "linux/s390x" not in daemon.get("/v1/platforms")[1]["platforms"]
+    assert daemon.ns(f"{cache.busybox('s390x')} true").returncode != 0
+    daemon.ns_ok(f"echo -1 > {ENTRIES}/catch-qemu")
+    du.wait_until("verified again", lambda: daemon.arch(ARCH)["state"] == "verified", 30)
+    assert daemon.ns(f"{cache.busybox('s390x')} true").returncode == 0
