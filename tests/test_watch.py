@@ -262,6 +262,24 @@ def test_removed_entry_is_repaired_and_reproven_without_waiting_for_the_safety_p
         du.wait_until(f"{broken} re-proven after {script!r}", reproven, timeout=20)
 
 
+def test_a_removal_through_another_mount_of_the_instance_is_seen_by_events(
+    daemon: Daemon,
+) -> None:
+    """binfmt_misc's events belong to the instance, not to one mount of it: an entry removed
+    through a second mount of the same private instance (the write would fail were it another
+    instance) is repaired and re-proven by events alone, the safety pass being an hour away."""
+    wall = time.time()
+    daemon.ns_ok(
+        'd=$(mktemp -d) && mount -t binfmt_misc binfmt_misc "$d" && '
+        '{ echo -1 > "$d/qemu-aarch64"; rc=$?; umount "$d"; rmdir "$d"; exit $rc; }'
+    )
+    du.wait_until(
+        "aarch64 re-proven after a removal through a second mount",
+        lambda: (r := daemon.arch("aarch64"))["state"] == "verified" and r["probe"]["at"] > wall,
+        timeout=20,
+    )
+
+
 def test_unmounted_instance_is_remounted_and_watched_again(daemon: Daemon) -> None:
     """binfmt_misc unmounted under the daemon: mounted again, entries restored, and a later
     removal is still seen (the new mount is watched)."""
