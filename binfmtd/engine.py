@@ -383,6 +383,10 @@ class Engine:
         self.observation = obs
         if progress is not None and report.actions and not prober.started:
             progress()  # restored, nothing to probe: shown before the state file write
+        if not self._state_dirty and (self.owned or self.installed):
+            # Deleted under the daemon (no event watches it): written again, or a restart
+            # would take binfmtd's own entries for another tool's and hash everything anew.
+            self._state_dirty = not os.path.lexists(self.cfg.state_file)
         self._save_state_if_needed(report)  # runs while the first probes do
         started = time.monotonic()
         self._verify(prober, self._due(obs, verify_also), idents, report, progress, changed)
@@ -540,12 +544,18 @@ class Engine:
     ) -> None:
         """Arches whose install failed (a broken or refused source) while the emulator already
         installed is still the recorded one, bytes and mode: their entry is restored with it,
-        so a flush is repaired with what worked; the install's error stays in status."""
+        so a flush is repaired with what worked; the install's error stays in status.
+
+        The others' entries of binfmtd's that still hold the installed inode, changed since
+        (a user owns it, it is writable or setuid, its bytes differ) and not replaceable
+        now, are removed: with `F` the kernel keeps running that file for every foreign
+        binary, root's included, so a user owning it could run code in anyone's builds."""
         try:  # an install directory a user could change taints everything in it
             emulators.check_trusted_path(self.cfg.install_dir)
+            kept = [a for a in arches if self._still_installed(a)]
         except InstallError:
-            return
-        kept = [a for a in arches if self._still_installed(a)]
+            kept = []
+        self._drop_tainted([a for a in arches if a not in kept], report)
         if not kept:
             return
         headers = {a: self.header(a) for a in (*kept, *self.native)}
@@ -563,6 +573,42 @@ class Engine:
             why = report.errors.pop(arch)
             self._carry_out(steps, _registers(steps), report, prober, idents)
             report.errors.setdefault(arch, why)
+
+    def _drop_tainted(self, arches: list[str], report: TickReport) -> None:
+        """Remove binfmtd's entry of each of `arches` whose interpreter is the installed file
+        it opened (the recorded inode) and that file is no longer as installed; its error says
+        why. An emulator replaced by rename is left: the entry holds the inode it opened."""
+        obs = self.observe()
+        for arch in arches:
+            why = self._tainted(arch, obs)
+            if why is None:
+                continue
+            name = self.registration(arch).name
+            error = report.errors.pop(arch, "")
+            self._apply(plan.Remove(arch, name, why), arch, report, info=True)
+            removed = f"{name} removed: the installed emulator {why}"
+            report.errors[arch] = f"{error}; {removed}" if error else removed
+
+    def _tainted(self, arch: str, obs: Observation) -> str | None:
+        """Why the entry of `arch` must not keep running its installed emulator, or None."""
+        record = self.installed.get(arch)
+        if record is None:
+            return None
+        entry = obs.get(self.registration(arch).name)
+        if (
+            entry is None
+            or entry.interpreter != record.path
+            or not truth.is_ours(entry, self.owned)
+        ):
+            return None
+        ident = emulators.file_id(record.path)
+        if ident is None or _inode_of(ident) != _inode_of(record.file_id):
+            return None  # gone or replaced by rename: the kernel holds the inode it opened
+        if not emulators.installed_as_made(ident):
+            return "is no longer root's 0755 file (its owner or mode changed)"
+        if self._hash_matches(arch) is None:
+            return "changed in place (its checksum differs)"
+        return None
 
     def _carry_out(
         self,

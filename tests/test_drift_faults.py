@@ -9,6 +9,7 @@ events (and the daemon's own timers) can repair anything.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -163,6 +164,54 @@ def test_an_installed_emulator_a_user_owns_is_never_registered_again(daemon: Dae
     assert row["state"] != "verified" and not row["working"]
     assert daemon.ns(f"test -e {ENTRIES}/qemu-{ARCH}").returncode != 0
     os.chown(installed, 0, -1)
+
+
+def test_an_installed_emulator_a_user_comes_to_own_loses_its_entry_at_once(
+    daemon: Daemon,
+) -> None:
+    """chown 1000 on the installed QEMU while it is registered (linked: the source's inode
+    too, so it cannot be installed again): with `F` the kernel would go on running the file
+    that user can now rewrite, for every s390x binary, root's included. binfmtd removes its
+    entry at once and says why; owned by root again, the entry is back and proven anew.
+    Before, the entry stayed and status said verified (with the install's error)."""
+    installed = Path(daemon.install_dir) / f"qemu-{ARCH}"
+
+    def removed() -> dict[str, Any] | None:
+        row = daemon.arch(ARCH)
+        said = "removed: the installed emulator is no longer root's" in (row["error"] or "")
+        return row if said and not row["registered"] else None
+
+    try:
+        os.chown(installed, 1000, -1)
+        row = du.wait_until("the entry removed, saying why", removed, 30)
+        assert row["state"] != "verified" and not row["working"], row
+        assert daemon.ns(f"test -e {ENTRIES}/qemu-{ARCH}").returncode != 0
+    finally:
+        os.chown(installed, 0, -1)
+    wall = time.time()
+    du.wait_until("back and proven once root's again", lambda: reproven_after(daemon, wall), 30)
+
+
+def test_a_deleted_state_file_is_written_again_by_the_next_pass(
+    tmp_path: Path, sock: str, cache: Cache
+) -> None:
+    """The state file deleted under the daemon (nothing else changing): the next pass (the
+    safety pass here, 1 s) writes it again with the ownership record and the checksum, so a
+    restart still knows binfmtd's own entry. Before, it stayed missing until something changed,
+    and a restart then called the entry another tool's (a conflict) and hashed everything."""
+    state = tmp_path / "state" / "state.json"
+    cfg = config(tmp_path, sock, cache, reconcile_interval_s=1)
+    with du.running(cfg, sock) as running:
+        running.wait_verified([ARCH])
+        before = json.loads(state.read_text())
+        state.unlink()
+        du.wait_until("the state file written again", state.exists, 30)
+        after = json.loads(state.read_text())
+        assert after["entries"] == before["entries"] and after["entries"], after
+        assert after["emulators"].keys() == before["emulators"].keys() == {ARCH}, after
+    with du.running(cfg, sock) as again:
+        again.wait_verified([ARCH])
+        assert not again.events("conflict_left_alone"), again.log_text()[-2000:]
 
 
 # ---------------------------------------------------------------- a broken source
