@@ -578,28 +578,29 @@ class Engine:
         """Remove binfmtd's entry of each of `arches` whose interpreter is the installed file
         it opened (the recorded inode) and that file is no longer as installed; its error says
         why. An emulator replaced by rename is left: the entry holds the inode it opened."""
-        obs = self.observe()
-        for arch in arches:
-            why = self._tainted(arch, obs)
-            if why is None:
-                continue
+        tainted = {a: why for a in arches if (why := self._tainted(a)) is not None}
+        if not tainted:
+            return
+        try:
+            obs = self.observe()
+        except KernelError:
+            return  # the instance went: nothing of ours left to remove
+        for arch, why in tainted.items():
             name = self.registration(arch).name
+            entry = obs.get(name)
+            path = self.installed[arch].path
+            if entry is None or entry.interpreter != path or not truth.is_ours(entry, self.owned):
+                continue
             error = report.errors.pop(arch, "")
             self._apply(plan.Remove(arch, name, why), arch, report, info=True)
             removed = f"{name} removed: the installed emulator {why}"
             report.errors[arch] = f"{error}; {removed}" if error else removed
 
-    def _tainted(self, arch: str, obs: Observation) -> str | None:
-        """Why the entry of `arch` must not keep running its installed emulator, or None."""
+    def _tainted(self, arch: str) -> str | None:
+        """Why the installed emulator of `arch`, still the inode it was installed as, must not
+        be run any more (its owner or mode changed, or its bytes in place), or None."""
         record = self.installed.get(arch)
         if record is None:
-            return None
-        entry = obs.get(self.registration(arch).name)
-        if (
-            entry is None
-            or entry.interpreter != record.path
-            or not truth.is_ours(entry, self.owned)
-        ):
             return None
         ident = emulators.file_id(record.path)
         if ident is None or _inode_of(ident) != _inode_of(record.file_id):
