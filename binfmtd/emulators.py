@@ -24,7 +24,7 @@ import stat
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import IO, Protocol, TypeVar
@@ -627,6 +627,7 @@ def write_state(
     *,
     hashes: HashCache | None = None,
     durable: bool = True,
+    operator_disabled: Iterable[str] = (),
 ) -> None:
     """Replace the state file atomically (temp, fsync, rename, fsync dir).
 
@@ -634,6 +635,8 @@ def write_state(
     version can tell what an install relied on). `owned` is the ownership record: every
     binfmt_misc entry binfmtd registered, name -> register string. Only those entries are
     binfmtd's (see `read_owned`). `hashes`: the digest cache, kept beside.
+    `operator_disabled`: the arches `binfmtctl disable` switched off (QEMU names), so that a
+    restarted binfmtd keeps them off (see `read_operator_disabled`).
 
     `durable=False` skips both fsyncs: the new file is still whole for any process that reads
     it after binfmtd is killed (a kill loses no written page), only a power loss or kernel
@@ -650,6 +653,7 @@ def write_state(
         doc["entries"] = dict(sorted(owned.items()))
     if hashes is not None:
         doc["hashes"] = hashes.to_json()
+    doc["operator_disabled"] = sorted(set(operator_disabled))
     body = json.dumps(doc, indent=2).encode()
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     try:
@@ -711,6 +715,19 @@ def read_hashes(path: str) -> HashCache:
         return HashCache.from_json(data.get("hashes"))
     except (OSError, ValueError, AttributeError, trust.TrustError):
         return HashCache()
+
+
+def read_operator_disabled(path: str) -> set[str]:
+    """The arches the operator disabled (`binfmtctl disable`), as the state file at `path`
+    records them: QEMU names; empty when the file is missing, unreadable, untrusted or from
+    before the record (binfmtd then had no memory of it across a restart)."""
+    try:
+        names = json.loads(trust.read_file(path, max_bytes=STATE_MAX_BYTES))["operator_disabled"]
+    except (OSError, ValueError, KeyError, TypeError, trust.TrustError):
+        return set()
+    if not isinstance(names, list):
+        return set()
+    return {name for name in names if isinstance(name, str)}
 
 
 def read_owned(path: str) -> dict[str, str] | None:

@@ -111,6 +111,10 @@ class Engine:
         self._probe_stage: probe.Stage | None = None  # made on the first probe, kept
         self._early_owners = packages
         self.apply_config(cfg)
+        # What the operator switched off stays off across a restart (the state file's record;
+        # a reload keeps the running set, whatever the new state_file holds).
+        recorded = emulators.read_operator_disabled(cfg.state_file)
+        self.operator_disabled = {a for a in recorded if a in archmod.BY_NAME}
 
     # ------------------------------------------------------------ configuration
 
@@ -407,6 +411,8 @@ class Engine:
             for a in self.selected
         }
         actions = _hold(plan.plan(desired, self.world(obs), self.replace), hold, report)
+        if self.operator_changed:
+            self._state_dirty = True  # the operator's choice is recorded for a restart
         self.operator_changed.clear()
         return actions
 
@@ -955,6 +961,7 @@ class Engine:
                 owned,
                 hashes=self.hashes,
                 durable=durable,
+                operator_disabled=self.operator_disabled,
             )
         except OSError as exc:
             why = f"state file {self.cfg.state_file} not saved: {exc}; binfmtd retries every pass"

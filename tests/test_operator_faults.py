@@ -1,0 +1,58 @@
+"""Faults found by attacking the daemon as a demanding operator would (issue 14, session 7).
+
+Each test is one kind of fault, on the real kernel (private binfmt_misc instances) with real
+QEMU and real probes: what `binfmtctl` commands asked for, set against restarts and drift.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import daemonutil as du
+from conftest import Cache
+from daemonutil import BINFMTCTL, ENTRIES
+from test_drift_faults import ARCH, config
+
+FIRST_DAEMON = """"$BINFMTD" --config "$CFG" 2>"$WORK/first.log" & first=$!
+i=0
+until {ctl} --socket {sock} check >/dev/null 2>&1; do
+  i=$((i + 1)); [ $i -gt 1200 ] && break; sleep 0.05
+done
+{ctl} --socket {sock} disable {arch} >"$WORK/disable.out" 2>&1
+kill -TERM $first; wait $first
+head -1 {entries}/qemu-{arch} >"$WORK/entry.before"
+"""
+
+
+def test_an_arch_the_operator_disabled_stays_disabled_across_a_restart(
+    tmp_path: Path, sock: str, cache: Cache
+) -> None:
+    """`binfmtctl disable s390x`, then binfmtd restarts (systemctl restart, a crash, the
+    watchdog): the new daemon keeps s390x off (its entry disabled, status operator-disabled,
+    `check` passing as disabled by the operator) until `binfmtctl enable`. Before, the new
+    daemon took binfmtd's disabled entry for someone else's drift and enabled it again: the
+    kernel ran s390x binaries the operator had switched off, and status said verified."""
+    cfg = config(tmp_path, sock, cache, arches=[ARCH, "aarch64"])
+    before = FIRST_DAEMON.format(ctl=BINFMTCTL, sock=sock, arch=ARCH, entries=ENTRIES)
+    daemon = du.start(cfg, sock, mode="compose", before=before, ready=False)
+    try:
+        du.wait_until("the restarted daemon", (daemon.work / "daemon.pid").exists, 90)
+        assert (daemon.work / "entry.before").read_text() == "disabled\n", daemon.log_text()
+        assert "operator-disabled" in (daemon.work / "disable.out").read_text()
+        daemon.wait_ready()
+        daemon.wait_verified(["aarch64"])
+        # The restarted daemon's first pass is over (aarch64 proven): s390x was not touched.
+        assert daemon.arch(ARCH)["state"] == "operator-disabled", daemon.log_text()[-3000:]
+        assert daemon.ns_ok(f"head -1 {ENTRIES}/qemu-{ARCH}").stdout == "disabled\n"
+        check = daemon.ctl("check")
+        assert check.returncode == 0 and f"disabled by the operator ({ARCH})" in check.stdout
+        state = json.loads((tmp_path / "state" / "state.json").read_text())
+        assert state["operator_disabled"] == [ARCH], state
+        enabled = daemon.ctl("enable", ARCH)
+        assert enabled.returncode == 0, enabled.stderr
+        daemon.wait_verified([ARCH])
+        state = json.loads((tmp_path / "state" / "state.json").read_text())
+        assert state["operator_disabled"] == [], state
+    finally:
+        daemon.close()
