@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -437,3 +438,45 @@ def test_relative_config_is_resolved_and_refused_for_its_real_reason(
     err = capsys.readouterr().err
     assert f"{tmp_path / 'd.yaml'} is not a regular file" in err
     assert "writable" not in err
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            "install_dir: /srv/q\nstate_file: /srv/q/qemu-aarch64\n",
+            "state_file: /srv/q/qemu-aarch64 is inside install_dir /srv/q",
+        ),
+        (
+            "install_dir: /srv/q\nlock_file: /srv/q/qemu-s390x\n",
+            "lock_file: /srv/q/qemu-s390x is inside install_dir /srv/q",
+        ),
+        (
+            "state_file: /srv/s.json\nlock_file: /srv/./s.json\n",
+            "state_file and lock_file: must be different files, both are /srv/s.json",
+        ),
+        (
+            "lock_file: /srv/l\napi: {socket: /srv/l}\n",
+            "lock_file and api.socket: must be different files",
+        ),
+        ("state_file: /srv/state/\n", "state_file: must name a file, not a directory"),
+        (
+            "install_dir: /proc/sys/fs/binfmt_misc/q\n",
+            "install_dir: /proc/sys/fs/binfmt_misc/q is inside binfmt_misc",
+        ),
+        (
+            "install_dir: /srv/src/\nsource: {kind: directory, path: /srv/src}\n",
+            "install_dir: /srv/src is the emulator source's directory",
+        ),
+        ("install_dir: /usr/bin\n", "install_dir: /usr/bin is the emulator source's directory"),
+    ],
+)
+def test_paths_of_binfmtds_own_that_collide_are_refused(body: str, message: str) -> None:
+    """binfmtd's own files (state, lock, socket) each a file of their own, outside the install
+    directory, binfmt_misc and the source: a clash is refused at load, naming both keys.
+    Before, each was accepted: a state_file named like an emulator in install_dir overwrote
+    that emulator (then "register failed: EACCES ... must run as root" every pass), a
+    lock_file on an installed emulator made the next start a traceback, install_dir: /usr/bin
+    put binfmtd's files among the package's."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.parse(body, "x.yaml")

@@ -178,3 +178,15 @@ def test_command_exit_codes_are_a_shells(
     result = run(sandbox_config(tmp_path), "--", *command)
     assert result.returncode == code, result.stderr
     assert line in result.stderr
+
+
+def test_a_lock_file_that_cannot_be_opened_is_a_clear_refusal(tmp_path: Path) -> None:
+    """lock_file naming something binfmtd cannot open as its lock (here a directory; also a
+    running program, ETXTBSY, or a read-only filesystem): exit 78 with one line naming
+    lock_file and why. Before, binfmtd died with a Python traceback."""
+    taken = tmp_path / "a-directory"
+    taken.mkdir()
+    result = run(sandbox_config(tmp_path, lock_file=str(taken)))
+    assert result.returncode == 78, result.stderr
+    assert f"lock_file {taken}: cannot open it: Is a directory" in result.stderr
+    assert "Traceback" not in result.stderr
