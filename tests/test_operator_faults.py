@@ -11,7 +11,7 @@ from pathlib import Path
 
 import daemonutil as du
 from conftest import Cache
-from daemonutil import BINFMTCTL, ENTRIES
+from daemonutil import BINFMTCTL, ENTRIES, SandboxSh
 from test_drift_faults import ARCH, config
 
 FIRST_DAEMON = """"$BINFMTD" --config "$CFG" 2>"$WORK/first.log" & first=$!
@@ -56,3 +56,33 @@ def test_an_arch_the_operator_disabled_stays_disabled_across_a_restart(
         assert state["operator_disabled"] == [], state
     finally:
         daemon.close()
+
+
+OFFLINE = f"""printf '%s' ':foreign:M::\\x7fELF\\x02::/bin/false:F' >{ENTRIES}/register
+echo 0 >{ENTRIES}/status
+"$PYTHON" {BINFMTCTL} status --offline --json >"$OUT/json"
+"$PYTHON" {BINFMTCTL} status --offline >"$OUT/table"
+"""
+
+
+def test_offline_status_says_json_when_asked_and_a_disabled_instance(
+    sandbox_sh: SandboxSh, tmp_path: Path
+) -> None:
+    """`binfmtctl status --offline --json` (the daemon down, binfmt_misc switched off as a
+    whole by another tool): JSON a script can read, with `instance_enabled: false` beside
+    each entry; the table says no entry runs. Before, --json was ignored (a table, which a
+    monitoring script failed to parse) and both showed the entries as enabled, nothing
+    saying the kernel runs none of them."""
+    done = sandbox_sh(OFFLINE, env={"OUT": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    doc = json.loads((tmp_path / "json").read_text())
+    assert doc["offline"] is True and doc["instance_enabled"] is False, doc
+    (entry,) = doc["entries"]
+    assert entry["name"] == "foreign" and entry["enabled"] is True, entry
+    assert (entry["flags"], entry["interpreter"], entry["state"]) == (
+        "F",
+        "/bin/false",
+        "unverified",
+    )
+    assert entry["magic"] == "7f454c4602" and entry["offset"] == 0, entry
+    assert "binfmt_misc is disabled as a whole" in (tmp_path / "table").read_text()
