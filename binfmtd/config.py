@@ -279,12 +279,15 @@ def load(path: str | None, *, require_safe_mode: bool = False) -> Config:
 
 def _check_state_dir(cfg: Config, path: str) -> None:
     """Refuse a state_file whose directory (or the nearest existing one above it, since root
-    makes the missing ones) is not trusted: a user who can write there controls root's state."""
+    makes the missing ones) is not trusted: a user who can write there controls root's state.
+    A symbolic link on the way is refused too, as every later use refuses it: the state file
+    would be written but never read (each restart reinstalling everything and taking
+    binfmtd's entries for another tool's) and no probe root could be made (every arch failed)."""
     directory = os.path.dirname(cfg.state_file) or "/"
     while not os.path.lexists(directory) and directory != "/":
         directory = os.path.dirname(directory)
     try:
-        trust.check_dir(directory, symlinks=True)
+        trust.check_dir(directory)
     except trust.TrustError as exc:
         raise ConfigError(f"{path}: state_file: {cfg.state_file}: {exc}") from None
     except OSError as exc:

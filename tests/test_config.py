@@ -417,6 +417,24 @@ def test_state_file_in_a_world_writable_directory_refused(tmp_path: Path) -> Non
     assert config.load(str(path), require_safe_mode=True).state_file == f"{shared}/state.json"
 
 
+def test_state_file_behind_a_symbolic_link_refused_at_load(tmp_path: Path) -> None:
+    """Safe mode: a state_file whose directory is reached through a symbolic link is refused
+    at load (exit 78), naming the link and the path to use. Before, it was accepted, and then
+    binfmtd never read the state file it wrote (refused there as a link: each restart
+    reinstalled every emulator) and every probe failed ("probe roots refused"): every arch
+    failed, forever, with the daemon running."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "state").symlink_to(real)
+    path = tmp_path / "binfmtd.yaml"
+    path.write_text(f"state_file: {tmp_path}/state/state.json\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"state_file: .* is a symbolic link") as info:
+        config.load(str(path), require_safe_mode=True)
+    assert "use the path it points to" in str(info.value)
+    path.write_text(f"state_file: {real}/state.json\n", encoding="utf-8")
+    assert config.load(str(path), require_safe_mode=True).state_file == f"{real}/state.json"
+
+
 def test_relative_config_is_resolved_and_refused_for_its_real_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
