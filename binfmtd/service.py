@@ -609,6 +609,7 @@ class Daemon:
     def _set_enabled(self, arch: str, enable: bool, selected: set[str]) -> wire.ArchChange:
         if arch not in selected:
             raise ApiError(*self._not_selected([arch]))
+        was_disabled = arch in self.engine.operator_disabled
         if enable:
             self.engine.operator_disabled.discard(arch)
         else:
@@ -621,8 +622,16 @@ class Daemon:
             ArchState.INSTANCE_DISABLED,
         }:
             # The kernel still runs these binaries (another tool's entry, or a failed write):
-            # never answer "disabled" while that is not what the kernel does.
-            raise ApiError(409, f"{arch} is not disabled: {row.state}: {row.error}")
+            # never answer "disabled" while that is not what the kernel does. A refusal
+            # changes nothing: the wish is dropped again (else it took effect later, e.g. once
+            # that tool's entry went, leaving the arch unhandled after "refused").
+            if not was_disabled:
+                self.engine.operator_disabled.discard(arch)
+                self.engine.operator_changed.add(arch)
+                self._tick()
+            raise ApiError(
+                409, f"{arch} is not disabled (nothing changed): {row.state}: {row.error}"
+            )
         return wire.ArchChange(arch, str(row.state))
 
     # ------------------------------------------------------------ reload

@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 
 import daemonutil as du
-from conftest import Cache
+from conftest import Cache, daemon_config
 from daemonutil import BINFMTCTL, ENTRIES, SandboxSh
 from test_drift_faults import ARCH, config
+from test_truth import foreign, register
 
 FIRST_DAEMON = """"$BINFMTD" --config "$CFG" 2>"$WORK/first.log" & first=$!
 i=0
@@ -86,3 +87,23 @@ def test_offline_status_says_json_when_asked_and_a_disabled_instance(
     )
     assert entry["magic"] == "7f454c4602" and entry["offset"] == 0, entry
     assert "binfmt_misc is disabled as a whole" in (tmp_path / "table").read_text()
+
+
+def test_a_refused_disable_changes_nothing_later(tmp_path: Path, sock: str, cache: Cache) -> None:
+    """`binfmtctl disable aarch64` while another tool's entry (Debian's, left alone) runs
+    aarch64: refused (exit 5, "nothing changed"). When that entry is then removed, binfmtd
+    takes aarch64 over as it would have without the refused command: its own entry, proven.
+    Before, the refused disable was kept: the arch turned operator-disabled once the other
+    entry went (nothing handling aarch64 binaries), and `verify` said both FAILED and
+    "disabled by the operator" for it."""
+    cfg = daemon_config(tmp_path, api={"socket": sock, "group": None})
+    with du.running(cfg, sock, mode="compose", before=register(foreign(cache, "aarch64"))) as d:
+        d.wait_verified(["s390x"])
+        refused = d.ctl("disable", "aarch64")
+        assert refused.returncode == 5, refused.stderr
+        assert "aarch64 is not disabled (nothing changed): foreign" in refused.stderr
+        verify = d.ctl("verify", "aarch64")
+        assert "disabled by the operator" not in verify.stdout, verify.stdout
+        d.ns_ok(f"echo -1 > {ENTRIES}/qemu-aarch64")
+        rows = d.wait_verified(["aarch64"])
+        assert rows["aarch64"]["interpreter"].startswith(str(tmp_path / "qemu")), rows
