@@ -541,10 +541,34 @@ def _place(tmp: str, dest_dir: str, arch: str) -> str:
     """Rename `tmp` over the final name (made durable by fsync_dir(dest_dir), see
     install_stream)."""
     dest = os.path.join(dest_dir, f"qemu-{arch}")
-    os.rename(tmp, dest)
+    try:
+        os.rename(tmp, dest)
+    except OSError as exc:
+        if exc.errno not in {errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.EBUSY}:
+            raise
+        raise InstallError(
+            f"cannot install qemu-{arch}: {dest} is in the way ({exc.strerror}: not a file "
+            f"binfmtd made; a directory or a mount point): remove it, binfmtd installs at once"
+        ) from None
     if os.path.lexists(tmp):  # rename(2) does nothing when both names are one inode
         os.unlink(tmp)
     return dest
+
+
+def destination_id(dest_dir: str, arch: str) -> str:
+    """What sits where qemu-`arch` is installed, and the install directory itself (type,
+    mode, owner, inode; never the directory's mtime, which every temp file changes): a
+    failing install is retried at once when this changes (an obstacle removed, a mode
+    fixed), not after its backoff. "-" for a name that does not exist."""
+    parts = []
+    for path in (dest_dir, os.path.join(dest_dir, f"qemu-{arch}")):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            parts.append("-")
+            continue
+        parts.append(f"{st.st_mode:o}.{st.st_uid}.{st.st_gid}.{st.st_dev}.{st.st_ino}")
+    return "/".join(parts)
 
 
 def _discard(fd: int, tmp: str | None) -> None:

@@ -791,14 +791,20 @@ class Engine:
             return
         now = self.clock()
         self._absent = set()
-        ids = {a: self.source.fingerprint(a) for a in arches}
-        todo = [a for a in arches if backoff.due(self.backoff.get(a), now, ids[a])]
+        # The source's identity and the destination's: fixing either retries at once. The
+        # destination is recorded as the attempt left it (it may have made the directory).
+        sources = {a: self.source.fingerprint(a) for a in arches}
+
+        def identity(arch: str) -> str:
+            return f"{sources[arch]}|{emulators.destination_id(self.cfg.install_dir, arch)}"
+
+        todo = [a for a in arches if backoff.due(self.backoff.get(a), now, identity(a))]
         for arch in set(arches) - set(todo):  # waiting: the last error stands, nothing is read
             report.errors[arch] = self.errors.get(arch) or self.backoff[arch].error
             self._install_failures.seen(arch, report.errors[arch])  # counted, not logged
         if todo:
             self._install_now(todo, report, ready)
-            self._record_outcomes(todo, ids, now, report)
+            self._record_outcomes(todo, {a: identity(a) for a in todo}, now, report)
 
     def _install_now(
         self, arches: list[str], report: TickReport, ready: Callable[[list[str]], None]

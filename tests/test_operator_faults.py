@@ -107,3 +107,36 @@ def test_a_refused_disable_changes_nothing_later(tmp_path: Path, sock: str, cach
         d.ns_ok(f"echo -1 > {ENTRIES}/qemu-aarch64")
         rows = d.wait_verified(["aarch64"])
         assert rows["aarch64"]["interpreter"].startswith(str(tmp_path / "qemu")), rows
+
+
+def test_an_obstacle_removed_from_the_install_directory_is_installed_over_at_once(
+    tmp_path: Path, sock: str, cache: Cache
+) -> None:
+    """A directory put where binfmtd installs qemu-s390x, then binfmtd's entry removed: the
+    install fails, status says what is in the way and what to do; once the operator removes
+    it, binfmtd installs and proves s390x at once, though its backoff (an hour here) has not
+    ended. Before, the error was a raw "[Errno 21] Is a directory: '.binfmtd-tmp-...'" and the
+    fix waited out the backoff (2 s doubling to 5 min by default) with no entry for s390x."""
+    source = {
+        "kind": "directory",
+        "path": str(tmp_path / "src"),
+        "retry_initial_s": 3600,
+        "retry_max_s": 3600,
+    }
+    cfg = config(tmp_path, sock, cache, source=source)  # makes tmp_path/src
+    installed = tmp_path / "qemu" / f"qemu-{ARCH}"
+    with du.running(cfg, sock) as daemon:
+        daemon.wait_verified([ARCH])
+        installed.unlink()
+        installed.mkdir()
+        daemon.ns_ok(f"echo -1 > {ENTRIES}/qemu-{ARCH}")
+
+        def blocked() -> str | None:
+            row = daemon.arch(ARCH)
+            return row["error"] if row["state"] == "error" and row["error"] else None
+
+        error = du.wait_until("the install to fail", blocked, 30)
+        assert f"{installed} is in the way (Is a directory" in error, error
+        assert "remove it" in error and ".binfmtd-tmp" not in error, error
+        installed.rmdir()
+        daemon.wait_verified([ARCH])
