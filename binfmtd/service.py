@@ -133,6 +133,9 @@ class Daemon:
         self._logged_credentials: list[str] = []
         self.server: Any = None
         self._metrics_warning: str | None = None  # the metrics port could not be served
+        # The last reload's problem (refused file, keys waiting for a restart): in status
+        # until a reload succeeds, so a SIGHUP with no caller to answer is not silent.
+        self._reload_warning: str | None = None
         self._watcher: watch.Watcher | None = None  # the loop's, while it runs
 
     # ------------------------------------------------------------ lifecycle
@@ -435,7 +438,8 @@ class Daemon:
 
     def _warnings(self) -> list[str]:
         found = [credentials_warning(name) for name in self._credential_entries()]
-        return found + ([self._metrics_warning] if self._metrics_warning else [])
+        found += [self._metrics_warning] if self._metrics_warning else []
+        return found + ([self._reload_warning] if self._reload_warning else [])
 
     def _log_credentials(self) -> None:
         """A warning whenever the set of entries carrying C changes to a non-empty one."""
@@ -647,6 +651,11 @@ class Daemon:
         except config.ConfigError as exc:
             self.log.error("reload_failed", error=str(exc), keeping=self.cfg.config_file)
             self.notifier.ready(f"reload failed, running on the old configuration: {exc}")
+            self._reload_warning = (
+                f"the last reload was refused, binfmtd runs on the configuration it had "
+                f"before: {exc}"
+            )
+            self._publish()
             raise ApiError(
                 422, f"reload failed, still running on the old configuration: {exc}"
             ) from None
@@ -655,6 +664,12 @@ class Daemon:
         changed = [k for k in changed if k not in later]
         # What only a restart can change keeps its running value, so status stays true.
         new = dataclasses.replace(new, **{k: getattr(self.cfg, k) for k in later})
+        self._reload_warning = (
+            f"changed in the configuration but kept at their running values until binfmtd "
+            f"restarts: {', '.join(later)}"
+            if later
+            else None
+        )
         self.cfg = new
         self.engine.apply_config(new)
         if "buildkit" in changed:

@@ -7,6 +7,7 @@ QEMU and real probes: what `binfmtctl` commands asked for, set against restarts 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import daemonutil as du
@@ -140,3 +141,38 @@ def test_an_obstacle_removed_from_the_install_directory_is_installed_over_at_onc
         assert "remove it" in error and ".binfmtd-tmp" not in error, error
         installed.rmdir()
         daemon.wait_verified([ARCH])
+
+
+def test_a_reload_by_sighup_that_was_refused_shows_in_status(
+    tmp_path: Path, sock: str, cache: Cache
+) -> None:
+    """`kill -HUP` after a bad edit (no caller to answer): status and `binfmtctl status` say
+    the reload was refused, why, and that the old configuration runs, until a reload works;
+    keys that wait for a restart are named there too. Before, only the log said so: status
+    named the edited file as the configuration, with nothing saying it was not the one
+    running."""
+    cfg = config(tmp_path, sock, cache)
+    good = cfg.read_text()
+    with du.running(cfg, sock) as daemon:
+        daemon.wait_verified([ARCH])
+        cfg.write_text(good + "flags: X\n")
+        daemon.signal(signal.SIGHUP)
+
+        def warned() -> list[str]:
+            return [w for w in daemon.status()["warnings"] if "reload was refused" in w]
+
+        (warning,) = du.wait_until("the refused reload in status", warned, 30)
+        assert "flags: unknown binfmt flag(s) 'X'" in warning, warning
+        assert "warning: the last reload was refused" in daemon.ctl("status").stdout
+        cfg.write_text(good.replace(str(tmp_path / "qemu"), str(tmp_path / "elsewhere")))
+        daemon.signal(signal.SIGHUP)
+
+        def restart_named() -> list[str]:
+            return [w for w in daemon.status()["warnings"] if "until binfmtd restarts" in w]
+
+        (waiting,) = du.wait_until("the restart-only key in status", restart_named, 30)
+        assert waiting.endswith(": install_dir"), waiting
+        assert not warned()
+        cfg.write_text(good)
+        assert daemon.ctl("reload").returncode == 0
+        assert not restart_named() and not warned()
