@@ -176,3 +176,31 @@ def test_a_reload_by_sighup_that_was_refused_shows_in_status(
         cfg.write_text(good)
         assert daemon.ctl("reload").returncode == 0
         assert not restart_named() and not warned()
+
+
+def test_an_install_directory_mounted_noexec_is_named_not_root(
+    tmp_path: Path, sock: str, cache: Cache
+) -> None:
+    """The install directory remounted noexec (a hardening tool, a new fstab line), then
+    binfmtd's entry removed: the kernel refuses the registration (with F it opens the
+    interpreter for execution: EACCES), and status says the interpreter is on a noexec
+    mount and what to do; after the mount goes, `binfmtctl reconcile` brings it back. Before,
+    status said "permission denied: binfmtd must run as root" to a daemon running as root."""
+    install = tmp_path / "qemu"
+    with du.running(config(tmp_path, sock, cache), sock) as daemon:
+        daemon.wait_verified([ARCH])
+        daemon.ns_ok(
+            f"mount --bind {install} {install} && mount -o remount,bind,noexec {install} "
+            f"&& echo -1 > {ENTRIES}/qemu-{ARCH}"
+        )
+
+        def refused() -> str | None:
+            row = daemon.arch(ARCH)
+            return row["error"] if row["state"] == "error" and row["error"] else None
+
+        error = du.wait_until("the registration refused", refused, 30)
+        assert f"{install}/qemu-{ARCH} is on a filesystem mounted noexec" in error, error
+        assert "must run as root" not in error, error
+        daemon.ns_ok(f"umount {install}")
+        assert daemon.ctl("reconcile").returncode == 0
+        daemon.wait_verified([ARCH])
