@@ -1,7 +1,11 @@
 """Faults found by attacking the daemon as a demanding operator would (issue 14, session 7).
 
 Each test is one kind of fault, on the real kernel (private binfmt_misc instances) with real
-QEMU and real probes: what `binfmtctl` commands asked for, set against restarts and drift.
+QEMU and real probes: what `binfmtctl` commands asked for, set against restarts and drift
+(disable across a restart, a refused disable, verify of a disabled arch another tool runs), a
+reload by SIGHUP that was refused, `status --offline` with the instance switched off, and the
+install directory obstructed or mounted noexec. The daemons have a safety pass an hour away,
+so only events, the daemon's own timers and operator commands repair anything.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from conftest import Cache, daemon_config
 from daemonutil import BINFMTCTL, ENTRIES, SandboxSh
 from test_drift_faults import ARCH, config
 from test_truth import foreign, register
+
+from binfmtd import arch as archmod
+from binfmtd.binfmt import Registration
 
 FIRST_DAEMON = """"$BINFMTD" --config "$CFG" 2>"$WORK/first.log" & first=$!
 i=0
@@ -204,3 +211,23 @@ def test_an_install_directory_mounted_noexec_is_named_not_root(
         daemon.ns_ok(f"umount {install}")
         assert daemon.ctl("reconcile").returncode == 0
         daemon.wait_verified([ARCH])
+
+
+def test_verify_probes_a_disabled_arch_another_tool_now_runs(
+    tmp_path: Path, sock: str, cache: Cache
+) -> None:
+    """s390x disabled by the operator, then another tool registers an entry (another name,
+    the F flag) that catches s390x binaries: `binfmtctl verify s390x` probes what the kernel
+    now runs and says FAILED (status: foreign), never "disabled by the operator (not
+    probed)", which the kernel no longer is. Before, verify answered from the wish alone."""
+    row = archmod.BY_NAME[ARCH]
+    other = Registration("zz-other", row.magic, row.mask, "/bin/false", "F")
+    with du.running(config(tmp_path, sock, cache), sock) as daemon:
+        daemon.wait_verified([ARCH])
+        assert daemon.ctl("disable", ARCH).returncode == 0
+        daemon.ns_ok(register(other))
+        du.wait_until("foreign", lambda: daemon.arch(ARCH)["state"] == "foreign", 30)
+        done = daemon.ctl("verify", ARCH)
+        assert done.returncode == 1, done.stdout
+        assert "disabled by the operator" not in done.stdout, done.stdout
+        assert f"{ARCH}: FAILED" in done.stdout, done.stdout
