@@ -179,23 +179,59 @@ def read(kind: type[R], answer: Any) -> R:
 # --- offline ---------------------------------------------------------------------------------
 
 
-def offline_rows(root: str) -> list[list[str]]:
-    """binfmt_misc entries read directly; nothing was executed, so all are unverified.
+def offline_entries(root: str) -> list[dict[str, object]]:
+    """binfmt_misc entries read directly, one dict each (name, enabled, flags, interpreter,
+    offset, magic and mask in hex or extension, state), by name; nothing was executed, so
+    each is `unverified` (`unreadable`, with `error`, when its file could not be read).
     Raises CliError (exit 3) when binfmt_misc is not mounted at `root` or not readable."""
     from binfmtd.binfmt import FormatError, parse_entry
 
     names = _offline_names(root)
-    rows = []
+    found: list[dict[str, object]] = []
     for name in sorted(names - {"register", "status"}):
         try:
             with open(os.path.join(root, name), encoding="latin-1") as handle:
                 entry = parse_entry(name, handle.read())
         except (OSError, FormatError) as exc:
-            rows.append([name, "?", "-", str(exc), "unreadable"])
+            found.append({"name": name, "state": "unreadable", "error": str(exc)})
             continue
-        state = "enabled" if entry.enabled else "disabled"
-        rows.append([name, state, entry.flags or "-", entry.interpreter, "unverified"])
+        row: dict[str, object] = {
+            "name": name,
+            "enabled": entry.enabled,
+            "flags": entry.flags,
+            "interpreter": entry.interpreter,
+            "offset": entry.offset,
+        }
+        if entry.extension is not None:
+            row["extension"] = entry.extension
+        else:
+            row.update(magic=entry.magic.hex(), mask=entry.mask.hex())
+        found.append(row | {"state": "unverified"})
+    return found
+
+
+def offline_rows(entries: list[dict[str, object]]) -> list[list[str]]:
+    """`offline_entries` as table rows: ENTRY, ENABLED, FLAGS, INTERPRETER, STATE."""
+    rows = []
+    for e in entries:
+        if e["state"] == "unreadable":
+            rows.append([str(e["name"]), "?", "-", str(e["error"]), "unreadable"])
+            continue
+        enabled = "enabled" if e["enabled"] else "disabled"
+        rows.append(
+            [str(e["name"]), enabled, str(e["flags"]) or "-", str(e["interpreter"]), "unverified"]
+        )
     return rows
+
+
+def _instance_enabled(root: str) -> bool | None:
+    """What binfmt_misc/status says: False when the instance is disabled as a whole (no
+    entry runs, whatever each says), None when it cannot be read."""
+    try:
+        with open(os.path.join(root, "status"), encoding="latin-1") as handle:
+            return handle.read().strip() != "disabled"
+    except OSError:
+        return None
 
 
 def _offline_names(root: str) -> set[str]:
@@ -217,10 +253,28 @@ def _offline_names(root: str) -> set[str]:
     return names
 
 
-def offline_status(root: str) -> int:
-    """`status --offline`: what the kernel has, without asking the daemon."""
-    rows = offline_rows(root)
+def offline_status(root: str, *, as_json: bool = False) -> int:
+    """`status --offline [--json]`: what the kernel has, without asking the daemon; with
+    --json `{"offline": true, "binfmt_misc": root, "instance_enabled": bool | null,
+    "entries": [offline_entries...]}`. A disabled instance is said: no entry then runs."""
+    entries = offline_entries(root)
+    enabled = _instance_enabled(root)
+    if as_json:
+        doc = {
+            "offline": True,
+            "binfmt_misc": root,
+            "instance_enabled": enabled,
+            "entries": entries,
+        }
+        print(json.dumps(doc, indent=2))
+        return ExitCode.OK
+    rows = offline_rows(entries)
     print(render.table(("ENTRY", "ENABLED", "FLAGS", "INTERPRETER", "STATE"), rows))
+    if enabled is False:
+        print(
+            f"\nbinfmt_misc is disabled as a whole ({root}/status says disabled): no entry "
+            f"runs, whatever it says; enable it with `echo 1 > {root}/status`"
+        )
     print(f"\n{len(rows)} entries; offline: read from {root}, no probe ran, so none is verified")
     return ExitCode.OK
 
@@ -235,7 +289,7 @@ def _print_json(obj: object) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     """status: the daemon's view, or the kernel's with --offline."""
     if args.offline:
-        return offline_status(args.binfmt_misc)
+        return offline_status(args.binfmt_misc, as_json=args.json)
     answer = call(args.socket, "GET", "/v1/status", timeout=args.timeout)
     status = read(wire.StatusRecord, answer)
     print(json.dumps(answer, indent=2) if args.json else render.status_page(status, time.time()))

@@ -279,12 +279,15 @@ def load(path: str | None, *, require_safe_mode: bool = False) -> Config:
 
 def _check_state_dir(cfg: Config, path: str) -> None:
     """Refuse a state_file whose directory (or the nearest existing one above it, since root
-    makes the missing ones) is not trusted: a user who can write there controls root's state."""
+    makes the missing ones) is not trusted: a user who can write there controls root's state.
+    A symbolic link on the way is refused too, as every later use refuses it: the state file
+    would be written but never read (each restart reinstalling everything and taking
+    binfmtd's entries for another tool's) and no probe root could be made (every arch failed)."""
     directory = os.path.dirname(cfg.state_file) or "/"
     while not os.path.lexists(directory) and directory != "/":
         directory = os.path.dirname(directory)
     try:
-        trust.check_dir(directory, symlinks=True)
+        trust.check_dir(directory)
     except trust.TrustError as exc:
         raise ConfigError(f"{path}: state_file: {cfg.state_file}: {exc}") from None
     except OSError as exc:
@@ -455,7 +458,7 @@ def _check_semantics(cfg: Config, path: str) -> None:
         validate_interpreter(os.path.join(cfg.install_dir, f"qemu-{longest}"))
     except FormatError as exc:
         raise ConfigError(f"{path}: install_dir: {exc}") from None
-    for problem in cfg.buildkit.problems():
+    for problem in [*cfg.buildkit.problems(), *_path_clashes(cfg)]:
         raise ConfigError(f"{path}: {problem}")
     if cfg.source.kind is not SourceKind.AUTO and not cfg.source.path:
         raise ConfigError(f"{path}: source.path: required when source.kind is {cfg.source.kind}")
@@ -463,3 +466,52 @@ def _check_semantics(cfg: Config, path: str) -> None:
         raise ConfigError(f"{path}: source.path: must be an absolute path")
     if cfg.source.retry_max_s < cfg.source.retry_initial_s:
         raise ConfigError(f"{path}: source.retry_max_s: must not be below source.retry_initial_s")
+
+
+def _path_clashes(cfg: Config) -> list[str]:
+    """binfmtd's own paths that collide: each file it writes (state, lock, socket) must be its
+    own and outside the install directory (whose `qemu-*` files binfmtd replaces and removes),
+    and nothing of binfmtd's may live in binfmt_misc or the emulator source's directory. One
+    phrase per clash, naming both keys (e.g. a lock_file on an installed emulator failed at
+    start with a traceback; a state_file named qemu-aarch64 there overwrote that emulator)."""
+    from binfmtd.sources import AUTO_DIRS  # here: binfmtd.sources imports this module
+
+    files = {"state_file": cfg.state_file, "lock_file": cfg.lock_file, "api.socket": cfg.api.socket}
+    found = []
+    for key, value in files.items():
+        if value.endswith("/"):
+            found.append(f"{key}: must name a file, not a directory: {value}")
+    norm = {k: os.path.normpath(v) for k, v in files.items()}
+    keys = list(norm)
+    for i, first in enumerate(keys):
+        for second in keys[i + 1 :]:
+            if norm[first] == norm[second]:
+                found.append(
+                    f"{first} and {second}: must be different files, both are {norm[first]}"
+                )
+    install = os.path.normpath(cfg.install_dir)
+    for key, value in norm.items():
+        if _within(value, install):
+            found.append(
+                f"{key}: {value} is inside install_dir {install}, whose files binfmtd replaces "
+                "and removes: put it elsewhere"
+            )
+    kernel = os.path.normpath(cfg.binfmt_misc)
+    for key, value in {"install_dir": install, **norm}.items():
+        if _within(value, kernel):
+            found.append(f"{key}: {value} is inside binfmt_misc ({kernel})")
+    sources = [cfg.source.path] if cfg.source.kind is SourceKind.DIRECTORY else []
+    if cfg.source.kind is SourceKind.AUTO:
+        sources = list(AUTO_DIRS)
+    for source in sources:
+        if source is not None and os.path.normpath(source) == install:
+            found.append(
+                f"install_dir: {install} is the emulator source's directory: binfmtd would "
+                "replace and remove the source's files; use a directory of its own"
+            )
+    return found
+
+
+def _within(path: str, directory: str) -> bool:
+    """Whether normalized `path` is `directory` or below it."""
+    return path == directory or path.startswith(directory.rstrip("/") + "/")

@@ -185,15 +185,27 @@ def startup_done() -> None:
 
 
 def _run_command(command: list[str]) -> int:
-    """Run the user's command with our stdio; in --sandbox it sees the private instance."""
+    """Run the user's command with our stdio; in --sandbox it sees the private instance.
+
+    Its exit code as a shell gives it: the command's own, 128 + N when signal N killed it
+    (137 for SIGKILL, 139 for SIGSEGV: never the 247 or 245 a negative code would wrap to),
+    126 when it exists but cannot be run, 127 when it is not found."""
     import subprocess
 
     sys.stdout.flush()
     try:
-        return subprocess.call(command)
+        code = subprocess.call(command)
     except OSError as exc:
         print(f"binfmtd: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
-        return 127
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        print(f"binfmtd: {command[0]} was killed by {name}", file=sys.stderr)
+        return 128 - code
+    return code
 
 
 def _socket_gids(cfg: config.Config) -> list[int]:

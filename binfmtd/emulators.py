@@ -24,7 +24,7 @@ import stat
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import IO, Protocol, TypeVar
@@ -541,10 +541,34 @@ def _place(tmp: str, dest_dir: str, arch: str) -> str:
     """Rename `tmp` over the final name (made durable by fsync_dir(dest_dir), see
     install_stream)."""
     dest = os.path.join(dest_dir, f"qemu-{arch}")
-    os.rename(tmp, dest)
+    try:
+        os.rename(tmp, dest)
+    except OSError as exc:
+        if exc.errno not in {errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.EBUSY}:
+            raise
+        raise InstallError(
+            f"cannot install qemu-{arch}: {dest} is in the way ({exc.strerror}: not a file "
+            f"binfmtd made; a directory or a mount point): remove it, binfmtd installs at once"
+        ) from None
     if os.path.lexists(tmp):  # rename(2) does nothing when both names are one inode
         os.unlink(tmp)
     return dest
+
+
+def destination_id(dest_dir: str, arch: str) -> str:
+    """What sits where qemu-`arch` is installed, and the install directory itself (type,
+    mode, owner, inode; never the directory's mtime, which every temp file changes): a
+    failing install is retried at once when this changes (an obstacle removed, a mode
+    fixed), not after its backoff. "-" for a name that does not exist."""
+    parts = []
+    for path in (dest_dir, os.path.join(dest_dir, f"qemu-{arch}")):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            parts.append("-")
+            continue
+        parts.append(f"{st.st_mode:o}.{st.st_uid}.{st.st_gid}.{st.st_dev}.{st.st_ino}")
+    return "/".join(parts)
 
 
 def _discard(fd: int, tmp: str | None) -> None:
@@ -627,6 +651,7 @@ def write_state(
     *,
     hashes: HashCache | None = None,
     durable: bool = True,
+    operator_disabled: Iterable[str] = (),
 ) -> None:
     """Replace the state file atomically (temp, fsync, rename, fsync dir).
 
@@ -634,6 +659,8 @@ def write_state(
     version can tell what an install relied on). `owned` is the ownership record: every
     binfmt_misc entry binfmtd registered, name -> register string. Only those entries are
     binfmtd's (see `read_owned`). `hashes`: the digest cache, kept beside.
+    `operator_disabled`: the arches `binfmtctl disable` switched off (QEMU names), so that a
+    restarted binfmtd keeps them off (see `read_operator_disabled`).
 
     `durable=False` skips both fsyncs: the new file is still whole for any process that reads
     it after binfmtd is killed (a kill loses no written page), only a power loss or kernel
@@ -650,6 +677,7 @@ def write_state(
         doc["entries"] = dict(sorted(owned.items()))
     if hashes is not None:
         doc["hashes"] = hashes.to_json()
+    doc["operator_disabled"] = sorted(set(operator_disabled))
     body = json.dumps(doc, indent=2).encode()
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     try:
@@ -711,6 +739,19 @@ def read_hashes(path: str) -> HashCache:
         return HashCache.from_json(data.get("hashes"))
     except (OSError, ValueError, AttributeError, trust.TrustError):
         return HashCache()
+
+
+def read_operator_disabled(path: str) -> set[str]:
+    """The arches the operator disabled (`binfmtctl disable`), as the state file at `path`
+    records them: QEMU names; empty when the file is missing, unreadable, untrusted or from
+    before the record (binfmtd then had no memory of it across a restart)."""
+    try:
+        names = json.loads(trust.read_file(path, max_bytes=STATE_MAX_BYTES))["operator_disabled"]
+    except (OSError, ValueError, KeyError, TypeError, trust.TrustError):
+        return set()
+    if not isinstance(names, list):
+        return set()
+    return {name for name in names if isinstance(name, str)}
 
 
 def read_owned(path: str) -> dict[str, str] | None:

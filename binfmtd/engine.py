@@ -111,6 +111,10 @@ class Engine:
         self._probe_stage: probe.Stage | None = None  # made on the first probe, kept
         self._early_owners = packages
         self.apply_config(cfg)
+        # What the operator switched off stays off across a restart (the state file's record;
+        # a reload keeps the running set, whatever the new state_file holds).
+        recorded = emulators.read_operator_disabled(cfg.state_file)
+        self.operator_disabled = {a for a in recorded if a in archmod.BY_NAME}
 
     # ------------------------------------------------------------ configuration
 
@@ -407,6 +411,8 @@ class Engine:
             for a in self.selected
         }
         actions = _hold(plan.plan(desired, self.world(obs), self.replace), hold, report)
+        if self.operator_changed:
+            self._state_dirty = True  # the operator's choice is recorded for a restart
         self.operator_changed.clear()
         return actions
 
@@ -785,14 +791,20 @@ class Engine:
             return
         now = self.clock()
         self._absent = set()
-        ids = {a: self.source.fingerprint(a) for a in arches}
-        todo = [a for a in arches if backoff.due(self.backoff.get(a), now, ids[a])]
+        # The source's identity and the destination's: fixing either retries at once. The
+        # destination is recorded as the attempt left it (it may have made the directory).
+        sources = {a: self.source.fingerprint(a) for a in arches}
+
+        def identity(arch: str) -> str:
+            return f"{sources[arch]}|{emulators.destination_id(self.cfg.install_dir, arch)}"
+
+        todo = [a for a in arches if backoff.due(self.backoff.get(a), now, identity(a))]
         for arch in set(arches) - set(todo):  # waiting: the last error stands, nothing is read
             report.errors[arch] = self.errors.get(arch) or self.backoff[arch].error
             self._install_failures.seen(arch, report.errors[arch])  # counted, not logged
         if todo:
             self._install_now(todo, report, ready)
-            self._record_outcomes(todo, ids, now, report)
+            self._record_outcomes(todo, {a: identity(a) for a in todo}, now, report)
 
     def _install_now(
         self, arches: list[str], report: TickReport, ready: Callable[[list[str]], None]
@@ -955,6 +967,7 @@ class Engine:
                 owned,
                 hashes=self.hashes,
                 durable=durable,
+                operator_disabled=self.operator_disabled,
             )
         except OSError as exc:
             why = f"state file {self.cfg.state_file} not saved: {exc}; binfmtd retries every pass"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,8 +31,8 @@ _HINTS = {
 class KernelError(OSError):
     """A binfmt_misc operation that failed, with the errno and a hint."""
 
-    def __init__(self, action: str, err: int, detail: str = "") -> None:
-        hint = _HINTS.get(err, os.strerror(err))
+    def __init__(self, action: str, err: int, detail: str = "", hint: str | None = None) -> None:
+        hint = hint or _HINTS.get(err, os.strerror(err))
         text = f"{action} failed: {errno.errorcode.get(err, str(err))} ({hint})"
         super().__init__(err, text + (f"; {detail}" if detail else ""))
         self.action = action
@@ -108,7 +109,18 @@ class BinfmtMisc:
             return None
 
     def register(self, reg: Registration) -> None:
-        """Write `reg` to register in a single write(2)."""
+        """Write `reg` to register in a single write(2). A refusal to open the interpreter
+        (EACCES: with F the kernel opens it for execution at once) names the interpreter's
+        own problem (a noexec mount, not an executable file) when it has one."""
+        try:
+            self._register(reg)
+        except KernelError as exc:
+            why = _interpreter_problem(reg.interpreter) if exc.errno == errno.EACCES else None
+            if why is None:
+                raise
+            raise KernelError(exc.action, errno.EACCES, hint=why) from None
+
+    def _register(self, reg: Registration) -> None:
         fd = self._register_fd  # open only inside batch(): the flush repair's path first
         if fd < 0:
             if not self._batching:
@@ -183,6 +195,25 @@ class BinfmtMisc:
             raise _write_error(exc, text, action) from None
         if written != len(data):
             raise KernelError(action, errno.EIO, f"short write {written}/{len(data)}")
+
+
+def _interpreter_problem(path: str) -> str | None:
+    """Why the kernel may not open `path` for execution, as the operator can fix it; None
+    when nothing about the file explains a refusal."""
+    try:
+        st = os.stat(path)
+        vfs = os.statvfs(path)
+    except OSError as exc:
+        return f"the interpreter {path} cannot be reached: {exc.strerror}"
+    if vfs.f_flag & os.ST_NOEXEC:
+        return (
+            f"the interpreter {path} is on a filesystem mounted noexec, and the kernel opens it "
+            "for execution (F flag): mount it without noexec, or choose an install_dir on "
+            "another filesystem"
+        )
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
+        return f"the interpreter {path} is not an executable file ({stat.filemode(st.st_mode)})"
+    return None
 
 
 def _write_error(exc: OSError, text: str, action: str) -> KernelError:

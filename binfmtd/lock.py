@@ -27,8 +27,19 @@ class Lock:
         self.dir_fd = -1
 
     def acquire(self) -> None:
-        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """Take both locks; PreflightError ALREADY_RUNNING when another binfmtd holds one,
+        CONFIG when the lock file cannot be made or opened (a directory, a running program,
+        a read-only filesystem: before, a traceback)."""
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise PreflightError(
+                Exit.CONFIG,
+                f"lock_file {self.path}: cannot open it: {exc.strerror} "
+                f"({exc.filename or self.path}); name a file of binfmtd's own in a "
+                "directory root can write (the default is /run/binfmtd/binfmtd.lock)",
+            ) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -133,6 +133,9 @@ class Daemon:
         self._logged_credentials: list[str] = []
         self.server: Any = None
         self._metrics_warning: str | None = None  # the metrics port could not be served
+        # The last reload's problem (refused file, keys waiting for a restart): in status
+        # until a reload succeeds, so a SIGHUP with no caller to answer is not silent.
+        self._reload_warning: str | None = None
         self._watcher: watch.Watcher | None = None  # the loop's, while it runs
 
     # ------------------------------------------------------------ lifecycle
@@ -435,7 +438,8 @@ class Daemon:
 
     def _warnings(self) -> list[str]:
         found = [credentials_warning(name) for name in self._credential_entries()]
-        return found + ([self._metrics_warning] if self._metrics_warning else [])
+        found += [self._metrics_warning] if self._metrics_warning else []
+        return found + ([self._reload_warning] if self._reload_warning else [])
 
     def _log_credentials(self) -> None:
         """A warning whenever the set of entries carrying C changes to a non-empty one."""
@@ -567,9 +571,17 @@ class Daemon:
             unknown = [a for a in arches if a not in selected]
             if unknown:
                 raise ApiError(*self._not_selected(unknown))
-            off = sorted(set(arches) & self.engine.operator_disabled)
+            # Disabled is what the kernel does, not only what was asked: an arch the operator
+            # disabled that another tool's entry now runs is probed like any other.
+            off = sorted(
+                a
+                for a in set(arches) & self.engine.operator_disabled
+                if self.engine.status_of(a).state is ArchState.OPERATOR_DISABLED
+            )
             report = self._tick(verify_also=tuple(a for a in arches if a not in off))
-            return wire.VerifyResult(tuple(report.verified), tuple(report.failed), tuple(off))
+            verified = tuple(a for a in report.verified if a not in off)
+            failed = tuple(a for a in report.failed if a not in off)
+            return wire.VerifyResult(verified, failed, tuple(off))
         if action == "reconcile":
             report = self._tick()
             actions = tuple(plan.describe(a) for a in report.actions)
@@ -609,6 +621,7 @@ class Daemon:
     def _set_enabled(self, arch: str, enable: bool, selected: set[str]) -> wire.ArchChange:
         if arch not in selected:
             raise ApiError(*self._not_selected([arch]))
+        was_disabled = arch in self.engine.operator_disabled
         if enable:
             self.engine.operator_disabled.discard(arch)
         else:
@@ -621,8 +634,16 @@ class Daemon:
             ArchState.INSTANCE_DISABLED,
         }:
             # The kernel still runs these binaries (another tool's entry, or a failed write):
-            # never answer "disabled" while that is not what the kernel does.
-            raise ApiError(409, f"{arch} is not disabled: {row.state}: {row.error}")
+            # never answer "disabled" while that is not what the kernel does. A refusal
+            # changes nothing: the wish is dropped again (else it took effect later, e.g. once
+            # that tool's entry went, leaving the arch unhandled after "refused").
+            if not was_disabled:
+                self.engine.operator_disabled.discard(arch)
+                self.engine.operator_changed.add(arch)
+                self._tick()
+            raise ApiError(
+                409, f"{arch} is not disabled (nothing changed): {row.state}: {row.error}"
+            )
         return wire.ArchChange(arch, str(row.state))
 
     # ------------------------------------------------------------ reload
@@ -638,6 +659,11 @@ class Daemon:
         except config.ConfigError as exc:
             self.log.error("reload_failed", error=str(exc), keeping=self.cfg.config_file)
             self.notifier.ready(f"reload failed, running on the old configuration: {exc}")
+            self._reload_warning = (
+                f"the last reload was refused, binfmtd runs on the configuration it had "
+                f"before: {exc}"
+            )
+            self._publish()
             raise ApiError(
                 422, f"reload failed, still running on the old configuration: {exc}"
             ) from None
@@ -646,6 +672,12 @@ class Daemon:
         changed = [k for k in changed if k not in later]
         # What only a restart can change keeps its running value, so status stays true.
         new = dataclasses.replace(new, **{k: getattr(self.cfg, k) for k in later})
+        self._reload_warning = (
+            f"changed in the configuration but kept at their running values until binfmtd "
+            f"restarts: {', '.join(later)}"
+            if later
+            else None
+        )
         self.cfg = new
         self.engine.apply_config(new)
         if "buildkit" in changed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -416,6 +417,24 @@ def test_state_file_in_a_world_writable_directory_refused(tmp_path: Path) -> Non
     assert config.load(str(path), require_safe_mode=True).state_file == f"{shared}/state.json"
 
 
+def test_state_file_behind_a_symbolic_link_refused_at_load(tmp_path: Path) -> None:
+    """Safe mode: a state_file whose directory is reached through a symbolic link is refused
+    at load (exit 78), naming the link and the path to use. Before, it was accepted, and then
+    binfmtd never read the state file it wrote (refused there as a link: each restart
+    reinstalled every emulator) and every probe failed ("probe roots refused"): every arch
+    failed, forever, with the daemon running."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "state").symlink_to(real)
+    path = tmp_path / "binfmtd.yaml"
+    path.write_text(f"state_file: {tmp_path}/state/state.json\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"state_file: .* is a symbolic link") as info:
+        config.load(str(path), require_safe_mode=True)
+    assert "use the path it points to" in str(info.value)
+    path.write_text(f"state_file: {real}/state.json\n", encoding="utf-8")
+    assert config.load(str(path), require_safe_mode=True).state_file == f"{real}/state.json"
+
+
 def test_relative_config_is_resolved_and_refused_for_its_real_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -437,3 +456,45 @@ def test_relative_config_is_resolved_and_refused_for_its_real_reason(
     err = capsys.readouterr().err
     assert f"{tmp_path / 'd.yaml'} is not a regular file" in err
     assert "writable" not in err
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            "install_dir: /srv/q\nstate_file: /srv/q/qemu-aarch64\n",
+            "state_file: /srv/q/qemu-aarch64 is inside install_dir /srv/q",
+        ),
+        (
+            "install_dir: /srv/q\nlock_file: /srv/q/qemu-s390x\n",
+            "lock_file: /srv/q/qemu-s390x is inside install_dir /srv/q",
+        ),
+        (
+            "state_file: /srv/s.json\nlock_file: /srv/./s.json\n",
+            "state_file and lock_file: must be different files, both are /srv/s.json",
+        ),
+        (
+            "lock_file: /srv/l\napi: {socket: /srv/l}\n",
+            "lock_file and api.socket: must be different files",
+        ),
+        ("state_file: /srv/state/\n", "state_file: must name a file, not a directory"),
+        (
+            "install_dir: /proc/sys/fs/binfmt_misc/q\n",
+            "install_dir: /proc/sys/fs/binfmt_misc/q is inside binfmt_misc",
+        ),
+        (
+            "install_dir: /srv/src/\nsource: {kind: directory, path: /srv/src}\n",
+            "install_dir: /srv/src is the emulator source's directory",
+        ),
+        ("install_dir: /usr/bin\n", "install_dir: /usr/bin is the emulator source's directory"),
+    ],
+)
+def test_paths_of_binfmtds_own_that_collide_are_refused(body: str, message: str) -> None:
+    """binfmtd's own files (state, lock, socket) each a file of their own, outside the install
+    directory, binfmt_misc and the source: a clash is refused at load, naming both keys.
+    Before, each was accepted: a state_file named like an emulator in install_dir overwrote
+    that emulator (then "register failed: EACCES ... must run as root" every pass), a
+    lock_file on an installed emulator made the next start a traceback, install_dir: /usr/bin
+    put binfmtd's files among the package's."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.parse(body, "x.yaml")

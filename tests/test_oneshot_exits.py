@@ -156,3 +156,37 @@ def test_skipped_command_is_named(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert not mark.exists()
     assert "binfmtd: not running touch: not every architecture" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "line"),
+    [
+        (["sh", "-c", 'kill -KILL "$$"'], 137, "binfmtd: sh was killed by SIGKILL"),
+        (["sh", "-c", 'kill -SEGV "$$"'], 139, "binfmtd: sh was killed by SIGSEGV"),
+        (["sh", "-c", "exit 7"], 7, ""),
+        (["/proc/self/status"], 126, "binfmtd: cannot run /proc/self/status: Permission denied"),
+        (["/nonexistent/cmd"], 127, "binfmtd: cannot run /nonexistent/cmd: No such file"),
+    ],
+)
+def test_command_exit_codes_are_a_shells(
+    tmp_path: Path, command: list[str], code: int, line: str
+) -> None:
+    """`--oneshot -- CMD`: binfmtd exits as a shell would for CMD (a build step's crash under
+    QEMU is SIGSEGV: 139), and says which signal killed it. Before, a CMD killed by signal N
+    made binfmtd exit 256 - N (247 for SIGKILL), which no caller reads as a signal, and a CMD
+    that exists but cannot be run gave 127 (not found) instead of 126."""
+    result = run(sandbox_config(tmp_path), "--", *command)
+    assert result.returncode == code, result.stderr
+    assert line in result.stderr
+
+
+def test_a_lock_file_that_cannot_be_opened_is_a_clear_refusal(tmp_path: Path) -> None:
+    """lock_file naming something binfmtd cannot open as its lock (here a directory; also a
+    running program, ETXTBSY, or a read-only filesystem): exit 78 with one line naming
+    lock_file and why. Before, binfmtd died with a Python traceback."""
+    taken = tmp_path / "a-directory"
+    taken.mkdir()
+    result = run(sandbox_config(tmp_path, lock_file=str(taken)))
+    assert result.returncode == 78, result.stderr
+    assert f"lock_file {taken}: cannot open it: Is a directory" in result.stderr
+    assert "Traceback" not in result.stderr

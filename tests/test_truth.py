@@ -465,7 +465,10 @@ def test_disable_of_an_arch_another_tool_runs_says_it_is_not_disabled(
     with du.running(cfg, sock, mode="compose", before=register(debian)) as daemon:
         done = daemon.ctl("disable", "aarch64")
         assert done.returncode != 0
-        assert "aarch64 is not disabled: foreign: entry qemu-aarch64 (" in done.stderr
+        assert (
+            "aarch64 is not disabled (nothing changed): foreign: entry qemu-aarch64 ("
+            in done.stderr
+        )
         entry = daemon.ns_ok(f"cat {ENTRIES}/qemu-aarch64").stdout
         assert entry.startswith("enabled\n")
 
