@@ -426,9 +426,19 @@ class Engine:
         """Drop the proofs of arches about to change (reinstall, re-register): unproven from
         now on. True when one of them still showed as verified in `obs`."""
         shown = False
+        # Only the source moved (an upgrade, or a broken source in backoff): the entry runs the
+        # proven installed file until a new one is in place, so its proof stands until then
+        # (`tick` drops it once the reinstall succeeded); a failing retry changes nothing.
+        pending = {
+            a.arch
+            for a in actions
+            if isinstance(a, plan.Install)
+            and a.arch in self.proofs
+            and self._still_installed(a.arch)
+        }
         for action in actions:
             arch = getattr(action, "arch", None)
-            if arch is None or isinstance(action, _JUDGEMENTS):
+            if arch is None or arch in pending or isinstance(action, _JUDGEMENTS):
                 continue  # a Remove of another entry, a conflict left alone: no arch changes
             proof = self.proofs.pop(arch, None)
             if proof is not None and proof.handler == obs.handler(self.header(arch)):

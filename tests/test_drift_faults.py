@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -244,8 +245,41 @@ def test_a_flush_while_the_source_is_broken_is_repaired_with_the_installed_emula
     du.wait_until("the flushed entry registered again", restored, 30)
     du.wait_until("verified", lambda: daemon.arch(ARCH)["state"] == "verified", 30)
     row = daemon.arch(ARCH)
-    assert row["working"] and row["interpreter"] == f"{daemon.install_dir}/qemu-{ARCH}"
+    assert row["working"] and row["interpreter"] == f"{daemon.install_dir}/qemu-{ARCH}", row
     assert "not an ELF" in row["error"]
+
+
+def test_a_platform_stays_verified_while_its_source_is_broken(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """The source's QEMU broken (a half-done upgrade) while the installed one works: every
+    pass plans the reinstall and cannot do it, and the entry never stops running the proven
+    file, so status says verified throughout (read while 15 passes run). Before, each pass
+    dropped the proof first: the platform flickered to unverified (and out of the worker's
+    set) at every pass, whatever triggered it."""
+    broken = tmp_path / "src" / "broken"
+    broken.write_text("not an emulator\n")
+    broken.chmod(0o755)
+    broken.rename(tmp_path / "src" / f"qemu-{ARCH}-static")
+    du.wait_until(
+        "the source's error in status",
+        lambda: "not an ELF" in (daemon.arch(ARCH)["error"] or ""),
+        30,
+    )
+    du.wait_until("verified", lambda: daemon.arch(ARCH)["state"] == "verified", 30)
+
+    def passes() -> None:
+        for _ in range(15):
+            daemon.ctl("reconcile")
+
+    trigger = threading.Thread(target=passes)
+    trigger.start()
+    seen = set()
+    while trigger.is_alive():
+        row = daemon.arch(ARCH)
+        seen.add((row["state"], row["working"]))
+    trigger.join()
+    assert seen == {("verified", True)}, sorted(seen)
 
 
 # ---------------------------------------------------------------- timers with no event
