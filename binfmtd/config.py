@@ -31,6 +31,11 @@ OLD_DEFAULT_FLAGS = "POCF"  # binfmtd 0.1's default ("FPC"), for the upgrade not
 BUILDKIT_SOCKET = "/run/binfmtd/buildkitd.sock"
 
 
+# Where `source.kind: auto` looks for QEMU, in order (binfmtd.sources; here, so that checking a
+# configuration never imports the source readers).
+AUTO_DIRS = ("/usr/bin", "/usr/local/bin")
+
+
 class SourceKind(StrEnum):
     """Where static QEMU binaries come from."""
 
@@ -474,8 +479,6 @@ def _path_clashes(cfg: Config) -> list[str]:
     and nothing of binfmtd's may live in binfmt_misc or the emulator source's directory. One
     phrase per clash, naming both keys (e.g. a lock_file on an installed emulator failed at
     start with a traceback; a state_file named qemu-aarch64 there overwrote that emulator)."""
-    from binfmtd.sources import AUTO_DIRS  # here: binfmtd.sources imports this module
-
     files = {"state_file": cfg.state_file, "lock_file": cfg.lock_file, "api.socket": cfg.api.socket}
     found = []
     for key, value in files.items():

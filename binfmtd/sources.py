@@ -31,11 +31,10 @@ from dataclasses import dataclass
 from typing import IO
 
 from binfmtd import deb, trust
-from binfmtd.config import SourceConfig, SourceKind
+from binfmtd.config import AUTO_DIRS, SourceConfig, SourceKind
 from binfmtd.emulators import InstallError
 from binfmtd.run import run
 
-AUTO_DIRS = ("/usr/bin", "/usr/local/bin")
 RPM_DB = "/var/lib/rpm"  # Fedora, RHEL, SUSE (a symlink to /usr/lib/sysimage/rpm on Fedora)
 MAX_LINK_HOPS = 8
 _PACKAGES = (

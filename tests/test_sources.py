@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import Trixie
 
-from binfmtd import deb, emulators, sources
+from binfmtd import config, deb, emulators
 from binfmtd.config import SourceConfig, SourceKind
 from binfmtd.emulators import InstallError
 from binfmtd.sources import Found, Missing, Source
@@ -475,4 +475,4 @@ def test_non_regular_file_is_refused(tmp_path: Path) -> None:
 
 def test_find_auto_dir_module_default_is_the_system_bin() -> None:
     """The default search path is /usr/bin then /usr/local/bin."""
-    assert sources.AUTO_DIRS == ("/usr/bin", "/usr/local/bin")
+    assert config.AUTO_DIRS == ("/usr/bin", "/usr/local/bin")
