@@ -203,21 +203,11 @@ class Entry:
         own_mask = self.mask or bytes([0xFF] * len(self.magic))
         return all((h & k) == m for h, k, m in zip(header, own_mask, self.magic, strict=False))
 
-    def overlaps(self, other: Entry) -> bool:
-        """Whether some file's first bytes are caught by the masked magic of both entries
-        (magic entries only: an extension entry depends on the file's name, not its bytes)."""
-        if not (self.magic and other.magic):
-            return False
-        if self.extension is not None or other.extension is not None:
-            return False
-        end = max(self.offset + len(self.magic), other.offset + len(other.magic))
-        (m1, k1), (m2, k2) = self.spread(end), other.spread(end)
-        return (m1 ^ m2) & k1 & k2 == 0
-
     def spread(self, end: int) -> tuple[int, int]:
         """Magic and mask as integers over the bytes [0, end) of a file (mask 0 elsewhere);
-        `end` >= offset + len(magic). Two entries overlap when, spread to one `end`,
-        (magic1 ^ magic2) & mask1 & mask2 == 0."""
+        `end` >= offset + len(magic). Some file's first bytes are caught by the masked magic
+        of two entries spread to one `end` when (magic1 ^ magic2) & mask1 & mask2 == 0
+        (`truth.Observation.shadowing`)."""
         start, size, magic, mask = self._matcher
         shift = (end - start - size) * 8
         return magic << shift, mask << shift

@@ -120,7 +120,7 @@ def plan(desired: Mapping[str, Desired], world: World, replace: bool) -> list[Ac
     removed = {a.name for a in actions if isinstance(a, Remove)}
     actions += [a for a in _unwanted(desired, world) if a.name not in removed]
     for _arch, want in sorted(desired.items()):
-        actions += _plan_arch(want, world, replace)
+        actions += plan_arch(want, world, replace)
     return actions
 
 
@@ -165,10 +165,6 @@ def clear_for_native_probe(
 
 def plan_arch(want: Desired, world: World, replace: bool) -> list[Action]:
     """The actions for one arch alone (its rivals included, nothing else's)."""
-    return _plan_arch(want, world, replace)
-
-
-def _plan_arch(want: Desired, world: World, replace: bool) -> list[Action]:
     arch, reg = want.arch, want.reg
     if catches_self(reg, world.self_headers):
         why = (
@@ -306,13 +302,15 @@ class Schedule:
 
 def next_probe_at(proofs: Mapping[str, Proof], now: float, schedule: Schedule) -> float | None:
     """When the earliest of `proofs` falls due after `now` (wall-clock seconds), or None."""
-    times = []
-    for proof in proofs.values():
-        limit = (
-            schedule.reverify_s if proof.result.ok else min(schedule.reverify_s, schedule.retry_s)
-        )
-        times.append(proof.result.at + limit)
+    times = [proof.result.at + _limit(proof, schedule) for proof in proofs.values()]
     return min([t for t in times if t > now], default=None)
+
+
+def _limit(proof: Proof, schedule: Schedule) -> float:
+    """How long `proof` stands (seconds): a failed one is retried sooner."""
+    if proof.result.ok:
+        return schedule.reverify_s
+    return min(schedule.reverify_s, schedule.retry_s)
 
 
 def due_probes(
@@ -333,9 +331,6 @@ def due_probes(
             due.append(arch)
             continue
         age = now - proof.result.at
-        limit = schedule.reverify_s
-        if not proof.result.ok:
-            limit = min(limit, schedule.retry_s)
-        if age < 0 or age >= limit:
+        if age < 0 or age >= _limit(proof, schedule):
             due.append(arch)
     return tuple(due)

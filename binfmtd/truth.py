@@ -116,7 +116,9 @@ class Observation:
             return found
 
     def _rank(self) -> dict[str, tuple[int, tuple[int, int] | None]]:
-        """Fill `_ranks` (see `Entry.overlaps`: the same test, spread to one length for all)."""
+        """Fill `_ranks`: every magic entry spread to one length (`Entry.spread`), so that two
+        catch some file in common when (magic1 ^ magic2) & mask1 & mask2 == 0; extension
+        entries (which depend on a file's name, not its bytes) have None."""
         magic = [e for e in self.entries if e.magic and e.extension is None]
         end = max((e.offset + len(e.magic) for e in magic), default=0)
         spreads = {e.name: e.spread(end) for e in magic}

@@ -412,9 +412,14 @@ def _entry(name: str, magic: bytes, mask: bytes, extension: str | None = None) -
 
 
 def test_entries_overlap_when_some_header_matches_both() -> None:
-    """Entry.overlaps: the standard s390x entry (ET_EXEC or ET_DYN) and a PIE-only one share
-    files; entries of another byte order or class, or an extension entry, share none."""
+    """Observation.shadowing: the standard s390x entry (ET_EXEC or ET_DYN) and a PIE-only one
+    share files, whichever is newer; entries of another byte order or class, or an extension
+    entry, share none."""
     from binfmtd import arch as archmod
+    from binfmtd.truth import Observation
+
+    def shadows(newer: Any, older: Any) -> bool:
+        return Observation(True, (newer, older)).shadowing(older) == (newer,)
 
     row = archmod.BY_NAME["s390x"]
     ours = _entry(
@@ -422,11 +427,11 @@ def test_entries_overlap_when_some_header_matches_both() -> None:
     )
     pie = _entry("other-s390x-pie", PIE_MAGIC, PIE_MASK)
     little = _entry("other", PIE_MAGIC[:5] + b"\x01" + PIE_MAGIC[6:], PIE_MASK)
-    assert ours.overlaps(pie) and pie.overlaps(ours)
-    assert not ours.overlaps(little)
-    assert not ours.overlaps(_entry("ext", b"", b"", extension="bin"))
+    assert shadows(pie, ours) and shadows(ours, pie)
+    assert not shadows(little, ours)
+    assert not shadows(_entry("ext", b"", b"", extension="bin"), ours)
     shorter = _entry("elf64", PIE_MAGIC[:5], PIE_MASK[:5])  # every 64-bit ELF file
-    assert ours.overlaps(shorter)
+    assert shadows(shorter, ours)
 
 
 def test_the_plan_leaves_or_removes_an_entry_catching_part_of_an_arch() -> None:
